@@ -1,0 +1,3 @@
+"""kith: a Matrix identity server."""
+
+__version__ = "0.1.0"

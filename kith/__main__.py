@@ -1,0 +1,7 @@
+"""python -m kith"""
+
+import sys
+
+from kith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,346 @@
+"""sydent.conf as text: every key kith knows, its built-in default and documentation,
+and the two ways kith writes the file.
+
+One table serves two purposes: the loader takes its built-in defaults from it, and
+`render_default_config` turns it into the commented file written at first start, so
+the documentation cannot drift from the defaults.  Later, kith only ever edits the
+signing key line (`with_signing_key`), leaving the operator's comments alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+import textwrap
+from collections.abc import Mapping
+from configparser import ConfigParser
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    key: str
+    # The built-in default, as written in the file (so a literal "%" is "%%").
+    # None: no built-in default; then a [DEFAULT] entry applies, and the generated
+    # file shows `example` commented out.
+    default: str | None
+    doc: str
+    example: str = ""
+
+
+_GENERAL_BOOL = "Only the word true (any case) means true in [general]."
+
+SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
+    ("general", "The server itself.", (
+        KeySpec("server.name", "",
+                "Name this server signs associations and invites with; homeservers and "
+                "peers see it. First start: $SYDENT_SERVER_NAME. Empty: the machine's "
+                "hostname (with a warning)."),
+        KeySpec("log.path", "",
+                "File to log to, rotated at midnight, 365 kept. Empty: log to stderr."),
+        KeySpec("log.level", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
+        KeySpec("pidfile.path", "sydent.pid",
+                "The process id is written here at start. First start: $SYDENT_PID_FILE."),
+        KeySpec("terms.path", "",
+                "YAML file of the terms of service users must accept before using the "
+                "v2 API. Empty: no terms."),
+        KeySpec("address_lookup_limit", "10000",
+                "Most addresses accepted in one /v2/lookup request."),
+        KeySpec("templates.path", "res",
+                "Folder of email, SMS and HTML templates, one subfolder per brand."),
+        KeySpec("brand.default", "matrix-org",
+                "Brand used when a request names none, or one that does not exist."),
+        KeySpec("enable_v1_access", "true",
+                "false: do not serve the deprecated /_matrix/identity/api/v1 endpoints "
+                "at all. " + _GENERAL_BOOL),
+        KeySpec("enable_v1_associations", "true",
+                "Serve the v1 3pid/bind endpoint (off when enable_v1_access is false)."),
+        KeySpec("delete_tokens_on_bind", "true",
+                "Delete pending invite tokens once they were delivered to the homeserver "
+                "on bind."),
+        KeySpec("ip.blacklist", "",
+                "Comma-separated IP ranges (CIDR) or addresses that requests to "
+                "homeservers must not reach. Empty: loopback, private, link-local and "
+                "other special-use ranges. Replication is not affected."),
+        KeySpec("ip.whitelist", "",
+                "Comma-separated IP ranges or addresses exempted from ip.blacklist."),
+        KeySpec("homeserver_allow_list", "",
+                "Comma-separated homeserver names allowed to register accounts "
+                "(/v2/account/register). Empty: any. Needs enable_v1_access = false."),
+        KeySpec("prometheus_port", None,
+                "Serve Prometheus metrics on this port. Not set: no metrics.", "9101"),
+        KeySpec("prometheus_addr", None,
+                "Address the metrics listener binds to.", "127.0.0.1"),
+        KeySpec("access_token.query_param", "true",
+                "kith: accept an access token in the ?access_token= query parameter "
+                "(deprecated by the spec, still sent by some homeservers). "
+                + _GENERAL_BOOL),
+        KeySpec("workers", "1",
+                "kith: HTTP worker processes sharing the client API port."),
+    )),
+    ("db", "Storage.", (
+        KeySpec("db.file", "sydent.db",
+                "SQLite database file. First start: $SYDENT_DB_PATH."),
+        KeySpec("db.url", "",
+                "kith: SQLAlchemy URL of the database, e.g. "
+                "postgresql://kith:secret@localhost/kith. Set: db.file is not used."),
+    )),
+    ("http", "Listeners and outbound HTTP.", (
+        KeySpec("clientapi.http.bind_address", "::", "Address of the client API (plain HTTP)."),
+        KeySpec("clientapi.http.port", "8090", "Port of the client API."),
+        KeySpec("internalapi.http.bind_address", "::1",
+                "Address of the unauthenticated internal API "
+                "(/_matrix/identity/internal/bind and unbind)."),
+        KeySpec("internalapi.http.port", "",
+                "Port of the internal API. Empty: no internal API."),
+        KeySpec("replication.https.certfile", "",
+                "PEM file with the key and certificate used for replication. Empty: no "
+                "replication listener and no pushes to peers."),
+        KeySpec("replication.https.cacert", "",
+                "CA certificate for peers' certificates. Empty: the system CAs."),
+        KeySpec("replication.https.bind_address", "::", "Address of the replication listener."),
+        KeySpec("replication.https.port", "4434", "Port of the replication listener."),
+        KeySpec("obey_x_forwarded_for", "False",
+                "Take the client address from X-Forwarded-For (behind a reverse proxy). "
+                "Booleans here: true/false, yes/no, on/off, 1/0."),
+        KeySpec("federation.verifycerts", "True", "Verify homeservers' TLS certificates."),
+        KeySpec("client_http_base", "",
+                "Public base URL of this server, used in email links and "
+                "key_validity_url. Empty: relative links."),
+        KeySpec("verify_response_template", None,
+                "Deprecated: HTML page answering a click on an email link; overrides "
+                "the brand's verify_response_template.html.", "res/verify_response.html"),
+        KeySpec("client.max_body_bytes", "524288",
+                "kith: largest request body accepted, in bytes."),
+        KeySpec("federation.timeout", "10",
+                "kith: seconds allowed for one request to a homeserver."),
+        KeySpec("federation.cafile", "",
+                "kith: extra CA bundle (PEM) trusted for homeservers' certificates."),
+        KeySpec("federation.test_overrides", "",
+                "kith, for tests only: comma-separated servername=base_url pairs that "
+                "bypass homeserver discovery, e.g. hs.test:8448=http://127.0.0.1:5555."),
+    )),
+    ("email", "Sending email.", (
+        KeySpec("email.from", "Sydent Validation <noreply@{hostname}>",
+                "From header and envelope sender ({hostname} is not replaced)."),
+        KeySpec("email.subject", "Your Validation Token", "Unused; kept for compatibility."),
+        KeySpec("email.invite.subject", "%(sender_display_name)s has invited you to chat",
+                "Subject of room invites, %-formatted with the invite's fields "
+                "(read as written: no %% doubling here)."),
+        KeySpec("email.invite.subject_space",
+                "%(sender_display_name)s has invited you to a space",
+                "Subject of space invites (room_type m.space), as email.invite.subject."),
+        KeySpec("email.smtphost", "localhost", "SMTP server."),
+        KeySpec("email.smtpport", "25", "SMTP port."),
+        KeySpec("email.smtpusername", "", "SMTP login; empty: no login."),
+        KeySpec("email.smtppassword", "", "SMTP password."),
+        KeySpec("email.hostname", "",
+                "Name used in HELO and Message-IDs. Empty: this machine's FQDN."),
+        KeySpec("email.tlsmode", "0",
+                "SSL or TLS: implicit TLS; STARTTLS: upgrade a plain connection; anything "
+                "else: plain text. Case-sensitive. TLS modes verify the certificate."),
+        KeySpec("email.default_web_client_location", "https://app.element.io",
+                "Web client linked from invites unless the homeserver names one."),
+        KeySpec("email.third_party_invite_username_obfuscate_characters", "3",
+                "Characters of the invitee's local part kept in the redacted display name."),
+        KeySpec("email.third_party_invite_domain_obfuscate_characters", "3",
+                "Characters of the invitee's domain kept in the redacted display name."),
+        KeySpec("email.third_party_invite_homeserver_blocklist", None,
+                "Homeservers not allowed to send invites, one per line (indent the "
+                "following lines). Default: none.", "evil.example"),
+        KeySpec("email.third_party_invite_room_blocklist", None,
+                "Room ids invites may not come from, one per line. Default: none.",
+                "!room:evil.example"),
+        KeySpec("email.third_party_invite_keyword_blocklist", None,
+                "Invites whose fields contain one of these words (case-insensitive) are "
+                "refused, one per line. Default: none.", "spam"),
+        KeySpec("email.ratelimit_sender.burst", None,
+                "Invite and validation emails per sender before rate limiting. "
+                "Default: 5.", "5"),
+        KeySpec("email.ratelimit_sender.rate_hz", None,
+                "Rate the sender limit drains at, per second. Default: 1/300.", "0.00333"),
+        KeySpec("email.template", None,
+                "Deprecated: validation email template; overrides the brand's.",
+                "res/verification_template.eml"),
+        KeySpec("email.invite_template", None,
+                "Deprecated: invite email template; overrides the brand's.",
+                "res/invite_template.eml"),
+    )),
+    ("sms", "Sending SMS.", (
+        KeySpec("provider", "openmarket", "kith: SMS gateway, openmarket or twilio."),
+        KeySpec("bodyTemplate", "Your code is {token}",
+                "Text of validation messages; {token} is the code."),
+        KeySpec("username", "", "OpenMarket account (HTTP Basic auth)."),
+        KeySpec("password", "", "OpenMarket password."),
+        KeySpec("originators.44", None,
+                "Sender for numbers with this calling code (here 44): a comma list of "
+                "long:<number>, short:<code> or alpha:<name>; the number picks one.",
+                "long:447700900000,short:12345"),
+        KeySpec("originators.default", None,
+                "Sender for other calling codes. Default: alpha:Matrix.", "alpha:Matrix"),
+        KeySpec("smsrule.1", None,
+                "allow or reject messages to this calling code (here 1). "
+                "Default: allow.", "reject"),
+        KeySpec("msisdn.ratelimit.burst", None, "Messages per number before rate "
+                "limiting. Default: 5.", "5"),
+        KeySpec("msisdn.ratelimit.rate_hz", None,
+                "Rate the per-number limit drains at, per second. Default: 1/3600.",
+                "0.000278"),
+        KeySpec("country.ratelimit.burst", None,
+                "Messages per calling code before rate limiting. Default: 50.", "50"),
+        KeySpec("country.ratelimit.rate_hz", None,
+                "Rate the per-country limit drains at, per second. Default: 1/60.",
+                "0.0167"),
+        KeySpec("twilio.account_sid", "", "kith: Twilio account SID."),
+        KeySpec("twilio.auth_token", "", "kith: Twilio auth token."),
+        KeySpec("twilio.from", "", "kith: Twilio sender number."),
+        KeySpec("twilio.messaging_service_sid", "",
+                "kith: Twilio messaging service; used instead of twilio.from when set."),
+    )),
+    ("crypto", "Keys.", (
+        KeySpec("ed25519.signingkey", "",
+                "This server's signing key: ed25519 <version> <base64 seed>. Keep it "
+                "secret and keep it: peers and homeservers know its public half. "
+                "Empty: a new key is generated and saved here."),
+    )),
+)
+
+_HEADER = """\
+sydent.conf: configuration of kith, a Matrix identity server (Sydent-compatible).
+
+Written at first start with every setting at its default. Edit freely: kith
+rewrites this file only to save a newly generated or converted signing key, and
+keeps everything else, comments included.
+
+INI syntax. Section names are case-sensitive, key names are not. Write a literal
+% as %% (except in email.invite.subject and email.invite.subject_space). A value
+continues on following lines that are indented. Lines starting with # or ; are
+comments. A key set in [DEFAULT] applies to every section, but only where there
+is no built-in default (rate limits, blocklists, prometheus_*, originators.*,
+smsrule.*).
+"""
+
+
+def builtin_defaults() -> dict[str, dict[str, str]]:
+    """section → lower-cased key → built-in default (file syntax)."""
+    return {
+        section: {spec.key.lower(): spec.default for spec in specs if spec.default is not None}
+        for section, _, specs in SECTIONS
+    }
+
+
+def known_keys() -> dict[str, frozenset[str]]:
+    """section → every lower-cased key documented for it."""
+    return {section: frozenset(s.key.lower() for s in specs) for section, _, specs in SECTIONS}
+
+
+def _comment(text: str) -> list[str]:
+    return ["# " + line if line else "#" for line in text.splitlines()]
+
+
+def render_default_config(values: Mapping[str, Mapping[str, str]]) -> str:
+    """The commented config file; `values` (section → lower-cased key → value in file
+    syntax) override the built-in defaults, e.g. with values taken from the environment.
+    """
+    lines = _comment(_HEADER)
+    for section, about, specs in SECTIONS:
+        lines += ["", f"[{section}]", *_comment(about)]
+        for spec in specs:
+            lines.append("")
+            doc = spec.doc
+            if spec.default is not None:
+                doc += f" Default: {spec.default or '(empty)'}."
+            lines += ["# " + line for line in textwrap.wrap(doc, 78)]
+            if spec.default is None:
+                lines.append(f"# {spec.key} = {spec.example}")
+                continue
+            value = values.get(section, {}).get(spec.key.lower(), spec.default)
+            lines.append(f"{spec.key} = {value}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+_LINE = re.compile(r"[^\n]*\n|[^\n]+$")
+
+
+def with_signing_key(text: str, key_text: str) -> str:
+    """`text` with `[crypto] ed25519.signingkey = key_text`; every other line kept.
+
+    Replaces the key's line (and any continuation lines), else adds it under the
+    [crypto] header, else appends a [crypto] section.  Lines are classified the way
+    configparser reads them: comments and blank lines skipped, deeper-indented lines
+    continue the previous value.
+    """
+    newline = "\r\n" if "\r\n" in text else "\n"
+    lines = _LINE.findall(text)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += newline
+    section: str | None = None
+    header_at: int | None = None
+    key_at: int | None = None
+    key_end = 0
+    in_value = in_key = False
+    indent_level = 0
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", ";")):
+            continue
+        indent = len(line) - len(line.lstrip())
+        if in_value and indent > indent_level:
+            key_end = i + 1 if in_key else key_end
+            continue
+        indent_level = indent
+        header = ConfigParser.SECTCRE.match(stripped)
+        option = None if header else ConfigParser.OPTCRE.match(stripped)
+        if header:
+            section = header.group("header")
+            header_at = i if section == "crypto" else header_at
+        in_value = option is not None
+        in_key = bool(option and section == "crypto"
+                      and option.group("option").rstrip().lower() == "ed25519.signingkey")
+        if in_key:
+            key_at, key_end = i, i + 1
+    entry = f"ed25519.signingkey = {key_text}{newline}"
+    if key_at is not None:
+        indent_text = lines[key_at][: len(lines[key_at]) - len(lines[key_at].lstrip())]
+        lines[key_at:key_end] = [indent_text + entry]
+    elif header_at is not None:
+        lines.insert(header_at + 1, entry)
+    else:
+        lines += [newline, f"[crypto]{newline}", entry]
+    return "".join(lines)
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace (or create) `path` in one step, so no reader sees half a file.
+
+    A new file gets mode 0600 (it holds the private signing key); an existing one
+    keeps its mode and, where permitted, its owner.  Symlinks are followed.
+    """
+    target = os.path.realpath(path)
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".kith-config-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            os.fchmod(f.fileno(), 0o600 if old is None else stat.S_IMODE(old.st_mode))
+            if old is not None:
+                try:
+                    os.fchown(f.fileno(), old.st_uid, old.st_gid)
+                except OSError:
+                    pass  # not ours to give away; the file keeps our ownership
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    directory = os.open(os.path.dirname(target), os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a crash
+    finally:
+        os.close(directory)
