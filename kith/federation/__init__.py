@@ -1,0 +1,29 @@
+"""Talking to homeservers: discovery, OpenID userinfo, outbound address policy."""
+
+from kith.federation.client import FederationClient
+from kith.federation.discovery import (
+    ResolvedServer,
+    is_valid_server_name,
+    parse_server_name,
+    resolve_server_name,
+)
+from kith.federation.errors import (
+    FederationError,
+    HomeserverUnreachable,
+    InvalidServerName,
+    OpenIdTokenRejected,
+)
+from kith.federation.policy import OutboundAddressPolicy
+
+__all__ = [
+    "FederationClient",
+    "FederationError",
+    "HomeserverUnreachable",
+    "InvalidServerName",
+    "OpenIdTokenRejected",
+    "OutboundAddressPolicy",
+    "ResolvedServer",
+    "is_valid_server_name",
+    "parse_server_name",
+    "resolve_server_name",
+]
