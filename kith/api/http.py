@@ -1,0 +1,153 @@
+"""What every handler shares: JSON in and out, Matrix errors, CORS, access tokens."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from kith.errors import (
+    M_BAD_JSON,
+    M_INVALID_PARAM,
+    M_MISSING_PARAMS,
+    M_NOT_JSON,
+    M_TOO_LARGE,
+    M_UNKNOWN,
+    M_UNRECOGNIZED,
+    MatrixError,
+)
+from kith.services import Services
+from kith.services.accounts import Account
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers":
+        "Origin, X-Requested-With, Content-Type, Accept, Authorization",
+}
+
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+ALLOW_QUERY_TOKEN = web.AppKey("allow_query_access_token", bool)
+
+_encode = msgspec.json.Encoder().encode
+_MISSING_FIELD = re.compile(r"Object missing required field `([^`]*)`")
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+
+def error_response(error: MatrixError) -> web.Response:
+    return json_response(error.to_json(), error.status)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, refusing anything over the app's limit before reading it all."""
+    limit = request.app[MAX_BODY_BYTES]
+    if request.content_length is not None and request.content_length > limit:
+        raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes") from exc
+
+
+def decode_json(body: bytes, type_: type[T]) -> T:
+    """Decode a JSON object body into `type_`, mapping each failure to its errcode."""
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        missing = _MISSING_FIELD.match(message)
+        if missing:
+            raise MatrixError(400, M_MISSING_PARAMS,
+                              f"Missing parameter: {missing.group(1)}") from exc
+        if message.startswith("Expected `object`") and "at `$" not in message:
+            raise MatrixError(400, M_BAD_JSON, "The request body must be a JSON object") from exc
+        raise MatrixError(400, M_INVALID_PARAM, f"Invalid parameter: {message}") from exc
+    except msgspec.DecodeError as exc:
+        raise MatrixError(400, M_NOT_JSON, "The request body is not valid JSON") from exc
+
+
+async def json_body(request: web.Request, type_: type[T]) -> T:
+    return decode_json(await read_body(request), type_)
+
+
+def access_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    if request.app[ALLOW_QUERY_TOKEN]:
+        return request.query.get("access_token")
+    return None
+
+
+_STATUS_ERRORS = {
+    404: (M_UNRECOGNIZED, "Unrecognized request"),
+    405: (M_UNRECOGNIZED, "Method not allowed for this endpoint"),
+    413: (M_TOO_LARGE, "Request body too large"),
+}
+
+
+@web.middleware
+async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a Matrix error body; nothing escapes as HTML or a 500 page.
+
+    CORS preflight is answered here, for every path, before routing can refuse it.
+    """
+    if request.method == "OPTIONS":
+        return json_response({})
+    try:
+        return await handler(request)
+    except MatrixError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        errcode, message = _STATUS_ERRORS.get(exc.status, (M_UNKNOWN, exc.reason))
+        response = error_response(MatrixError(exc.status, errcode, message))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
+
+
+async def add_cors_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.update(CORS_HEADERS)
+
+
+def new_app(max_body_bytes: int, allow_query_access_token: bool = True) -> web.Application:
+    """An aiohttp app with kith's error handling, CORS, and body limit."""
+    app = web.Application(middlewares=[matrix_errors], client_max_size=max_body_bytes)
+    app[MAX_BODY_BYTES] = max_body_bytes
+    app[ALLOW_QUERY_TOKEN] = allow_query_access_token
+    app.on_response_prepare.append(add_cors_headers)
+    return app
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def services_of(request: web.Request) -> Services:
+    return request.app[SERVICES]
+
+
+async def authenticated(request: web.Request, *, consent: bool = True) -> Account:
+    """The caller's account (401 without a valid token; 403 until the terms are accepted)."""
+    accounts = request.app[SERVICES].accounts
+    account = await accounts.authenticate(access_token(request))
+    if consent:
+        accounts.require_consent(account)
+    return account

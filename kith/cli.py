@@ -1,0 +1,148 @@
+"""The `kith` command: serve (default), generate-config, check-config, bind, unbind."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import logging.handlers
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from kith.config import ConfigError, KithConfig, load_config
+from kith.errors import MatrixError
+
+log = logging.getLogger("kith")
+
+
+def _setup_logging(config: KithConfig) -> None:
+    handler: logging.Handler
+    if config.general.log_path:
+        handler = logging.handlers.TimedRotatingFileHandler(
+            config.general.log_path, when="midnight", backupCount=365, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.general.log_level)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
+    from kith.server import serve, write_pidfile
+
+    _setup_logging(config)
+    for key in config.ignored_keys:
+        log.warning("config key %s is not used by kith; ignoring it", key)
+    write_pidfile(config.general.pidfile_path)
+    _run(serve(config))
+    return 0
+
+
+def cmd_generate_config(args: argparse.Namespace, config: KithConfig) -> int:
+    print(f"configuration in {config.path}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, config: KithConfig) -> int:
+    print(f"{config.path}: OK")
+    for key in config.ignored_keys:
+        print(f"ignored: {key}")
+    return 0
+
+
+def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
+             config: KithConfig) -> Any:
+    """Run `action(services)` against the store without listening."""
+    from kith.federation.client import FederationClient
+    from kith.server import build_services
+    from kith.store import Store
+
+    result: list[Any] = []
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        federation = FederationClient.from_config(config.general, config.http)
+        try:
+            services = await build_services(config, store, federation)
+            result.append(await action(services))
+        finally:
+            await federation.close()
+            await store.close()
+
+    _run(main())
+    return result[0]
+
+
+def cmd_bind(args: argparse.Namespace, config: KithConfig) -> int:
+    signed = _offline(lambda s: s.bindings.bind(args.medium, args.address, args.mxid), config)
+    print(json.dumps(signed, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_unbind(args: argparse.Namespace, config: KithConfig) -> int:
+    removed = _offline(lambda s: s.bindings.unbind(args.medium, args.address, args.mxid),
+                       config)
+    print("unbound" if removed else "no such binding")
+    return 0 if removed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kith",
+        description="kith, a Matrix identity server (Identity Service API v2; reads "
+                    "Sydent's sydent.conf).",
+    )
+    parser.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $SYDENT_CONF or ./sydent.conf; "
+                             "written with defaults if missing)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", help="run the identity server (the default command)")
+    sub.add_parser("generate-config",
+                   help="write the configuration file with every default and a new "
+                        "signing key if it does not exist, then exit")
+    sub.add_parser("check-config",
+                   help="read and validate the configuration, list keys kith ignores")
+    for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
+        p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
+                                      "store, without validation (as the internal API)")
+        p.add_argument("medium", choices=["email", "msisdn"])
+        p.add_argument("address")
+        p.add_argument("mxid")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
+    "serve": cmd_serve,
+    "generate-config": cmd_generate_config,
+    "check-config": cmd_check_config,
+    "bind": cmd_bind,
+    "unbind": cmd_unbind,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return COMMANDS[args.command or "serve"](args, config)
+    except ConfigError as exc:
+        print(f"kith: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except MatrixError as exc:
+        print(f"kith: {exc.errcode}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

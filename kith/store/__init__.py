@@ -1,0 +1,30 @@
+"""Tables, queries and migrations; SQLite by default, PostgreSQL by URL."""
+
+from __future__ import annotations
+
+from kith.config import DbConfig
+from kith.store.accounts import AccountRow, AccountStore
+from kith.store.associations import AssociationRow, AssociationStore, IndexChange
+from kith.store.database import Database
+from kith.store.state import ServerStateStore
+
+__all__ = ["AccountRow", "AssociationRow", "IndexChange", "Store"]
+
+
+class Store:
+    """Every store of one database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.associations = AssociationStore(db)
+        self.accounts = AccountStore(db)
+        self.state = ServerStateStore(db)
+
+    @classmethod
+    async def open(cls, config: DbConfig) -> Store:
+        db = Database.open(config)
+        await db.migrate()
+        return cls(db)
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -1,0 +1,107 @@
+"""3PID associations: writes through the group-commit writer, reads for the index."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Executable, bindparam, func, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+
+from kith.store.database import Database
+from kith.store.schema import threepid_associations as t
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationRow:
+    """One stored association; `mxid` is None for a tombstone (an unbind)."""
+
+    source: str
+    medium: str
+    address: str
+    mxid: str | None
+    ts: int
+    not_before: int
+    not_after: int
+    lookup_hash: str
+
+    def as_params(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "medium": self.medium,
+            "address": self.address,
+            "mxid": self.mxid,
+            "ts": self.ts,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "lookup_hash": self.lookup_hash,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class IndexChange:
+    id: int
+    source: str
+    lookup_hash: str
+    mxid: str | None
+
+
+class AssociationStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._upsert = self._build_upsert()
+
+    def _build_upsert(self) -> Executable:
+        # A write replaces the row *and gives it a new id*: the id is the change cursor.
+        values = {c: bindparam(c) for c in (
+            "source", "medium", "address", "mxid", "ts", "not_before", "not_after",
+            "lookup_hash")}
+        if self._db.dialect == "postgresql":
+            stmt = postgresql.insert(t).values(values)
+            return stmt.on_conflict_do_update(
+                index_elements=["source", "medium", "address"],
+                set_={
+                    "id": text("nextval(pg_get_serial_sequence('threepid_associations', 'id'))"),
+                    **{k: stmt.excluded[k] for k in (
+                        "mxid", "ts", "not_before", "not_after", "lookup_hash")},
+                },
+            )
+        return sqlite.insert(t).values(values).prefix_with("OR REPLACE")
+
+    async def write(self, rows: Sequence[AssociationRow]) -> None:
+        """Store binds and tombstones durably (returns after the commit)."""
+        await self._db.writer.execute(self._upsert, [r.as_params() for r in rows])
+
+    async def get(self, source: str, medium: str, address: str) -> AssociationRow | None:
+        async with self._db.engine.connect() as conn:
+            row = (await conn.execute(
+                select(t).where(t.c.source == source, t.c.medium == medium,
+                                t.c.address == address)
+            )).mappings().first()
+        if row is None:
+            return None
+        return AssociationRow(**{k: row[k] for k in AssociationRow.__slots__})
+
+    async def changes_since(self, last_id: int, limit: int = 50000) -> list[IndexChange]:
+        """Rows written after `last_id`, oldest first (bindings and tombstones)."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.c.id, t.c.source, t.c.lookup_hash, t.c.mxid)
+                .where(t.c.id > last_id).order_by(t.c.id).limit(limit)
+            )
+            return [IndexChange(*r) for r in result]
+
+    async def stream_bound(self, batch: int = 20000) -> AsyncIterator[list[IndexChange]]:
+        """Every live binding, in chunks, for building the index at start."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.stream(
+                select(t.c.id, t.c.source, t.c.lookup_hash, t.c.mxid)
+                .where(t.c.mxid.is_not(None))
+            )
+            async for chunk in result.partitions(batch):
+                yield [IndexChange(*r) for r in chunk]
+
+    async def max_id(self) -> int:
+        async with self._db.engine.connect() as conn:
+            value = (await conn.execute(select(func.max(t.c.id)))).scalar()
+        return int(value or 0)

@@ -1,0 +1,71 @@
+"""The tables.  One schema for SQLite and PostgreSQL; Alembic migrations create it."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+# Every write (bind or unbind) gives the row a new, larger id, so "what changed since
+# id N" is one indexed range query: that is how the in-memory lookup index of every
+# process stays coherent with the store.  An unbind leaves a tombstone (mxid NULL).
+threepid_associations = Table(
+    "threepid_associations",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("source", String(16), nullable=False),
+    Column("medium", String(16), nullable=False),
+    Column("address", Text, nullable=False),
+    Column("mxid", Text, nullable=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("not_before", BigInteger, nullable=False),
+    Column("not_after", BigInteger, nullable=False),
+    Column("lookup_hash", String(64), nullable=False),
+    UniqueConstraint("source", "medium", "address", name="uq_threepid_source_medium_address"),
+    Index("ix_threepid_lookup_hash", "lookup_hash"),
+    sqlite_autoincrement=True,
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("user_id", Text, primary_key=True),
+    Column("created_ts", BigInteger, nullable=False),
+    Column("consent_version", Text, nullable=True),
+)
+
+# Only a SHA-256 of each access token is kept: a leaked database grants no access.
+account_tokens = Table(
+    "account_tokens",
+    metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("user_id", Text, nullable=False, index=True),
+    Column("created_ts", BigInteger, nullable=False),
+)
+
+accepted_terms_urls = Table(
+    "accepted_terms_urls",
+    metadata,
+    Column("user_id", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    UniqueConstraint("user_id", "url", name="uq_accepted_terms_user_url"),
+)
+
+# Small named values the server keeps for itself: the lookup pepper, ...
+server_state = Table(
+    "server_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)

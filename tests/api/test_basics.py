@@ -1,0 +1,113 @@
+"""versions, status, pubkey, and the rules every route follows (errors, CORS, limits)."""
+
+from __future__ import annotations
+
+import pytest
+from signedjson.key import decode_verify_key_bytes
+from unpaddedbase64 import decode_base64
+
+from tests.conftest import RunningKith
+
+V2 = "/_matrix/identity/v2"
+
+
+async def get(kith: RunningKith, path: str, **kw: object) -> tuple[int, dict, dict]:
+    async with kith.http.get(kith.base + path, **kw) as resp:  # type: ignore[arg-type]
+        assert resp.headers["Content-Type"] == "application/json"
+        return resp.status, await resp.json(), dict(resp.headers)
+
+
+async def test_versions_lists_v1_1_to_v1_19(kith: RunningKith) -> None:
+    status, body, _ = await get(kith, "/_matrix/identity/versions")
+    assert status == 200
+    assert body["versions"][0] == "v1.1" and body["versions"][-1] == "v1.19"
+    assert len(body["versions"]) == 19
+
+
+async def test_status_check(kith: RunningKith) -> None:
+    assert (await get(kith, V2))[:2] == (200, {})
+
+
+async def test_pubkey_is_the_configured_signing_key(kith: RunningKith) -> None:
+    status, body, _ = await get(kith, f"{V2}/pubkey/ed25519:0")
+    assert status == 200
+    # An ed25519 public key: 32 bytes in unpadded standard base64.
+    decode_verify_key_bytes("ed25519:0", decode_base64(body["public_key"]))
+    assert kith.server.services is not None
+    assert body["public_key"] == kith.server.services.keys.public_key
+    status, valid, _ = await get(kith, f"{V2}/pubkey/isvalid",
+                                 params={"public_key": body["public_key"]})
+    assert (status, valid) == (200, {"valid": True})
+    status, valid, _ = await get(kith, f"{V2}/pubkey/isvalid", params={"public_key": "AAAA"})
+    assert (status, valid) == (200, {"valid": False})
+
+
+async def test_unknown_key_is_404_not_found(kith: RunningKith) -> None:
+    status, body, _ = await get(kith, f"{V2}/pubkey/ed25519:1")
+    assert status == 404 and body["errcode"] == "M_NOT_FOUND"
+
+
+async def test_isvalid_needs_public_key(kith: RunningKith) -> None:
+    for path in ("pubkey/isvalid", "pubkey/ephemeral/isvalid"):
+        status, body, _ = await get(kith, f"{V2}/{path}")
+        assert status == 400 and body["errcode"] == "M_MISSING_PARAMS"
+
+
+async def test_ephemeral_isvalid_false_without_invites(kith: RunningKith) -> None:
+    status, body, _ = await get(kith, f"{V2}/pubkey/ephemeral/isvalid",
+                                params={"public_key": "abc"})
+    assert (status, body) == (200, {"valid": False})
+
+
+@pytest.mark.parametrize("path", ["/", "/_matrix/identity/v3", f"{V2}/nope",
+                                  "/_matrix/identity/api/v1/nope", f"{V2}/lookup/extra"])
+async def test_unknown_path_is_404_unrecognized(kith: RunningKith, path: str) -> None:
+    status, body, headers = await get(kith, path)
+    assert status == 404 and body["errcode"] == "M_UNRECOGNIZED"
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/_matrix/identity/versions"), ("PUT", f"{V2}/lookup"), ("GET", f"{V2}/lookup"),
+    ("DELETE", f"{V2}/terms"), ("PATCH", f"{V2}/account"), ("GET", f"{V2}/account/register"),
+    ("TRACE", f"{V2}/hash_details"), ("QUERY", f"{V2}/lookup"),
+])
+async def test_wrong_method_is_405_unrecognized(kith: RunningKith, method: str,
+                                                path: str) -> None:
+    async with kith.http.request(method, kith.base + path) as resp:
+        assert resp.status == 405
+        assert resp.headers["Content-Type"] == "application/json"
+        assert (await resp.json())["errcode"] == "M_UNRECOGNIZED"
+
+
+@pytest.mark.parametrize("path", [f"{V2}/lookup", f"{V2}/account/register", "/anything"])
+async def test_cors_preflight(kith: RunningKith, path: str) -> None:
+    async with kith.http.options(kith.base + path, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"}) as resp:
+        assert resp.status == 200
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+        assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+
+
+async def test_cors_on_ordinary_answers(kith: RunningKith) -> None:
+    _, _, headers = await get(kith, "/_matrix/identity/versions")
+    assert headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_oversized_body_is_refused_with_413(kith: RunningKith) -> None:
+    body = b'{"addresses": ["' + b"a" * (600 * 1024) + b'"]}'
+    async with kith.http.post(f"{kith.base}{V2}/account/register", data=body,
+                              headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["errcode"] == "M_TOO_LARGE"
+
+
+async def test_oversized_chunked_body_is_refused_with_413(kith: RunningKith) -> None:
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(100):
+            yield b"x" * 10240
+
+    async with kith.http.post(f"{kith.base}{V2}/account/register", data=chunks()) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["errcode"] == "M_TOO_LARGE"

@@ -1,0 +1,150 @@
+"""hash_details and lookup: sha256 as the spec's examples compute it, none, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kith.services.threepid import lookup_hash
+from tests.conftest import KithFactory, RunningKith
+
+V2 = "/_matrix/identity/v2"
+
+
+def test_hashes_match_the_spec_examples() -> None:
+    assert lookup_hash("email", "alice@example.com", "matrixrocks") == \
+        "4kenr7N9drpCJ4AfalmlGQVsOn3o2RHjkADUpXJWZUc"
+    assert lookup_hash("email", "bob@example.com", "matrixrocks") == \
+        "LJwSazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"
+    assert lookup_hash("msisdn", "18005552067", "matrixrocks") == \
+        "nlo35_T5fzSGZzJApqu8lgIudJvmOQtDaHtr-I4rU7I"
+
+
+async def hash_details(kith: RunningKith, token: str) -> dict:
+    async with kith.http.get(f"{kith.base}{V2}/hash_details",
+                             headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 200
+        return dict(await resp.json())
+
+
+async def lookup(kith: RunningKith, token: str, body: object) -> tuple[int, dict]:
+    async with kith.http.post(f"{kith.base}{V2}/lookup", json=body,
+                              headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.headers["Content-Type"] == "application/json"
+        return resp.status, await resp.json()
+
+
+async def test_hash_details(kith: RunningKith, token: str) -> None:
+    details = await hash_details(kith, token)
+    assert set(details["algorithms"]) == {"sha256", "none"}
+    assert isinstance(details["lookup_pepper"], str) and details["lookup_pepper"]
+
+
+async def test_hash_details_with_query_token_as_synapse_sends_it(kith: RunningKith,
+                                                                 token: str) -> None:
+    async with kith.http.get(f"{kith.base}{V2}/hash_details",
+                             params={"access_token": token}) as resp:
+        assert resp.status == 200
+
+
+async def test_sha256_lookup_finds_bindings(kith: RunningKith, token: str) -> None:
+    await kith.bind("alice@example.com", "@alice:hs.test")
+    await kith.bind("18005552067", "@bob:hs.test", medium="msisdn")
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    alice = lookup_hash("email", "alice@example.com", pepper)
+    bob = lookup_hash("msisdn", "18005552067", pepper)
+    nobody = lookup_hash("email", "nobody@example.com", pepper)
+    status, body = await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                              "addresses": [alice, bob, nobody]})
+    assert status == 200
+    assert body == {"mappings": {alice: "@alice:hs.test", bob: "@bob:hs.test"}}
+
+
+async def test_bind_stores_casefolded_email(kith: RunningKith, token: str) -> None:
+    signed = await kith.bind("Alice@Example.COM", "@alice:hs.test")
+    assert signed["address"] == "alice@example.com"
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    h = lookup_hash("email", "alice@example.com", pepper)
+    assert (await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                       "addresses": [h]}))[1]["mappings"] == {
+        h: "@alice:hs.test"}
+
+
+async def test_none_lookup(kith: RunningKith, token: str) -> None:
+    await kith.bind("alice@example.com", "@alice:hs.test")
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    status, body = await lookup(kith, token, {
+        "algorithm": "none", "pepper": pepper,
+        "addresses": ["alice@example.com email", "bob@example.com email", "junk",
+                      "alice@example.com msisdn", ""]})
+    assert status == 200
+    assert body == {"mappings": {"alice@example.com email": "@alice:hs.test"}}
+
+
+async def test_unbind_removes_from_lookup_at_once(kith: RunningKith, token: str) -> None:
+    await kith.bind("alice@example.com", "@alice:hs.test")
+    async with kith.http.post(f"{kith.internal}/_matrix/identity/internal/unbind", json={
+            "medium": "email", "address": "alice@example.com",
+            "mxid": "@alice:hs.test"}) as resp:
+        assert resp.status == 200
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    h = lookup_hash("email", "alice@example.com", pepper)
+    assert (await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                       "addresses": [h]}))[1] == {"mappings": {}}
+
+
+async def test_wrong_pepper(kith: RunningKith, token: str) -> None:
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    status, body = await lookup(kith, token, {"algorithm": "sha256", "pepper": "stale",
+                                              "addresses": []})
+    assert status == 400
+    assert body["errcode"] == "M_INVALID_PEPPER"
+    assert body["lookup_pepper"] == pepper and body["algorithm"] == "sha256"
+
+
+async def test_unknown_algorithm(kith: RunningKith, token: str) -> None:
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    status, body = await lookup(kith, token, {"algorithm": "md5", "pepper": pepper,
+                                              "addresses": []})
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM")
+
+
+async def test_more_addresses_than_the_limit(kith_factory: KithFactory) -> None:
+    kith = await kith_factory({"general": {"address_lookup_limit": 3}})
+    token = await kith.register("alice")
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    status, body = await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                              "addresses": ["a", "b", "c", "d"]})
+    assert (status, body["errcode"]) == (400, "M_TOO_LARGE")
+    assert "3" in body["error"]
+    status, _ = await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                           "addresses": ["a", "b", "c"]})
+    assert status == 200
+
+
+@pytest.mark.parametrize("body,errcode", [
+    ({}, "M_MISSING_PARAMS"),
+    ({"algorithm": "sha256", "pepper": "p"}, "M_MISSING_PARAMS"),
+    ({"algorithm": "sha256", "addresses": []}, "M_MISSING_PARAMS"),
+    ({"pepper": "p", "addresses": []}, "M_MISSING_PARAMS"),
+    ({"algorithm": 1, "pepper": "p", "addresses": []}, "M_INVALID_PARAM"),
+    ({"algorithm": "sha256", "pepper": None, "addresses": []}, "M_INVALID_PARAM"),
+    ({"algorithm": "sha256", "pepper": "p", "addresses": "abc"}, "M_INVALID_PARAM"),
+    ({"algorithm": "sha256", "pepper": "p", "addresses": [1, 2]}, "M_INVALID_PARAM"),
+    ([1], "M_BAD_JSON"),
+    (42, "M_BAD_JSON"),
+])
+async def test_lookup_bad_bodies(kith: RunningKith, token: str, body: object,
+                                 errcode: str) -> None:
+    status, answer = await lookup(kith, token, body)
+    assert (status, answer["errcode"]) == (400, errcode), answer
+
+
+@pytest.mark.parametrize("raw,errcode", [
+    (b"", "M_NOT_JSON"), (b"{]", "M_NOT_JSON"), (b"addresses", "M_NOT_JSON"),
+    (b"\x00\x01", "M_NOT_JSON"), (b"null", "M_BAD_JSON"), (b'"text"', "M_BAD_JSON"),
+])
+async def test_lookup_not_json(kith: RunningKith, token: str, raw: bytes, errcode: str) -> None:
+    async with kith.http.post(f"{kith.base}{V2}/lookup", data=raw, headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["errcode"] == errcode

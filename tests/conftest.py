@@ -1,0 +1,212 @@
+"""Shared fixtures: a kith configured on loopback, running in-process or as a process,
+and a homeserver stand-in that answers OpenID userinfo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kith.config import KithConfig, load_config
+from kith.server import KithServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(directory: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """A sydent.conf for tests: loopback only, everything in `directory`."""
+    base: dict[str, dict[str, Any]] = {
+        "general": {"server.name": "kith.test", "pidfile.path": directory / "kith.pid",
+                    "ip.whitelist": "127.0.0.1, ::1"},
+        "db": {"db.file": directory / "kith.db"},
+        "http": {"clientapi.http.bind_address": "127.0.0.1",
+                 "clientapi.http.port": free_port(),
+                 "internalapi.http.bind_address": "127.0.0.1",
+                 "internalapi.http.port": free_port(),
+                 "federation.timeout": 2},
+        "email": {"email.smtphost": "127.0.0.1", "email.smtpport": 9},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    path = directory / "sydent.conf"
+    with open(path, "w", encoding="utf-8") as f:
+        for section, values in base.items():
+            f.write(f"[{section}]\n")
+            for key, value in values.items():
+                f.write(f"{key} = {value}\n")
+            f.write("\n")
+    return path
+
+
+@dataclass
+class Homeserver:
+    """A homeserver stand-in: answers /openid/userinfo for the tokens it has issued."""
+
+    server_name: str
+    url: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)
+    calls: int = 0
+    delay_s: float = 0.0
+
+    def issue(self, localpart: str) -> str:
+        token = f"openid-{localpart}-{len(self.tokens)}"
+        self.tokens[token] = f"@{localpart}:{self.server_name}"
+        return token
+
+    async def userinfo(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        sub = self.tokens.get(request.query.get("access_token", ""))
+        if sub is None:
+            return web.json_response(
+                {"errcode": "M_UNKNOWN_TOKEN", "error": "Access Token unknown or expired"},
+                status=401)
+        return web.json_response({"sub": sub})
+
+
+@pytest.fixture
+async def homeserver() -> AsyncIterator[Homeserver]:
+    hs = Homeserver(server_name="hs.test")
+    app = web.Application()
+    app.router.add_get("/_matrix/federation/v1/openid/userinfo", hs.userinfo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    hs.url = f"http://127.0.0.1:{port}"
+    yield hs
+    await runner.cleanup()
+
+
+@dataclass
+class RunningKith:
+    config: KithConfig
+    server: KithServer
+    http: aiohttp.ClientSession
+    homeserver: Homeserver
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.config.http.client_port}"
+
+    @property
+    def internal(self) -> str:
+        return f"http://127.0.0.1:{self.config.http.internal_port}"
+
+    async def register(self, localpart: str = "alice") -> str:
+        """A kith access token for @localpart:hs.test, through the real OpenID flow."""
+        openid = self.homeserver.issue(localpart)
+        async with self.http.post(f"{self.base}/_matrix/identity/v2/account/register", json={
+            "access_token": openid, "token_type": "Bearer",
+            "matrix_server_name": self.homeserver.server_name, "expires_in": 3600,
+        }) as resp:
+            assert resp.status == 200, await resp.text()
+            return str((await resp.json())["token"])
+
+    async def bind(self, address: str, mxid: str, medium: str = "email") -> dict[str, Any]:
+        async with self.http.post(f"{self.internal}/_matrix/identity/internal/bind", json={
+            "medium": medium, "address": address, "mxid": mxid}) as resp:
+            assert resp.status == 200, await resp.text()
+            return dict(await resp.json())
+
+
+KithFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def kith_factory(tmp_path: Path, homeserver: Homeserver) -> AsyncIterator[KithFactory]:
+    """Start an in-process kith with extra config sections; stopped after the test."""
+    started: list[RunningKith] = []
+
+    async def start(sections: dict[str, dict[str, Any]] | None = None,
+                    name: str = "kith") -> RunningKith:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        merged: dict[str, dict[str, Any]] = {
+            "http": {"federation.test_overrides": f"{homeserver.server_name}={homeserver.url}"},
+        }
+        for section, values in (sections or {}).items():
+            merged.setdefault(section, {}).update(values)
+        config = load_config(str(write_config(directory, merged)), env={})
+        server = KithServer(config)
+        await server.start()
+        running = RunningKith(config, server, aiohttp.ClientSession(), homeserver)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        await running.http.close()
+        await running.server.stop()
+
+
+@pytest.fixture
+async def kith(kith_factory: KithFactory) -> RunningKith:
+    return await kith_factory()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def token(kith: RunningKith) -> str:
+    return await kith.register("alice")
+
+
+class KithProcess:
+    """kith as a separate OS process (`python -m kith`), for kill -9 and CLI tests."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, port: int, timeout_s: float = 30.0) -> None:
+        env = {**os.environ, "SYDENT_CONF": str(self.config_path)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kith"], cwd=self.config_path.parent, env=env,
+            stdout=subprocess.DEVNULL, stderr=open(self.config_path.parent / "kith.log", "ab"))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kith exited with {self.proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("kith did not start listening")
+
+    def kill(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@pytest.fixture
+def kith_process() -> Iterator[Callable[[Path], KithProcess]]:
+    processes: list[KithProcess] = []
+
+    def make(config_path: Path) -> KithProcess:
+        p = KithProcess(config_path)
+        processes.append(p)
+        return p
+
+    yield make
+    for p in processes:
+        p.kill(9)
