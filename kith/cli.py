@@ -41,13 +41,20 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
-    from kith.server import serve, write_pidfile
+    from kith.server import ListenError, run_workers, serve, write_pidfile
 
     _setup_logging(config)
     for key in config.ignored_keys:
         log.warning("config key %s is not used by kith; ignoring it", key)
     write_pidfile(config.general.pidfile_path)
-    _run(serve(config))
+    workers = args.workers or config.general.workers
+    if workers > 1:
+        return run_workers(config, workers, _run)
+    try:
+        _run(serve(config))
+    except ListenError as exc:
+        print(f"kith: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -108,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH",
                         help="configuration file (default: $SYDENT_CONF or ./sydent.conf; "
                              "written with defaults if missing)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="serve with N worker processes sharing the ports "
+                             "(overrides [general] workers)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="run the identity server (the default command)")
     sub.add_parser("generate-config",

@@ -22,7 +22,7 @@ async def hash_details(request: web.Request) -> web.Response:
 async def lookup(request: web.Request) -> web.Response:
     await authenticated(request)
     body = await json_body(request, LookupRequest)
-    mappings = services_of(request).lookup.lookup(body.algorithm, body.pepper, body.addresses)
+    mappings = await services_of(request).lookup.lookup(body.algorithm, body.pepper, body.addresses)
     return json_response({"mappings": mappings})
 
 

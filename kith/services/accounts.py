@@ -20,6 +20,7 @@ from kith.errors import (
 )
 from kith.federation.discovery import is_valid_server_name
 from kith.federation.errors import HomeserverUnreachable, OpenIdTokenRejected
+from kith.services.coherence import ChangeCounter
 from kith.services.terms import TermsSource
 from kith.services.threepid import is_valid_mxid, mxid_server_name
 from kith.store import Store
@@ -52,12 +53,20 @@ class AccountService:
         terms: TermsSource,
         openid_userinfo: UserInfo,
         homeserver_allow_list: frozenset[str] = frozenset(),
+        changes: ChangeCounter | None = None,
     ) -> None:
         self._store = store
         self._terms = terms
         self._userinfo = openid_userinfo
         self._allow_list = homeserver_allow_list
         self._tokens: dict[str, tuple[Account, float]] = {}
+        # Bumped on logout and consent changes: other processes then drop their cache.
+        self._changes = changes or ChangeCounter()
+        self._seen_changes = self._changes.value()
+
+    def _changed(self) -> None:
+        self._changes.bump()
+        self._seen_changes += 1
 
     async def register(self, matrix_server_name: str, openid_token: str) -> str:
         """Check the OpenID token with its homeserver; answer a new access token."""
@@ -89,6 +98,9 @@ class AccountService:
         if not token:
             raise unauthorized("Missing access token")
         token_hash = hash_token(token)
+        if self._changes.value() != self._seen_changes:
+            self._seen_changes = self._changes.value()
+            self._tokens.clear()
         cached = self._tokens.get(token_hash)
         now = time.monotonic()
         if cached is not None and cached[1] > now:
@@ -113,6 +125,7 @@ class AccountService:
         token_hash = hash_token(token)
         self._tokens.pop(token_hash, None)
         await self._store.accounts.delete_token(token_hash)
+        self._changed()
 
     async def accept_terms(self, account: Account, urls: list[str]) -> None:
         terms = self._terms.current()
@@ -127,3 +140,4 @@ class AccountService:
                 if cached.user_id == account.user_id:
                     cached.consent_version = version
             account.consent_version = version
+            self._changed()

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable, Sequence
 
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
+from kith.services.coherence import ChangeCounter
 from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
 from kith.store import IndexChange, Store
 
@@ -21,9 +22,17 @@ ALGORITHMS = ("sha256", "none")
 
 
 class AssociationIndex:
-    """lookup hash → mxid for every live binding."""
+    """lookup hash → mxid for every live binding.
 
-    def __init__(self) -> None:
+    `changes` is bumped after every local write; when another process bumps it, the next
+    `refresh()` reads what changed from the store, so a bind acknowledged by any worker
+    is visible to the lookups of every worker at once.
+    """
+
+    def __init__(self, store: Store, changes: ChangeCounter | None = None) -> None:
+        self._store = store
+        self._changes = changes or ChangeCounter()
+        self._seen_changes = self._changes.value()
         self._mxid_by_hash: dict[str, str] = {}
         self.last_id = 0
 
@@ -34,6 +43,12 @@ class AssociationIndex:
         return self._mxid_by_hash.get(hash_)
 
     def set(self, hash_: str, mxid: str | None) -> None:
+        """Record a committed local write (and tell the other processes)."""
+        self._apply_one(hash_, mxid)
+        self._changes.bump()
+        self._seen_changes += 1
+
+    def _apply_one(self, hash_: str, mxid: str | None) -> None:
         if mxid is None:
             self._mxid_by_hash.pop(hash_, None)
         else:
@@ -41,32 +56,41 @@ class AssociationIndex:
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
         for change in changes:
-            self.set(change.lookup_hash, change.mxid)
+            self._apply_one(change.lookup_hash, change.mxid)
             if change.id > self.last_id:
                 self.last_id = change.id
 
-    async def load(self, store: Store) -> None:
+    async def load(self) -> None:
         """Fill the index from the store, then catch up on what changed meanwhile."""
+        store = self._store
+        self._seen_changes = self._changes.value()
         start = await store.associations.max_id()
         async for chunk in store.associations.stream_bound():
             for change in chunk:
                 self._mxid_by_hash[change.lookup_hash] = change.mxid  # type: ignore[assignment]
         self.last_id = start
-        await self.catch_up(store)
+        await self.catch_up()
 
-    async def catch_up(self, store: Store) -> None:
+    async def catch_up(self) -> None:
         while True:
-            changes = await store.associations.changes_since(self.last_id)
+            changes = await self._store.associations.changes_since(self.last_id)
             if not changes:
                 return
             self.apply(changes)
 
-    async def follow(self, store: Store, interval_s: float) -> None:
-        """Apply other writers' changes every `interval_s` seconds until cancelled."""
+    async def refresh(self) -> None:
+        """Catch up if another process of this server wrote since we last looked."""
+        current = self._changes.value()
+        if current != self._seen_changes:
+            self._seen_changes = current
+            await self.catch_up()
+
+    async def follow(self, interval_s: float) -> None:
+        """Apply changes by other writers (CLI, other instances) every `interval_s` s."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.catch_up(store)
+                await self.catch_up()
             except Exception:
                 log.warning("could not read association changes", exc_info=True)
 
@@ -80,7 +104,8 @@ class LookupService:
     def hash_details(self) -> dict[str, object]:
         return {"algorithms": list(ALGORITHMS), "lookup_pepper": self.pepper}
 
-    def lookup(self, algorithm: str, pepper: str, addresses: Sequence[str]) -> dict[str, str]:
+    async def lookup(self, algorithm: str, pepper: str,
+                     addresses: Sequence[str]) -> dict[str, str]:
         if algorithm not in ALGORITHMS:
             raise invalid_param(f"Unsupported algorithm: {algorithm!r}")
         if pepper != self.pepper:
@@ -90,6 +115,7 @@ class LookupService:
         if len(addresses) > self.limit:
             raise MatrixError(400, M_TOO_LARGE,
                               f"More than the maximum of {self.limit} addresses in one lookup")
+        await self.index.refresh()
         get = self.index.get
         mappings: dict[str, str] = {}
         if algorithm == "sha256":

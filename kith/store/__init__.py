@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from kith.config import DbConfig
 from kith.store.accounts import AccountRow, AccountStore
 from kith.store.associations import AssociationRow, AssociationStore, IndexChange
 from kith.store.database import Database
+from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "IndexChange", "Store"]
+__all__ = ["AccountRow", "AssociationRow", "IndexChange", "Store", "ValidationSessionRow"]
 
 
 class Store:
@@ -19,10 +22,11 @@ class Store:
         self.associations = AssociationStore(db)
         self.accounts = AccountStore(db)
         self.state = ServerStateStore(db)
+        self.sessions = ValidationSessionStore(db)
 
     @classmethod
-    async def open(cls, config: DbConfig) -> Store:
-        db = Database.open(config)
+    async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:
+        db = Database.open(config, process_lock)
         await db.migrate()
         return cls(db)
 

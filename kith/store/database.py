@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import event
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
@@ -21,6 +22,8 @@ from kith.config import DbConfig
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# PostgreSQL advisory lock held while migrating (any constant; "kith" in ASCII).
+MIGRATION_LOCK_KEY = 0x6B697468
 
 
 def database_url(db: DbConfig) -> str:
@@ -50,17 +53,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class Database:
     """An async engine plus the one writer that batches commits."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, process_lock: Any = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        self.writer = GroupCommitWriter(engine)
+        self.writer = GroupCommitWriter(engine, process_lock)
 
     @classmethod
-    def open(cls, db: DbConfig) -> Database:
+    def open(cls, db: DbConfig, process_lock: Any = None) -> Database:
+        """`process_lock` (a multiprocessing.Lock) serialises the group commits of worker
+        processes sharing one SQLite file: they then take turns instead of backing off in
+        SQLite's busy handler, which sleeps for milliseconds at a time."""
         url = database_url(db)
         if url.startswith("sqlite"):
             engine = create_async_engine(url, pool_size=4, max_overflow=4)
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+            return cls(engine, process_lock)
         else:
             engine = create_async_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
         return cls(engine)
@@ -75,6 +82,10 @@ class Database:
             command.upgrade(cfg, "head")
 
         async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # Instances or workers starting together on one database migrate in turn.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                   {"key": MIGRATION_LOCK_KEY})
             await conn.run_sync(upgrade)
 
     async def close(self) -> None:
@@ -93,8 +104,9 @@ class GroupCommitWriter:
 
     MAX_BATCH = 2000
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, process_lock: Any = None) -> None:
         self._engine = engine
+        self._process_lock = process_lock
         self._pending: list[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -119,8 +131,9 @@ class GroupCommitWriter:
                 continue
             batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH:]
             try:
-                async with self._engine.begin() as conn:
-                    await self._apply(conn, batch)
+                async with self._turn():
+                    async with self._engine.begin() as conn:
+                        await self._apply(conn, batch)
             except Exception:
                 # One bad write must not fail its neighbours: retry each alone.
                 log.debug("batch of %d failed; retrying one by one", len(batch), exc_info=True)
@@ -136,7 +149,7 @@ class GroupCommitWriter:
     ) -> None:
         future = item[2]
         try:
-            async with self._engine.begin() as conn:
+            async with self._turn(), self._engine.begin() as conn:
                 await self._apply(conn, [item])
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             if not future.done():
@@ -144,6 +157,18 @@ class GroupCommitWriter:
         else:
             if not future.done():
                 future.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        """Hold the cross-process write lock, if there is one, for one transaction."""
+        if self._process_lock is None:
+            yield
+            return
+        await asyncio.to_thread(self._process_lock.acquire)
+        try:
+            yield
+        finally:
+            self._process_lock.release()
 
     @staticmethod
     async def _apply(
