@@ -143,6 +143,8 @@ class SmsConfig:
     twilio_auth_token: str = ""
     twilio_from: str = ""
     twilio_messaging_service_sid: str = ""
+    # kith: the provider's API base URL (empty: the provider's public API).
+    base_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -573,6 +575,7 @@ def _sms(s: _Section) -> SmsConfig:
         twilio_auth_token=s.text("twilio.auth_token"),
         twilio_from=s.text("twilio.from"),
         twilio_messaging_service_sid=s.text("twilio.messaging_service_sid"),
+        base_url=s.text("base_url"),
     )
 
 

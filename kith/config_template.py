@@ -198,6 +198,9 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
         KeySpec("twilio.from", "", "kith: Twilio sender number."),
         KeySpec("twilio.messaging_service_sid", "",
                 "kith: Twilio messaging service; used instead of twilio.from when set."),
+        KeySpec("base_url", "",
+                "kith: API base URL of the SMS provider; empty: the provider's public "
+                "API (https://smsc.openmarket.com or https://api.twilio.com)."),
     )),
     ("crypto", "Keys.", (
         KeySpec("ed25519.signingkey", "",

@@ -8,26 +8,40 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from kith.api import account, internal, lookup, pubkey, terms, versions
+from kith.api import account, internal, lookup, pubkey, terms, threepid, validate, versions
 from kith.api.http import SERVICES, new_app
 from kith.config import ConfigError, KithConfig, parse_signing_key
+from kith.delivery.email import EmailSender, EmailTemplates
+from kith.delivery.ratelimit import RateLimiter
+from kith.delivery.sms import SmsProvider, sms_provider_from_config
+from kith.delivery.templates import Templates
 from kith.federation.client import FederationClient
 from kith.services import Services
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
+from kith.services.coherence import SharedCounters
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.terms import TermsFileError, TermsSource
 from kith.services.threepid import new_pepper
+from kith.services.validation import ValidationService
 from kith.store import Store
 
 log = logging.getLogger(__name__)
 
 INDEX_FOLLOW_INTERVAL_S = 1.0
+
+
+class ListenError(Exception):
+    """A listener could not be opened (port in use, address not available, ...)."""
+# A validation request waits at most this long for the SMTP server or SMS provider.
+DELIVERY_TIMEOUT_S = 10.0
 
 
 def server_name_of(config: KithConfig) -> str:
@@ -38,24 +52,61 @@ def server_name_of(config: KithConfig) -> str:
     return name
 
 
-async def build_services(config: KithConfig, store: Store,
-                         federation: FederationClient) -> Services:
+async def build_services(config: KithConfig, store: Store, federation: FederationClient,
+                         counters: SharedCounters | None = None) -> Services:
+    """Everything one process serves with; `counters` when it is one of several workers."""
     keys = ServerKeys(server_name_of(config), parse_signing_key(config.crypto.signing_key))
     try:
         terms_source = TermsSource(config.general.terms_path)
     except TermsFileError as exc:
         raise ConfigError(f"[general] terms.path: {exc}") from exc
     pepper = await store.state.get_or_create("lookup_pepper", new_pepper())
-    index = AssociationIndex()
-    await index.load(store)
+    index = AssociationIndex(
+        store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None)
+    await index.load()
+    templates = Templates.from_config(config)
     return Services(
         keys=keys,
         terms=terms_source,
-        accounts=AccountService(store, terms_source, federation.openid_userinfo,
-                                config.general.homeserver_allow_list),
+        accounts=AccountService(
+            store, terms_source, federation.openid_userinfo,
+            config.general.homeserver_allow_list,
+            counters.counter(SharedCounters.ACCOUNTS) if counters else None),
         index=index,
         lookup=LookupService(index, pepper, config.general.address_lookup_limit),
         bindings=BindingService(store, index, keys, pepper),
+        validation=validation_service(config, store, templates),
+        templates=templates,
+    )
+
+
+def sms_provider(config: KithConfig) -> SmsProvider | None:
+    """The configured provider, or None (msisdn requests then fail with M_SEND_ERROR)."""
+    base_url = config.sms.base_url or None
+    try:
+        return sms_provider_from_config(config.sms, base_url=base_url,
+                                        timeout_s=DELIVERY_TIMEOUT_S)
+    except (ConfigError, ValueError) as exc:
+        log.warning("[sms] %s: phone numbers cannot be validated", exc)
+        return None
+
+
+def validation_service(config: KithConfig, store: Store,
+                       templates: Templates) -> ValidationService:
+    email, sms = config.email, config.sms
+    return ValidationService(
+        store,
+        email_sender=EmailSender(email, timeout_s=DELIVERY_TIMEOUT_S),
+        email_templates=EmailTemplates(templates, email),
+        email_ratelimit=RateLimiter(email.ratelimit_sender_burst,
+                                    email.ratelimit_sender_rate_hz),
+        sms=sms,
+        sms_provider=sms_provider(config),
+        msisdn_ratelimit=RateLimiter(sms.msisdn_ratelimit_burst,
+                                     sms.msisdn_ratelimit_rate_hz),
+        country_ratelimit=RateLimiter(sms.country_ratelimit_burst,
+                                      sms.country_ratelimit_rate_hz),
+        client_http_base=config.http.client_http_base,
     )
 
 
@@ -67,6 +118,8 @@ def client_app(config: KithConfig, services: Services) -> web.Application:
     terms.add_routes(app.router)
     pubkey.add_routes(app.router, "/_matrix/identity/v2")
     lookup.add_routes(app.router)
+    validate.add_routes(app.router)
+    threepid.add_routes(app.router)
     return app
 
 
@@ -82,6 +135,7 @@ class KithServer:
     """One running kith: its store, services and listeners."""
 
     config: KithConfig
+    counters: SharedCounters | None = None
     store: Store | None = None
     federation: FederationClient | None = None
     services: Services | None = None
@@ -89,11 +143,13 @@ class KithServer:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        self.store = await Store.open(self.config.db)
+        self.store = await Store.open(
+            self.config.db, self.counters.write_lock if self.counters else None)
         self.federation = FederationClient.from_config(self.config.general, self.config.http)
-        self.services = await build_services(self.config, self.store, self.federation)
+        self.services = await build_services(self.config, self.store, self.federation,
+                                             self.counters)
         self.tasks.append(asyncio.create_task(
-            self.services.index.follow(self.store, INDEX_FOLLOW_INTERVAL_S)))
+            self.services.index.follow(INDEX_FOLLOW_INTERVAL_S)))
         http = self.config.http
         await self._listen(client_app(self.config, self.services),
                            http.client_bind_address, http.client_port)
@@ -107,8 +163,12 @@ class KithServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
-        site = web.TCPSite(runner, host or None, port, reuse_port=self.config.general.workers > 1)
-        await site.start()
+        # Several workers share each port (SO_REUSEPORT); the kernel spreads connections.
+        site = web.TCPSite(runner, host or None, port, reuse_port=self.counters is not None)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(f"cannot listen on [{host}]:{port}: {exc.strerror}") from exc
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -123,9 +183,9 @@ class KithServer:
             await self.store.close()
 
 
-async def serve(config: KithConfig) -> None:
+async def serve(config: KithConfig, counters: SharedCounters | None = None) -> None:
     """Run until SIGTERM or SIGINT."""
-    server = KithServer(config)
+    server = KithServer(config, counters)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,3 +202,55 @@ def write_pidfile(path: str) -> None:
     if path:
         with open(path, "w", encoding="ascii") as f:
             f.write(f"{os.getpid()}\n")
+
+
+async def prepare_store(config: KithConfig) -> None:
+    """Migrate and create the pepper once, before workers start and race for it."""
+    store = await Store.open(config.db)
+    try:
+        await store.state.get_or_create("lookup_pepper", new_pepper())
+    finally:
+        await store.close()
+
+
+def run_workers(config: KithConfig, workers: int,
+                run: Callable[[Coroutine[Any, Any, None]], None]) -> int:
+    """Fork `workers` processes that share the listening ports; stop them all together.
+
+    The parent only supervises: SIGTERM/SIGINT are passed on, and if one worker dies the
+    others are stopped too, so a service manager sees the failure and restarts kith.
+    """
+    run(prepare_store(config))
+    counters = SharedCounters()
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run(serve(config, counters))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.append(pid)
+    log.info("kith: %d workers started: %s", workers, children)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        if pid in children:
+            children.remove(pid)
+            if code != 0:
+                status = 1
+                forward(signal.SIGTERM, None)
+    return status

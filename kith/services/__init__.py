@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kith.delivery.templates import Templates
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.terms import TermsSource
+from kith.services.validation import ValidationService
 
 
 @dataclass
@@ -21,3 +23,5 @@ class Services:
     index: AssociationIndex
     lookup: LookupService
     bindings: BindingService
+    validation: ValidationService | None = None
+    templates: Templates | None = None

@@ -69,3 +69,23 @@ server_state = Table(
     Column("name", String(64), primary_key=True),
     Column("value", Text, nullable=False),
 )
+
+# Sessions proving that a caller reads an email address or phone number.  The id (the
+# `sid` clients see) is random, not a sequence: a sid must not be guessable.  The token
+# is kept in clear because a repeated requestToken must send the same token again.
+threepid_validation_sessions = Table(
+    "threepid_validation_sessions",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("medium", String(16), nullable=False),
+    Column("address", Text, nullable=False),
+    Column("client_secret", Text, nullable=False),
+    Column("validated_at", BigInteger, nullable=True),
+    Column("mtime", BigInteger, nullable=False),
+    Column("next_link", Text, nullable=True),
+    Column("send_attempt", Integer, nullable=False),
+    Column("token", Text, nullable=False),
+    Column("failed_attempts", Integer, nullable=False),
+    UniqueConstraint("medium", "address", "client_secret",
+                     name="uq_validation_session_medium_address_secret"),
+)

@@ -1,0 +1,117 @@
+"""getValidated3pid, bind and unbind: publishing what a validation session proved."""
+
+from __future__ import annotations
+
+import msgspec
+from aiohttp import web
+
+from kith.api.http import (
+    authenticated,
+    decode_json,
+    json_body,
+    json_response,
+    read_body,
+    services_of,
+)
+from kith.api.validate import query_params, validation_of
+from kith.errors import M_UNAUTHORIZED, MatrixError
+from kith.services import Services
+from kith.services.accounts import Account
+from kith.services.bindings import check_threepid
+
+V2 = "/_matrix/identity/v2"
+
+
+class BindRequest(msgspec.Struct):
+    sid: str | int
+    client_secret: str
+    mxid: str
+
+
+class Threepid(msgspec.Struct):
+    medium: str
+    address: str
+
+
+class UnbindRequest(msgspec.Struct):
+    mxid: str
+    threepid: Threepid
+    sid: str | int | None = None
+    client_secret: str | None = None
+
+
+def forbidden(message: str) -> MatrixError:
+    return MatrixError(403, M_UNAUTHORIZED, message)
+
+
+async def get_validated_3pid(request: web.Request) -> web.Response:
+    await authenticated(request)
+    sid, client_secret = query_params(request, "sid", "client_secret")
+    validated = await validation_of(request).get_validated(sid, client_secret)
+    return json_response({"medium": validated.medium, "address": validated.address,
+                          "validated_at": validated.validated_at})
+
+
+async def bind(request: web.Request) -> web.Response:
+    account = await authenticated(request)
+    body = await json_body(request, BindRequest)
+    if body.mxid != account.user_id:
+        raise forbidden("This user is prohibited from binding to the mxid")
+    validated = await validation_of(request).get_validated(str(body.sid), body.client_secret)
+    signed = await services_of(request).bindings.bind(
+        validated.medium, validated.address, body.mxid)
+    return json_response(signed)
+
+
+def is_homeserver_signed(request: web.Request) -> bool:
+    scheme = request.headers.get("Authorization", "").partition(" ")[0]
+    return scheme.lower() == "x-matrix"
+
+
+async def authorise_homeserver_unbind(request: web.Request, raw_body: bytes,
+                                      body: UnbindRequest) -> None:
+    """The one place where an `Authorization: X-Matrix` unbind is checked.
+
+    To do (kith/federation/xmatrix.py): verify the signature over `raw_body` and
+    check that the origin is the server of `body.mxid`.  Until then: refused.
+    """
+    raise forbidden("Unbinding with an X-Matrix signature is not yet supported")
+
+
+async def authorise_session_unbind(services: Services, request: web.Request,
+                                   account: Account, body: UnbindRequest) -> None:
+    """The caller owns `body.mxid` and a validated session for exactly that 3PID."""
+    if body.mxid != account.user_id:
+        raise forbidden("This user is prohibited from unbinding the mxid")
+    if body.sid is None or body.client_secret is None:
+        raise forbidden("Unbinding needs the sid and client_secret of a validated session")
+    address = check_threepid(body.threepid.medium, body.threepid.address)
+    try:
+        validated = await validation_of(request).get_validated(str(body.sid),
+                                                               body.client_secret)
+    except MatrixError as exc:
+        if exc.status >= 500:
+            raise
+        raise forbidden(f"No validated session for this 3PID: {exc.message}") from None
+    if (validated.medium, validated.address) != (body.threepid.medium, address):
+        raise forbidden("The session did not validate this 3PID")
+
+
+async def unbind(request: web.Request) -> web.Response:
+    services = services_of(request)
+    if is_homeserver_signed(request):
+        raw = await read_body(request)
+        body = decode_json(raw, UnbindRequest)
+        await authorise_homeserver_unbind(request, raw, body)
+    else:
+        account = await authenticated(request)
+        body = await json_body(request, UnbindRequest)
+        await authorise_session_unbind(services, request, account, body)
+    await services.bindings.unbind(body.threepid.medium, body.threepid.address, body.mxid)
+    return json_response({})
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get(f"{V2}/3pid/getValidated3pid", get_validated_3pid, allow_head=False)
+    router.add_post(f"{V2}/3pid/bind", bind)
+    router.add_post(f"{V2}/3pid/unbind", unbind)

@@ -1,0 +1,132 @@
+"""requestToken and submitToken for email and msisdn: starting and completing validation.
+
+The POST forms answer JSON; GET submitToken is the link in the verification mail and
+answers the brand's HTML page, or a 302 to the session's next_link on success.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from kith.api.http import access_token, authenticated, json_body, json_response, services_of
+from kith.delivery.templates import Templates
+from kith.errors import M_UNRECOGNIZED, MatrixError, missing_params
+from kith.services.validation import ValidationService, session_answer
+
+V2 = "/_matrix/identity/v2"
+SendAttempt = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+
+VALIDATED_MESSAGE = "Verification successful! Please return to your Matrix client to continue."
+FAILED_MESSAGE = "Verification failed: you may need to request another verification email."
+
+
+class EmailRequestToken(msgspec.Struct):
+    client_secret: str
+    email: str
+    send_attempt: SendAttempt
+    next_link: str | None = None
+
+
+class MsisdnRequestToken(msgspec.Struct):
+    client_secret: str
+    country: str
+    phone_number: str
+    send_attempt: SendAttempt
+    next_link: str | None = None
+
+
+class SubmitToken(msgspec.Struct):
+    sid: str | int
+    client_secret: str
+    token: str
+
+
+def validation_of(request: web.Request) -> ValidationService:
+    validation = services_of(request).validation
+    if validation is None:
+        raise MatrixError(404, M_UNRECOGNIZED, "Validation is not enabled on this server")
+    return validation
+
+
+def templates_of(request: web.Request) -> Templates:
+    templates = services_of(request).templates
+    if templates is None:
+        raise MatrixError(404, M_UNRECOGNIZED, "Validation is not enabled on this server")
+    return templates
+
+
+def query_params(request: web.Request, *names: str) -> list[str]:
+    missing = [name for name in names if not request.query.get(name)]
+    if missing:
+        raise missing_params(*missing)
+    return [request.query[name] for name in names]
+
+
+def is_safe_redirect(link: str | None) -> bool:
+    """Only http(s) links with a host: never javascript:, data:, file: and the like."""
+    if not link:
+        return False
+    parsed = urllib.parse.urlsplit(link)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+async def email_request_token(request: web.Request) -> web.Response:
+    await authenticated(request)
+    body = await json_body(request, EmailRequestToken)
+    sid = await validation_of(request).request_email_token(
+        body.client_secret, body.email, body.send_attempt, body.next_link,
+        brand=request.query.get("brand"), requester_ip=request.remote)
+    return json_response({"sid": sid})
+
+
+async def msisdn_request_token(request: web.Request) -> web.Response:
+    await authenticated(request)
+    body = await json_body(request, MsisdnRequestToken)
+    session = await validation_of(request).request_msisdn_token(
+        body.client_secret, body.country, body.phone_number, body.send_attempt,
+        body.next_link)
+    return json_response(session_answer(session))
+
+
+async def submit_token_post(request: web.Request) -> web.Response:
+    await authenticated(request)
+    body = await json_body(request, SubmitToken)
+    await validation_of(request).submit_token(str(body.sid), body.client_secret, body.token)
+    return json_response({"success": True})
+
+
+async def submit_token_get(request: web.Request) -> web.Response:
+    """The mail's link: an HTML page for a person, or a 302 to next_link.
+
+    A person clicking the link in a mail has no access token: the token, sid and client
+    secret in the link are the proof. A caller that does send a token is checked.
+    """
+    if access_token(request) is not None:
+        await authenticated(request)
+    sid, client_secret, token = query_params(request, "sid", "client_secret", "token")
+    brand = request.query.get("brand")
+    templates = templates_of(request)
+    try:
+        session = await validation_of(request).submit_token(sid, client_secret, token)
+    except MatrixError as exc:
+        if exc.status >= 500:
+            raise
+        page = await templates.render_verify_response_async(FAILED_MESSAGE, brand)
+        return web.Response(text=page, status=400, content_type="text/html")
+    if is_safe_redirect(session.next_link):
+        raise web.HTTPFound(str(session.next_link))
+    page = await templates.render_verify_response_async(VALIDATED_MESSAGE, brand)
+    return web.Response(text=page, content_type="text/html")
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_post(f"{V2}/validate/email/requestToken", email_request_token)
+    router.add_post(f"{V2}/validate/email/submitToken", submit_token_post)
+    router.add_get(f"{V2}/validate/email/submitToken", submit_token_get, allow_head=False)
+    router.add_post(f"{V2}/validate/msisdn/requestToken", msisdn_request_token)
+    router.add_post(f"{V2}/validate/msisdn/submitToken", submit_token_post)
+    router.add_get(f"{V2}/validate/msisdn/submitToken", submit_token_get, allow_head=False)

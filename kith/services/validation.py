@@ -1,0 +1,263 @@
+"""Validation sessions: proving that a caller reads an email address or phone number.
+
+A session is keyed by (medium, address, client_secret).  Asking again with the same
+triple answers the same sid and token, and sends again only when `send_attempt` grows
+(the spec; Sydent 2.6.1 re-sends every time).  A session lives 24 h after its last
+change.  After MAX_FAILED_ATTEMPTS wrong tokens it is locked: even the right token is
+refused with M_TOKEN_INCORRECT (the same answer as a wrong guess, so the lock is no
+oracle), and the next requestToken for the triple starts a fresh session.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import secrets
+import string
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import phonenumbers
+
+from kith.config import SmsConfig
+from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates, validation_link
+from kith.delivery.email import check_email_address as check_plain_email
+from kith.delivery.ratelimit import RateLimiter
+from kith.delivery.sms import SmsProvider, SmsSendError, check_sms_rule, country_code, sms_body
+from kith.delivery.templates import TemplateError
+from kith.errors import (
+    M_EMAIL_SEND_ERROR,
+    M_INVALID_ADDRESS,
+    M_INVALID_EMAIL,
+    M_INVALID_PARAM,
+    M_NO_VALID_SESSION,
+    M_SEND_ERROR,
+    M_SESSION_EXPIRED,
+    M_SESSION_NOT_VALIDATED,
+    M_TOKEN_INCORRECT,
+    MatrixError,
+)
+from kith.services.bindings import now_ms
+from kith.services.threepid import normalise_address
+from kith.store import Store, ValidationSessionRow
+
+log = logging.getLogger(__name__)
+
+SESSION_LIFETIME_MS = 24 * 60 * 60 * 1000
+MAX_FAILED_ATTEMPTS = 10
+EMAIL_TOKEN_LENGTH = 32
+MSISDN_TOKEN_LENGTH = 6
+V2_PREFIX = "/_matrix/identity/v2"
+
+_CLIENT_SECRET = re.compile(r"^[0-9a-zA-Z.=_-]{1,255}$")
+_SID = re.compile(r"^[0-9]{1,19}$")
+_ALPHANUMERICS = string.ascii_letters + string.digits
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatedThreepid:
+    medium: str
+    address: str
+    validated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class MsisdnSession:
+    sid: str
+    msisdn: str
+    intl_fmt: str
+
+
+def check_client_secret(client_secret: str) -> None:
+    if not _CLIENT_SECRET.match(client_secret):
+        raise MatrixError(400, M_INVALID_PARAM,
+                          "Invalid client_secret: must match [0-9a-zA-Z.=_-]{1,255}")
+
+
+def new_token(medium: str) -> str:
+    if medium == "msisdn":
+        return "".join(secrets.choice(string.digits) for _ in range(MSISDN_TOKEN_LENGTH))
+    return "".join(secrets.choice(_ALPHANUMERICS) for _ in range(EMAIL_TOKEN_LENGTH))
+
+
+def new_sid() -> int:
+    """A random positive 63-bit id: sids are not sequential, so not guessable."""
+    return 1 + secrets.randbelow(2**63 - 1)
+
+
+def parse_msisdn(country: str, phone_number: str) -> tuple[str, str]:
+    """(E.164 digits without '+', international format), or 400 M_INVALID_ADDRESS."""
+    try:
+        number = phonenumbers.parse(phone_number, country.upper() or None)
+    except phonenumbers.NumberParseException as exc:
+        raise MatrixError(400, M_INVALID_ADDRESS, "Unable to parse phone number") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise MatrixError(400, M_INVALID_ADDRESS, "Not a valid phone number")
+    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    intl = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
+    return e164.lstrip("+"), intl
+
+
+def no_valid_session() -> MatrixError:
+    return MatrixError(404, M_NO_VALID_SESSION,
+                       "No valid session was found matching that sid and client secret")
+
+
+class ValidationService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        email_sender: EmailSender,
+        email_templates: EmailTemplates,
+        email_ratelimit: RateLimiter,
+        sms: SmsConfig,
+        sms_provider: SmsProvider | None,
+        msisdn_ratelimit: RateLimiter,
+        country_ratelimit: RateLimiter,
+        client_http_base: str,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._store = store
+        self._email_sender = email_sender
+        self._email_templates = email_templates
+        self._email_ratelimit = email_ratelimit
+        self._sms = sms
+        self.sms_provider = sms_provider
+        self._msisdn_ratelimit = msisdn_ratelimit
+        self._country_ratelimit = country_ratelimit
+        self._client_http_base = client_http_base.rstrip("/")
+        self._clock = clock
+
+    # ------------------------------------------------------------------ requestToken
+
+    async def request_email_token(self, client_secret: str, email: str, send_attempt: int,
+                                  next_link: str | None = None, brand: str | None = None,
+                                  requester_ip: str | None = None) -> str:
+        """Create or reuse the session and mail its token when due; answers the sid."""
+        check_client_secret(client_secret)
+        address = normalise_address("email", email)
+        try:
+            if address is None:
+                raise ValueError
+            check_plain_email(address)
+        except (ValueError, EmailSendError) as exc:
+            raise MatrixError(400, M_INVALID_EMAIL, "The email address is not valid") from exc
+        session, due = await self._session_for("email", address, client_secret,
+                                               send_attempt, next_link)
+        if due:
+            self._email_ratelimit.hit(address)
+            link = validation_link(self._client_http_base, token=session.token,
+                                   client_secret=client_secret, sid=session.id,
+                                   next_link=session.next_link, api_prefix=V2_PREFIX)
+            try:
+                message = await self._email_templates.verification(
+                    address, token=session.token, link=link, ipaddress=requester_ip,
+                    brand=brand)
+                await self._email_sender.send(address, message)
+            except (EmailSendError, TemplateError) as exc:
+                log.warning("validation mail for session %d not sent: %s", session.id, exc)
+                raise MatrixError(500, M_EMAIL_SEND_ERROR,
+                                  "Failed to send the validation email") from None
+            await self._store.sessions.touch(session.id, self._clock(), send_attempt)
+        return str(session.id)
+
+    async def request_msisdn_token(self, client_secret: str, country: str,
+                                   phone_number: str, send_attempt: int,
+                                   next_link: str | None = None) -> MsisdnSession:
+        """Create or reuse the session and text its token when due."""
+        check_client_secret(client_secret)
+        msisdn, intl_fmt = parse_msisdn(country, phone_number)
+        check_sms_rule(self._sms, msisdn)
+        session, due = await self._session_for("msisdn", msisdn, client_secret,
+                                               send_attempt, next_link)
+        if due:
+            self._msisdn_ratelimit.hit(msisdn)
+            self._country_ratelimit.hit(country_code(msisdn) or "")
+            try:
+                if self.sms_provider is None:
+                    raise SmsSendError("no SMS provider is configured")
+                await self.sms_provider.send(msisdn, sms_body(self._sms, session.token))
+            except SmsSendError as exc:
+                log.warning("validation SMS for session %d not sent: %s", session.id, exc)
+                raise MatrixError(500, M_SEND_ERROR,
+                                  "Failed to send the validation SMS") from None
+            await self._store.sessions.touch(session.id, self._clock(), send_attempt)
+        return MsisdnSession(str(session.id), msisdn, intl_fmt)
+
+    async def _session_for(self, medium: str, address: str, client_secret: str,
+                           send_attempt: int, next_link: str | None
+                           ) -> tuple[ValidationSessionRow, bool]:
+        """The live session for the triple (created if new; replaced if expired or
+        locked), and whether its token is due to be sent for `send_attempt`.
+
+        The stored send_attempt advances only after a successful send, so a failed send
+        is retried by any request with a send_attempt above the last one delivered.
+        """
+        now = self._clock()
+        fresh = ValidationSessionRow(
+            id=new_sid(), medium=medium, address=address, client_secret=client_secret,
+            validated_at=None, mtime=now, next_link=next_link, send_attempt=-1,
+            token=new_token(medium), failed_attempts=0)
+        session = await self._store.sessions.find(medium, address, client_secret)
+        if session is None:
+            session = await self._store.sessions.create(fresh)
+        elif self._expired(session) or session.failed_attempts >= MAX_FAILED_ATTEMPTS:
+            session = await self._store.sessions.replace(session.id, fresh)
+        else:
+            await self._store.sessions.touch(session.id, now, next_link=next_link)
+            if next_link is not None:
+                session = await self._store.sessions.get(session.id) or session
+        return session, send_attempt > session.send_attempt
+
+    # ------------------------------------------------------------------ submitToken
+
+    async def submit_token(self, sid: str, client_secret: str,
+                           token: str) -> ValidationSessionRow:
+        """Mark the session validated if `token` is its token; answers the session."""
+        session = await self._session(sid, client_secret)
+        if self._expired(session):
+            raise MatrixError(400, M_SESSION_EXPIRED, "This validation session has expired")
+        locked = session.failed_attempts >= MAX_FAILED_ATTEMPTS
+        right = hmac.compare_digest(token.encode(), session.token.encode())
+        if locked or not right:
+            if not locked:
+                await self._store.sessions.count_failure(session.id)
+            raise MatrixError(400, M_TOKEN_INCORRECT, "The token is incorrect")
+        if not await self._store.sessions.mark_validated(session.id, self._clock(),
+                                                          MAX_FAILED_ATTEMPTS):
+            raise MatrixError(400, M_TOKEN_INCORRECT, "The token is incorrect")
+        return session
+
+    # ------------------------------------------------------------------ getValidated3pid
+
+    async def get_validated(self, sid: str, client_secret: str) -> ValidatedThreepid:
+        session = await self._session(sid, client_secret)
+        if self._expired(session):
+            raise MatrixError(400, M_SESSION_EXPIRED, "This validation session has expired")
+        if session.validated_at is None:
+            raise MatrixError(400, M_SESSION_NOT_VALIDATED,
+                              "This validation session has not yet been completed")
+        return ValidatedThreepid(session.medium, session.address, session.validated_at)
+
+    async def _session(self, sid: str, client_secret: str) -> ValidationSessionRow:
+        """The session `sid` if `client_secret` is its secret, else 404."""
+        check_client_secret(client_secret)
+        if not _SID.match(sid):
+            raise no_valid_session()
+        session = await self._store.sessions.get(int(sid))
+        if session is None or not hmac.compare_digest(session.client_secret.encode(),
+                                                      client_secret.encode()):
+            raise no_valid_session()
+        return session
+
+    def _expired(self, session: ValidationSessionRow) -> bool:
+        return self._clock() - session.mtime > SESSION_LIFETIME_MS
+
+
+def session_answer(session: MsisdnSession) -> dict[str, Any]:
+    """The msisdn requestToken answer (Sydent adds `msisdn` and `intl_fmt`)."""
+    return {"success": True, "sid": session.sid, "msisdn": session.msisdn,
+            "intl_fmt": session.intl_fmt}
