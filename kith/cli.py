@@ -70,6 +70,31 @@ def cmd_check_config(args: argparse.Namespace, config: KithConfig) -> int:
     return 0
 
 
+def cmd_healthcheck(args: argparse.Namespace, config: KithConfig) -> int:
+    """Exit 0 if the client API of the kith using this config answers its status check."""
+    import ssl
+    import urllib.request
+
+    host = config.http.client_bind_address
+    if host in ("", "::", "0.0.0.0"):  # noqa: S104 - a bind address, not a target
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    tls = bool(getattr(config.http, "client_https_certfile", ""))
+    url = (f"{'https' if tls else 'http'}://{host}:{config.http.client_port}"
+           "/_matrix/identity/v2")
+    # The certificate names the public host, not the loopback address probed here.
+    context = ssl._create_unverified_context() if tls else None  # noqa: S323
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as resp:  # noqa: S310
+            ok = resp.status == 200
+    except OSError as exc:
+        print(f"kith: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{url}: {'OK' if ok else 'unhealthy'}")
+    return 0 if ok else 1
+
+
 def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
              config: KithConfig) -> Any:
     """Run `action(services)` against the store without listening."""
@@ -123,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate-config",
                    help="write the configuration file with every default and a new "
                         "signing key if it does not exist, then exit")
+    sub.add_parser("healthcheck",
+                   help="exit 0 if the running server's client API answers (for "
+                        "container health checks)")
     sub.add_parser("check-config",
                    help="read and validate the configuration, list keys kith ignores")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
@@ -138,6 +166,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "serve": cmd_serve,
     "generate-config": cmd_generate_config,
     "check-config": cmd_check_config,
+    "healthcheck": cmd_healthcheck,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
 }

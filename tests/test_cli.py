@@ -1,0 +1,89 @@
+"""The kith command: help, configuration errors, healthcheck, offline bind/unbind."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kith.config import load_config
+from tests.conftest import free_port, write_config
+
+
+def kith(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kith", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_help_explains_every_subcommand(tmp_path: Path) -> None:
+    out = kith("--help", cwd=tmp_path).stdout
+    for command in ("serve", "generate-config", "check-config", "healthcheck", "bind",
+                    "unbind"):
+        assert command in out
+
+
+def test_generate_config_writes_sydent_conf(tmp_path: Path) -> None:
+    result = kith("generate-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "sydent.conf").read_text()
+    assert "clientapi.http.port = 8090" in text
+    assert "ed25519.signingkey = ed25519 0 " in text
+
+
+def test_wrong_value_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "sydent.conf").write_text("[http]\nclientapi.http.port = abc\n")
+    result = kith("serve", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kith:")]
+    assert errors == ["kith: configuration error: [http] clientapi.http.port: "
+                      "'abc' is not a port number (1-65535)"]
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path, kith_process) -> None:
+    path = write_config(tmp_path, {})
+    config = load_config(str(path), env={})
+    first = kith_process(path)
+    first.start(config.http.client_port)
+    try:
+        other = tmp_path / "other"
+        other.mkdir()
+        second = write_config(other, {"http": {
+            "clientapi.http.port": config.http.client_port,
+            "internalapi.http.port": free_port()}})
+        result = kith("--config", str(second), cwd=other)
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+        assert f"cannot listen on [127.0.0.1]:{config.http.client_port}" in result.stderr
+    finally:
+        first.kill(signal.SIGTERM)
+
+
+def test_healthcheck(tmp_path: Path, kith_process) -> None:
+    path = write_config(tmp_path, {})
+    config = load_config(str(path), env={})
+    assert kith("--config", str(path), "healthcheck", cwd=tmp_path).returncode == 1
+    proc = kith_process(path)
+    proc.start(config.http.client_port)
+    try:
+        result = kith("--config", str(path), "healthcheck", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    finally:
+        proc.kill(signal.SIGTERM)
+
+
+def test_offline_bind_and_unbind(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {})
+    result = kith("--config", str(path), "bind", "email", "Alice@Example.com",
+                  "@alice:hs.test", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert '"address": "alice@example.com"' in result.stdout
+    assert '"signatures"' in result.stdout
+    result = kith("--config", str(path), "unbind", "email", "alice@example.com",
+                  "@alice:hs.test", cwd=tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, "unbound")
+    result = kith("--config", str(path), "bind", "fax", "1", "@a:hs.test", cwd=tmp_path)
+    assert result.returncode == 2  # argparse refuses the medium
+    result = kith("--config", str(path), "bind", "email", "nope", "@a:hs.test", cwd=tmp_path)
+    assert result.returncode == 1 and "M_INVALID_PARAM" in result.stderr
