@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 # PostgreSQL advisory lock held while migrating (any constant; "kith" in ASCII).
 MIGRATION_LOCK_KEY = 0x6B697468
+# PostgreSQL advisory lock held by each group-commit transaction ("kitw").
+WRITE_LOCK_KEY = 0x6B697477
 
 
 def database_url(db: DbConfig) -> str:
@@ -175,6 +177,11 @@ class GroupCommitWriter:
         conn: AsyncConnection,
         batch: Sequence[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]],
     ) -> None:
+        if conn.dialect.name == "postgresql":
+            # Writers in other processes wait until this transaction is committed, so ids
+            # become visible in id order and a reader of changes_since skips none.
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": WRITE_LOCK_KEY})
         i = 0
         while i < len(batch):
             statement = batch[i][0]
