@@ -8,10 +8,12 @@ from kith.config import DbConfig
 from kith.store.accounts import AccountRow, AccountStore
 from kith.store.associations import AssociationRow, AssociationStore, IndexChange
 from kith.store.database import Database
+from kith.store.invites import InviteStore, InviteTokenRow, OnbindDelivery
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "IndexChange", "Store", "ValidationSessionRow"]
+__all__ = ["AccountRow", "AssociationRow", "IndexChange", "InviteTokenRow", "OnbindDelivery",
+           "Store", "ValidationSessionRow"]
 
 
 class Store:
@@ -23,6 +25,7 @@ class Store:
         self.accounts = AccountStore(db)
         self.state = ServerStateStore(db)
         self.sessions = ValidationSessionStore(db)
+        self.invites = InviteStore(db)
 
     @classmethod
     async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:

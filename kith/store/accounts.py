@@ -72,3 +72,19 @@ class AccountStore:
                                    [{"user_id": user_id, "url": u} for u in urls])
             if consent_version is not None:
                 await conn.execute(self._set_consent, {"uid": user_id, "v": consent_version})
+
+    async def import_accounts(self, rows: list[AccountRow], tokens: list[tuple[str, str]],
+                              accepted: list[tuple[str, str]]) -> None:
+        """Add accounts, (token hash, user_id) pairs and (user_id, url) acceptances that
+        are not there yet (taking over another server's data; idempotent)."""
+        async with self._db.engine.begin() as conn:
+            if rows:
+                await conn.execute(self._insert_account, [
+                    {"user_id": r.user_id, "created_ts": r.created_ts,
+                     "consent_version": r.consent_version} for r in rows])
+            if tokens:
+                await conn.execute(_insert_ignore(self._db, account_tokens), [
+                    {"token_hash": h, "user_id": u, "created_ts": 0} for h, u in tokens])
+            if accepted:
+                await conn.execute(self._insert_url,
+                                   [{"user_id": u, "url": url} for u, url in accepted])

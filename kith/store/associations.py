@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, select, text
+from sqlalchemy import Executable, bindparam, func, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from kith.store.database import Database
@@ -53,7 +54,7 @@ class AssociationStore:
 
     def _build_upsert(self) -> Executable:
         # A write replaces the row *and gives it a new id*: the id is the change cursor.
-        values = {c: bindparam(c) for c in (
+        values: dict[str, Any] = {c: bindparam(c) for c in (
             "source", "medium", "address", "mxid", "ts", "not_before", "not_after",
             "lookup_hash")}
         if self._db.dialect == "postgresql":
@@ -105,3 +106,29 @@ class AssociationStore:
         async with self._db.engine.connect() as conn:
             value = (await conn.execute(select(func.max(t.c.id)))).scalar()
         return int(value or 0)
+
+    async def live_rows(self, source: str) -> list[tuple[str, str, str, str]]:
+        """(medium, address, mxid, lookup_hash) of every live row from `source`: what a
+        directory sync compares the directory against."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.c.medium, t.c.address, t.c.mxid, t.c.lookup_hash)
+                .where(t.c.source == source, t.c.mxid.is_not(None))
+            )
+            return [(r[0], r[1], r[2], r[3]) for r in result]
+
+    async def live_threepids(self) -> list[tuple[int, str, str]]:
+        """(id, medium, address) of every live binding, e.g. to hash them anew."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(select(t.c.id, t.c.medium, t.c.address)
+                                        .where(t.c.mxid.is_not(None)))
+            return [(int(i), m, a) for i, m, a in result]
+
+    async def set_lookup_hashes(self, hashes: list[tuple[int, str]]) -> None:
+        """Set the lookup hash of rows by id (after the pepper changed)."""
+        if not hashes:
+            return
+        stmt = update(t).where(t.c.id == bindparam("row_id")).values(
+            lookup_hash=bindparam("new_hash"))
+        async with self._db.engine.begin() as conn:
+            await conn.execute(stmt, [{"row_id": i, "new_hash": h} for i, h in hashes])

@@ -89,3 +89,59 @@ threepid_validation_sessions = Table(
     UniqueConstraint("medium", "address", "client_secret",
                      name="uq_validation_session_medium_address_secret"),
 )
+
+# 3PID invites waiting for their address to be bound (store-invite).  `sent_ts` is set
+# when a bind hands them to the onbind queue; the token is what the invitee's homeserver
+# exchanges for the invite, so it is unique.  Times in ms.
+invite_tokens = Table(
+    "invite_tokens",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("medium", String(16), nullable=False),
+    Column("address", Text, nullable=False),
+    Column("room_id", Text, nullable=False),
+    Column("sender", Text, nullable=False),
+    Column("token", String(255), nullable=False),
+    Column("received_ts", BigInteger, nullable=False),
+    Column("sent_ts", BigInteger, nullable=True),
+    UniqueConstraint("token", name="uq_invite_tokens_token"),
+    Index("ix_invite_tokens_medium_address", "medium", "address"),
+    sqlite_autoincrement=True,
+)
+
+# The public halves of the per-invite ephemeral keys (the private seed is only mailed).
+ephemeral_public_keys = Table(
+    "ephemeral_public_keys",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("public_key", String(64), nullable=False),
+    Column("verify_count", Integer, nullable=False),
+    Column("persistence_ts", BigInteger, nullable=False),
+    UniqueConstraint("public_key", name="uq_ephemeral_public_keys_public_key"),
+    sqlite_autoincrement=True,
+)
+
+# The durable onbind queue: one row per bind that carried invites, POSTed to the
+# homeserver of `mxid` until it answers 200 (state 'done') or the retries time out
+# ('gave_up').  A sender claims a row by setting `claimed_until` (a lease) in one
+# conditional UPDATE, so of several workers exactly one sends it.
+onbind_deliveries = Table(
+    "onbind_deliveries",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("destination", Text, nullable=False),
+    Column("mxid", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("created_ts", BigInteger, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_ts", BigInteger, nullable=False),
+    Column("claimed_until", BigInteger, nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("finished_ts", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_onbind_deliveries_state_next", "state", "next_attempt_ts"),
+    sqlite_autoincrement=True,
+)

@@ -97,3 +97,12 @@ class ValidationSessionStore:
     async def delete_older_than(self, mtime: int) -> None:
         async with self._db.engine.begin() as conn:
             await conn.execute(delete(sessions).where(sessions.c.mtime < mtime))
+
+    async def insert_many(self, rows: list[ValidationSessionRow]) -> None:
+        """Add sessions whose id or (medium, address, client_secret) is not taken yet."""
+        if not rows:
+            return
+        async with self._db.engine.begin() as conn:
+            await conn.execute(self._insert_ignore, [
+                {name: getattr(row, name) for name in ValidationSessionRow.__slots__}
+                for row in rows])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import Executable, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from kith.store.database import Database
@@ -21,6 +21,7 @@ class ServerStateStore:
 
     async def get_or_create(self, name: str, value: str) -> str:
         """The stored value, or `value` stored now if there is none (first writer wins)."""
+        stmt: Executable
         if self._db.dialect == "postgresql":
             stmt = postgresql.insert(server_state).on_conflict_do_nothing()
         else:
@@ -30,3 +31,14 @@ class ServerStateStore:
         stored = await self.get(name)
         assert stored is not None
         return stored
+
+    async def set(self, name: str, value: str) -> None:
+        stmt: Executable
+        if self._db.dialect == "postgresql":
+            ins = postgresql.insert(server_state)
+            stmt = ins.on_conflict_do_update(index_elements=["name"],
+                                             set_={"value": ins.excluded.value})
+        else:
+            stmt = sqlite.insert(server_state).prefix_with("OR REPLACE")
+        async with self._db.engine.begin() as conn:
+            await conn.execute(stmt, {"name": name, "value": value})

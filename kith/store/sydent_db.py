@@ -1,0 +1,104 @@
+"""Reading an existing Sydent database (sydent.db, schema version 5), never writing it.
+
+The file (and its WAL, if any) is copied to a temporary directory and the copy is read,
+so nothing about the Sydent installation changes, even its access times' neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SydentData:
+    pepper: str | None = None
+    # (medium, address, mxid, ts, not_before, not_after) of live local bindings
+    local_associations: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
+    # how many associations were received from replication peers
+    peer_associations: int = 0
+    accounts: list[tuple[str, int, str | None]] = field(default_factory=list)
+    tokens: list[tuple[str, str]] = field(default_factory=list)  # (token, user_id)
+    accepted_urls: list[tuple[str, str]] = field(default_factory=list)
+    # (sid, medium, address, client_secret, validated, mtime, token, send_attempt)
+    sessions: list[tuple[int, str, str, str, bool, int, str, int]] = field(
+        default_factory=list)
+    # (medium, address, room_id, sender, token, received_ts_s, sent_ts_s)
+    invite_tokens: list[tuple[str, str, str, str, str, int | None, int | None]] = field(
+        default_factory=list)
+    ephemeral_public_keys: list[tuple[str, int, int | None]] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _copy_of(path: str) -> Iterator[sqlite3.Connection]:
+    with tempfile.TemporaryDirectory(prefix="kith-sydent-import-") as tmp:
+        copy = Path(tmp) / "sydent.db"
+        shutil.copyfile(path, copy)
+        for suffix in ("-wal",):
+            if Path(path + suffix).exists():
+                shutil.copyfile(path + suffix, str(copy) + suffix)
+        conn = sqlite3.connect(copy)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+
+def _tables(conn: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def _rows(conn: sqlite3.Connection, tables: set[str], table: str, sql: str,
+          params: tuple[Any, ...] = ()) -> list[Any]:
+    return conn.execute(sql, params).fetchall() if table in tables else []
+
+
+def read_sydent_db(path: str, server_name: str) -> SydentData:
+    """Everything kith takes over from a Sydent database (blocking; run in a thread)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no Sydent database at {path}")
+    data = SydentData()
+    with _copy_of(path) as conn:
+        tables = _tables(conn)
+        if "local_threepid_associations" not in tables:
+            raise ValueError(f"{path} is not a Sydent database")
+        pepper = _rows(conn, tables, "hashing_metadata",
+                       "SELECT lookup_pepper FROM hashing_metadata")
+        data.pepper = pepper[0][0] if pepper else None
+        data.local_associations = _rows(
+            conn, tables, "local_threepid_associations",
+            "SELECT medium, address, mxid, ts, notBefore, notAfter "
+            "FROM local_threepid_associations WHERE mxid IS NOT NULL ORDER BY id")
+        peer_rows = _rows(conn, tables, "global_threepid_associations",
+                          "SELECT count(*) FROM global_threepid_associations "
+                          "WHERE originServer != ?", (server_name,))
+        data.peer_associations = int(peer_rows[0][0]) if peer_rows else 0
+        data.accounts = _rows(conn, tables, "accounts",
+                              "SELECT user_id, created_ts, consent_version FROM accounts")
+        data.tokens = _rows(conn, tables, "tokens", "SELECT token, user_id FROM tokens")
+        data.accepted_urls = _rows(conn, tables, "accepted_terms_urls",
+                                   "SELECT user_id, url FROM accepted_terms_urls")
+        data.sessions = [
+            (int(sid), medium, address, secret, bool(validated), int(mtime), token,
+             int(attempt) if attempt is not None else -1)
+            for sid, medium, address, secret, validated, mtime, token, attempt in _rows(
+                conn, tables, "threepid_token_auths",
+                "SELECT s.id, s.medium, s.address, s.clientSecret, s.validated, s.mtime, "
+                "t.token, t.sendAttemptNumber FROM threepid_validation_sessions s "
+                "JOIN threepid_token_auths t ON t.validationSession = s.id")]
+        data.invite_tokens = _rows(
+            conn, tables, "invite_tokens",
+            "SELECT medium, address, room_id, sender, token, received_ts, sent_ts "
+            "FROM invite_tokens")
+        data.ephemeral_public_keys = _rows(
+            conn, tables, "ephemeral_public_keys",
+            "SELECT public_key, verify_count, persistence_ts FROM ephemeral_public_keys")
+        data.peers = [r[0] for r in _rows(conn, tables, "peers", "SELECT name FROM peers")]
+    return data
