@@ -1,0 +1,319 @@
+"""An LDAP directory (OpenLDAP, Active Directory) as a trusted source of 3PID → MXID.
+
+ldap3 is synchronous: every call runs on a small thread pool (one thread per pooled
+connection), never on the event loop.  Every value put into a filter is escaped
+(RFC 4515), the operator's `filter` is ANDed onto every search, StartTLS really runs and
+a failure is an error (never a fall back to plaintext), and plain-text lookups put all
+the addresses of a request into one OR-filter per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import ldap3
+import phonenumbers
+from ldap3.core.exceptions import LDAPException
+from ldap3.utils.conv import escape_filter_chars
+
+from kith.services.threepid import is_valid_mxid, normalise_address
+from kith.sources.config import LdapConfig
+from kith.sources.errors import LdapError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Threepid = tuple[str, str]  # (medium, normalised address)
+
+LOOKUP_CHUNK = 100  # addresses per OR-filter
+PAGE_SIZE = 1000  # Active Directory's default MaxPageSize
+CACHE_MAX_ENTRIES = 100_000
+DOWN_RETRY_S = 10.0  # after a failed lookup, live lookups pause this long
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    dn: str
+    mxid: str
+    threepids: tuple[Threepid, ...]
+    changed: str  # the change attribute's raw value ("" when absent)
+
+
+def normalise_msisdn(value: str) -> str | None:
+    """E.164 digits of a directory phone number, or None if it is not international."""
+    if value.startswith("+") and value[1:].isdigit():  # already E.164: skip the parser
+        return normalise_address("msisdn", value)
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_possible_number(number):
+        return None
+    digits = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return normalise_address("msisdn", digits)
+
+
+def normalise_email(value: str) -> str | None:
+    if value[:5].lower() == "smtp:":  # Active Directory proxyAddresses
+        value = value[5:]
+    return normalise_address("email", value)
+
+
+class LdapDirectory:
+    """Searches the directory; `searches` counts the searches sent (for tests/metrics)."""
+
+    def __init__(self, config: LdapConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(config.pool_size, thread_name_prefix="kith-ldap")
+        self._idle: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
+        self._cache: dict[Threepid, tuple[float, str | None]] = {}
+        self.searches = 0
+        self._down_until = 0.0
+
+    # ------------------------------------------------------------------ lookups
+
+    async def lookup(self, threepids: Iterable[Threepid]) -> dict[Threepid, str]:
+        """The MXID of each (medium, normalised address) the directory maps."""
+        now = self._clock()
+        found: dict[Threepid, str] = {}
+        missing: list[Threepid] = []
+        for threepid in dict.fromkeys(threepids):
+            cached = self._cache.get(threepid)
+            if cached is not None and cached[0] > now:
+                if cached[1] is not None:
+                    found[threepid] = cached[1]
+            elif threepid[0] in ("email", "msisdn") and self.config.attrs_for(threepid[0]):
+                missing.append(threepid)
+        if missing and now < self._down_until:
+            raise LdapError(f"LDAP {self.config.uri} failed recently; retrying later")
+        for start in range(0, len(missing), LOOKUP_CHUNK):
+            chunk = missing[start:start + LOOKUP_CHUNK]
+            filter_ = self._lookup_filter(chunk)
+            try:
+                entries = await self._run(partial(self._search_sync, filter_=filter_))
+            except LdapError:
+                # Lookups do not each wait for a dead directory's timeout.
+                self._down_until = self._clock() + DOWN_RETRY_S
+                raise
+            answers = pick_owners(entries, set(chunk))
+            self._remember(chunk, answers)
+            found.update(answers)
+        return found
+
+    async def owner(self, medium: str, address: str) -> str | None:
+        return (await self.lookup([(medium, address)])).get((medium, address))
+
+    def _remember(self, chunk: Sequence[Threepid], answers: dict[Threepid, str]) -> None:
+        if len(self._cache) > CACHE_MAX_ENTRIES:
+            self._cache.clear()
+        expiry = self._clock() + self.config.cache_ttl_s
+        for threepid in chunk:
+            self._cache[threepid] = (expiry, answers.get(threepid))
+
+    def _lookup_filter(self, chunk: Sequence[Threepid]) -> str:
+        terms: list[str] = []
+        for medium, address in chunk:
+            values = [address]
+            if medium == "msisdn":
+                values.append("+" + address)
+            for attr in self.config.attrs_for(medium):
+                terms += [f"({attr}={escape_filter_chars(v)})" for v in values]
+        return self._and_filter(f"(|{''.join(terms)})")
+
+    def _and_filter(self, clause: str) -> str:
+        return f"(&{self.config.filter}{clause})" if self.config.filter else clause
+
+    # ------------------------------------------------------------------ sync
+
+    async def entries(self, changed_since: str | None = None) -> list[DirectoryEntry]:
+        """Every entry with a mapped attribute (changed at or after `changed_since`)."""
+        present = "".join(f"({a}=*)" for a in (*self.config.email, *self.config.msisdn))
+        clause = f"(|{present})"
+        if changed_since is not None:
+            changed = f"({self.config.changed_attr}>={escape_filter_chars(changed_since)})"
+            clause = f"(&{changed}{clause})"
+        filter_ = self._and_filter(clause)
+        return await self._run(lambda conn: self._paged_search_sync(conn, filter_))
+
+    def changed_cursor(self, changed: str, margin_s: float) -> str:
+        """A change-attribute value `margin_s` before `changed` (generalized time)."""
+        moment = datetime.strptime(changed[:14], "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+        earlier = (moment - timedelta(seconds=margin_s)).strftime("%Y%m%d%H%M%S")
+        return earlier + (".0Z" if self.config.preset == "active_directory" else "Z")
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def check(self) -> None:
+        """Open (and give back) one connection: fails if the directory is unusable."""
+        await self._run(lambda conn: None)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown, True)
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            _quietly_unbind(conn)
+
+    async def _run(self, job: Callable[[ldap3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._with_connection, job)
+
+    def _with_connection(self, job: Callable[[ldap3.Connection], T]) -> T:
+        """Run `job` on a pooled connection; a stale one is replaced once."""
+        for attempt in (1, 2):
+            fresh = False
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+                fresh = True
+            try:
+                result = job(conn)
+            except LDAPException as exc:
+                _quietly_unbind(conn)
+                if fresh or attempt == 2:
+                    raise LdapError(f"LDAP {self.config.uri}: {exc}") from exc
+                continue
+            except BaseException:
+                _quietly_unbind(conn)
+                raise
+            self._idle.put(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def _connect(self) -> ldap3.Connection:
+        cfg = self.config
+        uri = cfg.uri
+        use_ssl = uri.lower().startswith("ldaps://")
+        tls = None
+        if use_ssl or cfg.startls:
+            if not cfg.verify_certs:
+                log.warning("[ldap] verify_certs = false: the directory's certificate is "
+                            "not checked")
+            tls = ldap3.Tls(
+                validate=ssl.CERT_REQUIRED if cfg.verify_certs else ssl.CERT_NONE,
+                ca_certs_file=cfg.ca_file or None,
+            )
+        try:
+            server = ldap3.Server(uri, use_ssl=use_ssl, tls=tls, get_info=ldap3.NONE,
+                                  connect_timeout=cfg.connect_timeout_s)
+            conn = ldap3.Connection(
+                server, user=cfg.bind_dn or None, password=cfg.bind_pw or None,
+                auto_bind=ldap3.AUTO_BIND_NONE, read_only=True, auto_referrals=False,
+                receive_timeout=int(max(1, cfg.search_timeout_s)), raise_exceptions=False,
+            )
+            conn.open()
+            if cfg.startls and not conn.start_tls():
+                _quietly_unbind(conn)
+                raise LdapError(f"LDAP {uri}: StartTLS failed: {_describe(conn)}")
+            if cfg.startls and not conn.tls_started:
+                _quietly_unbind(conn)
+                raise LdapError(f"LDAP {uri}: StartTLS did not start")
+            if not conn.bind():
+                _quietly_unbind(conn)
+                raise LdapError(f"LDAP {uri}: bind as {cfg.bind_dn or 'anonymous'} failed: "
+                                f"{_describe(conn)}")
+        except LDAPException as exc:
+            raise LdapError(f"LDAP {uri}: cannot connect: {exc}") from exc
+        return conn
+
+    def _search_sync(self, conn: ldap3.Connection, filter_: str) -> list[DirectoryEntry]:
+        self.searches += 1
+        ok = conn.search(self.config.base, filter_, search_scope=ldap3.SUBTREE,
+                         attributes=self._attributes(), time_limit=int(
+                             max(1, self.config.search_timeout_s)))
+        if not ok and (conn.result or {}).get("result") != 0:
+            raise LdapError(f"LDAP search failed: {_describe(conn)}")
+        return list(self._entries(conn.response or ()))
+
+    def _paged_search_sync(self, conn: ldap3.Connection,
+                           filter_: str) -> list[DirectoryEntry]:
+        self.searches += 1
+        pages = conn.extend.standard.paged_search(
+            self.config.base, filter_, search_scope=ldap3.SUBTREE,
+            attributes=self._attributes(), paged_size=PAGE_SIZE, generator=True)
+        entries = list(self._entries(pages))
+        if (conn.result or {}).get("result", 0) != 0:
+            raise LdapError(f"LDAP search failed: {_describe(conn)}")
+        return entries
+
+    def _attributes(self) -> list[str]:
+        return list(dict.fromkeys((*self.config.attributes, self.config.changed_attr)))
+
+    def _entries(self, response: Iterable[dict[str, Any]]) -> Iterator[DirectoryEntry]:
+        cfg = self.config
+        for item in response:
+            if item.get("type") != "searchResEntry":
+                continue
+            raw = {k.lower(): v for k, v in item.get("raw_attributes", {}).items()}
+            mxid = self._mxid(_values(raw, cfg.id_attr))
+            if mxid is None:
+                log.debug("LDAP entry %s has no usable %s", item.get("dn"), cfg.id_attr)
+                continue
+            threepids: dict[Threepid, None] = {}
+            for attr in cfg.email:
+                for value in _values(raw, attr):
+                    if (email := normalise_email(value)) is not None:
+                        threepids[("email", email)] = None
+            for attr in cfg.msisdn:
+                for value in _values(raw, attr):
+                    if (msisdn := normalise_msisdn(value)) is not None:
+                        threepids[("msisdn", msisdn)] = None
+            changed = _values(raw, cfg.changed_attr)
+            yield DirectoryEntry(str(item.get("dn", "")), mxid, tuple(threepids),
+                                 changed[0] if changed else "")
+
+    def _mxid(self, values: list[str]) -> str | None:
+        if not values:
+            return None
+        value = values[0].strip()
+        mxid = f"@{value.lower()}:{self.config.hs_name}" if self.config.hs_name else value
+        return mxid if is_valid_mxid(mxid) else None
+
+
+def pick_owners(entries: Iterable[DirectoryEntry],
+                wanted: set[Threepid] | None = None) -> dict[Threepid, str]:
+    """(medium, address) → mxid; an address on several entries goes to the lowest DN."""
+    owners: dict[Threepid, tuple[str, str]] = {}
+    for entry in entries:
+        for threepid in entry.threepids:
+            if wanted is not None and threepid not in wanted:
+                continue
+            current = owners.get(threepid)
+            if current is None:
+                owners[threepid] = (entry.dn.lower(), entry.mxid)
+                continue
+            if current[1] != entry.mxid:
+                log.warning("LDAP: one %s address is on two entries (%s, %s); using the "
+                            "first by DN", threepid[0], current[0], entry.dn.lower())
+            owners[threepid] = min(current, (entry.dn.lower(), entry.mxid))
+    return {threepid: mxid for threepid, (_, mxid) in owners.items()}
+
+
+def _values(raw: dict[str, Any], attr: str) -> list[str]:
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+            for v in raw.get(attr.lower(), ())]
+
+
+def _describe(conn: ldap3.Connection) -> str:
+    result = conn.result or {}
+    return str(result.get("description") or result.get("message") or "no answer")
+
+
+def _quietly_unbind(conn: ldap3.Connection) -> None:
+    with contextlib.suppress(Exception):  # closing a broken connection
+        conn.unbind()

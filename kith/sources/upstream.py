@@ -1,0 +1,203 @@
+"""Asking an upstream identity server for the addresses no local source resolved.
+
+Through the current v2 API only: GET /hash_details (the pepper is cached), hash the
+addresses with it (or send them in plain text when only `none` is offered), POST
+/lookup with the configured access token.  The whole exchange is bounded by the
+timeout; after `breaker_failures` failures in a row the upstream is skipped for
+`breaker_cooldown` seconds.  Answers, positive and negative, are cached.  Only allowed
+mediums and email domains leave the server; they are counted, never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
+from kith.services.threepid import is_valid_mxid, lookup_hash
+from kith.sources.config import ProxyConfig
+
+log = logging.getLogger(__name__)
+
+Threepid = tuple[str, str]
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+CACHE_MAX_ENTRIES = 100_000
+
+
+class UpstreamError(Exception):
+    """The upstream did not give a usable answer (message never holds an address)."""
+
+
+class TermsNotSigned(UpstreamError):
+    """The upstream wants its terms accepted for our access token (logged once)."""
+
+
+class UpstreamIdentityServer:
+    def __init__(self, config: ProxyConfig, policy: OutboundAddressPolicy,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self._policy = policy
+        self._clock = clock
+        self._base = config.identity + "/_matrix/identity/v2"
+        self._session: aiohttp.ClientSession | None = None
+        self._hash_details: tuple[tuple[str, ...], str] | None = None  # (algorithms, pepper)
+        self._cache: dict[Threepid, tuple[float, str | None]] = {}
+        self._failures = 0
+        self._open_until = 0.0
+        self._terms_logged = False
+        self.forwarded = 0  # addresses sent upstream
+        self.requests = 0
+
+    def allowed(self, threepid: Threepid) -> bool:
+        medium, address = threepid
+        if medium not in self.config.mediums:
+            return False
+        if medium == "email" and self.config.email_domains:
+            return address.rpartition("@")[2] in self.config.email_domains
+        return True
+
+    async def lookup(self, threepids: Iterable[Threepid]) -> dict[Threepid, str]:
+        """What the upstream maps; never raises (a dead upstream answers nothing)."""
+        now = self._clock()
+        found: dict[Threepid, str] = {}
+        ask: list[Threepid] = []
+        for threepid in threepids:
+            if not self.allowed(threepid):
+                continue
+            cached = self._cache.get(threepid)
+            if cached is not None and cached[0] > now:
+                if cached[1] is not None:
+                    found[threepid] = cached[1]
+            else:
+                ask.append(threepid)
+        if not ask or now < self._open_until:
+            return found
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                answers = await self._ask(ask)
+        except (UpstreamError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self._failed(exc)
+            return found
+        self._failures = 0
+        self._remember(ask, answers)
+        found.update(answers)
+        return found
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        opened = self._failures >= self.config.breaker_failures
+        if opened:
+            self._open_until = self._clock() + self.config.breaker_cooldown_s
+            self._failures = 0
+        if isinstance(exc, TermsNotSigned):
+            return  # said once, loudly, where it was found
+        reason = str(exc) or type(exc).__name__
+        if opened:
+            log.warning("upstream identity server %s failed %d times in a row (%s); not "
+                        "asking it for %.0f s", self.config.identity,
+                        self.config.breaker_failures, reason, self.config.breaker_cooldown_s)
+        else:
+            log.warning("upstream identity server %s: %s", self.config.identity, reason)
+
+    def _remember(self, asked: list[Threepid], answers: dict[Threepid, str]) -> None:
+        if len(self._cache) > CACHE_MAX_ENTRIES:
+            self._cache.clear()
+        now = self._clock()
+        for threepid in asked:
+            mxid = answers.get(threepid)
+            ttl = self.config.cache_ttl_s if mxid else self.config.negative_cache_ttl_s
+            self._cache[threepid] = (now + ttl, mxid)
+
+    async def _ask(self, threepids: list[Threepid]) -> dict[Threepid, str]:
+        for attempt in (1, 2):
+            algorithms, pepper = await self._details(refresh=attempt == 2)
+            if "sha256" in algorithms:
+                algorithm = "sha256"
+                keys = {lookup_hash(m, a, pepper): (m, a) for m, a in threepids}
+            elif "none" in algorithms:
+                algorithm = "none"
+                keys = {f"{a} {m}": (m, a) for m, a in threepids}
+            else:
+                raise UpstreamError("offers neither sha256 nor none lookups")
+            self.forwarded += len(keys)
+            status, body = await self._request("POST", "/lookup", {
+                "algorithm": algorithm, "pepper": pepper, "addresses": list(keys)})
+            errcode = body.get("errcode") if isinstance(body, dict) else None
+            if status == 400 and errcode == "M_INVALID_PEPPER" and attempt == 1:
+                continue
+            if status != 200:
+                raise UpstreamError(f"lookup answered {status} {errcode or ''}".strip())
+            mappings = body.get("mappings") if isinstance(body, dict) else None
+            if not isinstance(mappings, dict):
+                raise UpstreamError("lookup answer has no mappings object")
+            return {keys[k]: v for k, v in mappings.items()
+                    if k in keys and isinstance(v, str) and is_valid_mxid(v)}
+        raise UpstreamError("pepper rejected twice")
+
+    async def _details(self, refresh: bool) -> tuple[tuple[str, ...], str]:
+        if self._hash_details is None or refresh:
+            status, body = await self._request("GET", "/hash_details")
+            if status != 200 or not isinstance(body, dict):
+                raise UpstreamError(f"hash_details answered {status}")
+            algorithms, pepper = body.get("algorithms"), body.get("lookup_pepper")
+            if not (isinstance(algorithms, list) and isinstance(pepper, str)):
+                raise UpstreamError("hash_details answer is malformed")
+            self._hash_details = (tuple(a for a in algorithms if isinstance(a, str)), pepper)
+        return self._hash_details
+
+    async def _request(self, method: str, path: str,
+                       payload: dict[str, Any] | None = None) -> tuple[int, Any]:
+        session = self._session_or_start()
+        headers = {}
+        if self.config.access_token:
+            headers["Authorization"] = f"Bearer {self.config.access_token}"
+        self.requests += 1
+        async with session.request(method, self._base + path, json=payload, headers=headers,
+                                   allow_redirects=False) as resp:
+            raw = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+            if len(raw) > MAX_RESPONSE_BYTES:
+                raise UpstreamError("answer too large")
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise UpstreamError(f"{path} answered {resp.status} with no JSON") from None
+            if isinstance(body, dict) and body.get("errcode") == "M_TERMS_NOT_SIGNED":
+                if not self._terms_logged:
+                    self._terms_logged = True
+                    log.error("upstream identity server %s requires its terms to be accepted "
+                              "for [proxy] access_token; no lookups are proxied until then",
+                              self.config.identity)
+                raise TermsNotSigned("terms not signed")
+            return resp.status, body
+
+    def _session_or_start(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            host = urlsplit(self.config.identity).hostname or ""
+            try:
+                literal = ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                literal = None
+            if literal is not None and not self._policy.is_allowed(literal):
+                raise UpstreamError(
+                    f"{host} is refused by ip.blacklist (add it to ip.whitelist)")
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(resolver=PolicyResolver(self._policy),
+                                               limit=16),
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                trust_env=False,
+            )
+        return self._session

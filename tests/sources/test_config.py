@@ -1,0 +1,116 @@
+"""[ldap] and [proxy] parsing: defaults, presets, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kith.config import ConfigError, load_config
+from kith.sources.config import (
+    DEFAULT_PRECEDENCE,
+    parse_ldap_section,
+    parse_proxy_section,
+    sources_config,
+)
+from tests.conftest import write_config
+
+
+def test_ldap_is_off_without_uri() -> None:
+    assert parse_ldap_section({}, env={}) is None
+    assert parse_ldap_section({"uri": ""}, env={}) is None
+
+
+def test_the_forks_keys_and_defaults() -> None:
+    config = parse_ldap_section({
+        "uri": "ldap://ldap.example.org", "startls": "true", "base": "dc=example,dc=org",
+        "email": "mail, mailPrimaryAddress, otherMailbox", "msisdn": "mobile",
+        "id_attr": "uid", "hs_name": "example.org", "bind_dn": "cn=kith",
+        "bind_pw": "pw", "filter": "(objectClass=person)"}, env={})
+    assert config is not None
+    assert config.email == ("mail", "mailPrimaryAddress", "otherMailbox")
+    assert config.msisdn == ("mobile",)
+    assert config.startls and config.verify_certs
+    assert config.sync_interval_s == 60 and config.changed_attr == "modifyTimestamp"
+
+
+def test_active_directory_preset() -> None:
+    config = parse_ldap_section({"uri": "ldaps://dc.example.org", "base": "dc=example",
+                                 "preset": "active_directory"}, env={})
+    assert config is not None
+    assert config.id_attr == "sAMAccountName" and config.changed_attr == "whenChanged"
+    assert config.email == ("mail",) and config.msisdn == ("telephoneNumber", "mobile")
+
+
+def test_bind_password_from_file_or_environment(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    base = {"uri": "ldap://x", "base": "dc=x", "bind_dn": "cn=kith"}
+    from_file = parse_ldap_section({**base, "bind_pw_file": str(secret)}, env={})
+    from_env = parse_ldap_section(base, env={"KITH_LDAP_BIND_PW": "from-env"})
+    assert from_file is not None and from_file.bind_pw == "from-file"
+    assert from_env is not None and from_env.bind_pw == "from-env"
+
+
+@pytest.mark.parametrize(("items", "message"), [
+    ({"base": "dc=x", "email": "mail"}, "[ldap] uri: is required: base, email set without it"),
+    ({"uri": "ldap://x"}, "[ldap] base: is required"),
+    ({"uri": "http://x", "base": "dc=x"}, "[ldap] uri: 'http://x' is not an ldap"),
+    ({"uri": "ldap://x", "base": "dc=x", "startls": "maybe"}, "[ldap] startls: 'maybe'"),
+    ({"uri": "ldaps://x", "base": "dc=x", "startls": "yes"}, "[ldap] startls: cannot"),
+    ({"uri": "ldap://x", "base": "dc=x", "bind_dn": "cn=a"}, "[ldap] bind_dn: needs bind_pw"),
+    ({"uri": "ldap://x", "base": "dc=x", "filter": "uid=*"}, "[ldap] filter:"),
+    ({"uri": "ldap://x", "base": "dc=x", "preset": "novell"}, "[ldap] preset:"),
+    ({"uri": "ldap://x", "base": "dc=x", "ca_file": "/nonexistent"}, "[ldap] ca_file:"),
+    ({"uri": "ldap://x", "base": "dc=x", "pool_size": "0"}, "[ldap] pool_size:"),
+])
+def test_bad_ldap_section_is_one_line(items: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_ldap_section(items, env={})
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_proxy_section() -> None:
+    assert parse_proxy_section({}) is None
+    config = parse_proxy_section({"identity": "https://vector.im/", "mediums": "email",
+                                  "email_domains": "@Example.org, example.net"})
+    assert config is not None
+    assert config.identity == "https://vector.im"
+    assert config.mediums == ("email",) and config.email_domains == ("example.org",
+                                                                    "example.net")
+    for items, message in [
+        ({"access_token": "t"}, "[proxy] identity: is required"),
+        ({"identity": "ftp://x"}, "[proxy] identity:"),
+        ({"identity": "https://x", "mediums": "fax"}, "[proxy] mediums:"),
+        ({"identity": "https://x", "timeout": "-1"}, "[proxy] timeout:"),
+    ]:
+        with pytest.raises(ConfigError, match=r"^" + message.replace("[", r"\[")
+                           .replace("]", r"\]")):
+            parse_proxy_section(items)
+
+
+def test_sources_config_from_the_file(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"ldap": {"uri": "ldap://127.0.0.1:1", "base": "dc=x"},
+                                   "proxy": {"identity": "http://127.0.0.1:2"}})
+    sources = sources_config(load_config(str(path), env={}), env={})
+    assert sources.ldap is not None and sources.proxy is not None
+    assert sources.precedence == DEFAULT_PRECEDENCE
+    path = write_config(tmp_path, {"ldap": {"precedence": "local, upstream, ldap"}})
+    assert sources_config(load_config(str(path), env={}), env={}).precedence == (
+        "local", "upstream", "ldap")
+    path = write_config(tmp_path, {"proxy": {"precedence": "local, ldap"}})
+    with pytest.raises(ConfigError, match=r"^\[proxy\] precedence:"):
+        sources_config(load_config(str(path), env={}), env={})
+
+
+async def test_partial_section_stops_startup(tmp_path: Path) -> None:
+    from kith.server import KithServer
+
+    path = write_config(tmp_path, {"ldap": {"base": "dc=x"}})
+    server = KithServer(load_config(str(path), env={}))
+    try:
+        with pytest.raises(ConfigError, match=r"^\[ldap\] uri: is required"):
+            await server.start()
+    finally:
+        await server.stop()

@@ -1,0 +1,207 @@
+"""kith with [ldap]: plain-text and sha256 lookups, the sync, precedence, bind refusal."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kith.services.coherence import SharedCounters
+from kith.services.threepid import lookup_hash
+from kith.sources.ldap_sync import LdapSync
+from tests.conftest import KithFactory, RunningKith
+from tests.sources.conftest import Slapd
+
+V2 = "/_matrix/identity/v2"
+PEOPLE = "ou=people,dc=kith,dc=test"
+
+
+async def lookup(kith: RunningKith, token: str, algorithm: str,
+                 addresses: list[str]) -> dict[str, str]:
+    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
+    async with kith.http.post(f"{kith.base}{V2}/lookup", json={
+            "algorithm": algorithm, "pepper": pepper, "addresses": addresses},
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return dict(body["mappings"])
+
+
+async def hashed(kith: RunningKith, token: str, *threepids: tuple[str, str]) -> dict[str, str]:
+    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
+    hashes = {lookup_hash(m, a, pepper): a for m, a in threepids}
+    found = await lookup(kith, token, "sha256", list(hashes))
+    return {hashes[h]: mxid for h, mxid in found.items()}
+
+
+def sync_of(kith: RunningKith) -> LdapSync:
+    sync = kith.server.services.ldap_sync  # type: ignore[union-attr]
+    assert sync is not None
+    return sync
+
+
+async def start(kith_factory: KithFactory, slapd: Slapd, **ldap: Any) -> RunningKith:
+    kith: RunningKith = await kith_factory({"ldap": slapd.ldap_section(**ldap)})
+    await sync_of(kith).full()
+    return kith
+
+
+async def test_plain_text_lookup_answers_from_ldap(kith_factory: KithFactory,
+                                                   slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd)
+    token = await kith.register("alice")
+    directory = kith.server.services.lookup.directory  # type: ignore[union-attr]
+    assert directory is not None
+    before = directory.searches
+    found = await lookup(kith, token, "none", [
+        "Alice@Example.org email", "alice.work@example.org email", "442079460000 msisdn",
+        "14155550100 msisdn", "nobody@example.org email", "*@example.org email",
+        "x)(|(mail=*@example.org email", "a*)(uid=* email",
+    ])
+    assert found == {
+        "Alice@Example.org email": "@alice:hs.test",
+        "alice.work@example.org email": "@alice:hs.test",
+        "442079460000 msisdn": "@alice:hs.test",
+        "14155550100 msisdn": "@alice:hs.test",  # "+1 (415) 555-0100": from the sync
+    }
+    assert directory.searches - before == 1  # every address in one OR-filter
+
+
+async def test_sha256_lookups_follow_the_directory(kith_factory: KithFactory,
+                                                   slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd)
+    token = await kith.register("alice")
+    assert await hashed(kith, token, ("email", "alice@example.org"),
+                        ("msisdn", "14155550100"), ("email", "shared@example.org"),
+                        ("msisdn", "442079460999")) == {
+        "alice@example.org": "@alice:hs.test", "14155550100": "@alice:hs.test",
+        "shared@example.org": "@bob:hs.test"}
+
+    slapd.modify("ldapadd", f"""dn: uid=dave,{PEOPLE}
+objectClass: inetOrgPerson
+uid: dave
+cn: Dave
+sn: D
+mail: dave@example.org
+mobile: +33 1 23 45 67 89
+""")
+    slapd.modify("ldapmodify", f"""dn: uid=alice,{PEOPLE}
+changetype: modify
+delete: mail
+mail: alice.work@example.org
+""")
+    result = await sync_of(kith).incremental()
+    assert result.entries >= 2 and result.written == 2 and result.removed == 1
+    assert await hashed(kith, token, ("email", "dave@example.org"), ("msisdn", "33123456789"),
+                        ("email", "alice.work@example.org"),
+                        ("email", "alice@example.org")) == {
+        "dave@example.org": "@dave:hs.test", "33123456789": "@dave:hs.test",
+        "alice@example.org": "@alice:hs.test"}
+
+    slapd.modify("ldapdelete", "", f"uid=dave,{PEOPLE}")
+    slapd.modify("ldapdelete", "", f"uid=bob,{PEOPLE}")
+    result = await sync_of(kith).full()
+    assert (result.removed, result.written) == (3, 1)  # dave 2, bob 1; shared@ → carol
+    assert await hashed(kith, token, ("email", "dave@example.org"),
+                        ("email", "bob@example.org"), ("email", "shared@example.org")) == {
+        "shared@example.org": "@carol:hs.test"}
+
+    # A second kith on the same database sees the synced rows at start.
+    other: RunningKith = await kith_factory({"ldap": slapd.ldap_section(),
+                                             "db": {"db.file": kith.config.db.file}},
+                                            name="second")
+    other_token = await other.register("alice")
+    assert await hashed(other, other_token, ("email", "carol@example.org")) == {
+        "carol@example.org": "@carol:hs.test"}
+
+
+async def test_ldap_beats_a_local_binding(kith_factory: KithFactory, slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd)
+    token = await kith.register("alice")
+    await kith.bind("erin@example.org", "@mallory:hs.test")
+    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+        "erin@example.org email": "@mallory:hs.test"}
+    slapd.modify("ldapadd", f"""dn: uid=erin,{PEOPLE}
+objectClass: inetOrgPerson
+uid: erin
+cn: Erin
+sn: E
+mail: erin@example.org
+""")
+    await sync_of(kith).full()
+    kith.server.services.lookup.directory._cache.clear()  # type: ignore[union-attr]
+    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+        "erin@example.org email": "@erin:hs.test"}
+    assert await hashed(kith, token, ("email", "erin@example.org")) == {
+        "erin@example.org": "@erin:hs.test"}
+    lookups = kith.server.services.lookup  # type: ignore[union-attr]
+    assert await lookups.resolve("email", "Erin@Example.org") == ("@erin:hs.test", "ldap")
+    assert await lookups.resolve("email", "nobody@example.org") is None
+    assert await lookups.resolve("msisdn", "not a number") is None
+    await kith.bind("local@example.org", "@local:hs.test")
+    assert await lookups.resolve("email", "local@example.org") == ("@local:hs.test", "local")
+    assert lookups.answered["ldap"] >= 2
+
+
+async def test_precedence_is_configurable(kith_factory: KithFactory, slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd, precedence="local, ldap, upstream")
+    token = await kith.register("alice")
+    await kith.bind("erin@example.org", "@mallory:hs.test")
+    slapd.modify("ldapadd", f"""dn: uid=erin,{PEOPLE}
+objectClass: inetOrgPerson
+uid: erin
+cn: Erin
+sn: E
+mail: erin@example.org
+""")
+    await sync_of(kith).full()
+    # Local bindings come first under this order.
+    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+        "erin@example.org email": "@mallory:hs.test"}
+    assert await hashed(kith, token, ("email", "erin@example.org")) == {
+        "erin@example.org": "@mallory:hs.test"}
+
+
+async def test_binding_an_address_ldap_maps_to_another_user_is_refused(
+        kith_factory: KithFactory, slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd)
+    async with kith.http.post(f"{kith.internal}/_matrix/identity/internal/bind", json={
+            "medium": "email", "address": "Bob@example.org", "mxid": "@mallory:hs.test"}) as resp:
+        body = await resp.json()
+        assert resp.status == 403, body
+        assert body["errcode"] == "M_FORBIDDEN"
+        assert "directory" in body["error"]
+    await kith.bind("bob@example.org", "@bob:hs.test")  # its owner may
+
+
+async def test_dead_directory_falls_back_to_the_synced_copy(
+        kith_factory: KithFactory, slapd: Slapd, caplog: pytest.LogCaptureFixture) -> None:
+    kith = await start(kith_factory, slapd)
+    token = await kith.register("alice")
+    await kith.bind("local@example.org", "@local:hs.test")
+    slapd.stop()
+    for _ in range(3):
+        assert await lookup(kith, token, "none", [
+            "carol@example.org email", "local@example.org email"]) == {
+            "carol@example.org email": "@carol:hs.test",
+            "local@example.org email": "@local:hs.test"}
+    attempts = [r for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert len(attempts) == 1  # then live lookups pause instead of each waiting
+
+
+async def test_kith_syncs_at_start(kith_factory: KithFactory, slapd: Slapd) -> None:
+    kith: RunningKith = await kith_factory({"ldap": slapd.ldap_section()})
+    token = await kith.register("alice")
+    for _ in range(100):
+        if await hashed(kith, token, ("email", "carol@example.org")):
+            break
+        await asyncio.sleep(0.05)
+    assert await hashed(kith, token, ("email", "carol@example.org")) == {
+        "carol@example.org": "@carol:hs.test"}
+
+
+def test_one_worker_claims_the_sync() -> None:
+    counters = SharedCounters()
+    assert counters.claim(SharedCounters.LDAP_SYNC)
+    assert not counters.claim(SharedCounters.LDAP_SYNC)

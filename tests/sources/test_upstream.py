@@ -1,0 +1,176 @@
+"""[proxy]: unresolved plain-text lookups asked of an upstream identity server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from kith.sources.upstream import UpstreamIdentityServer
+from tests.conftest import KithFactory, RunningKith, free_port
+
+V2 = "/_matrix/identity/v2"
+
+
+async def lookup(kith: RunningKith, token: str, addresses: list[str],
+                 algorithm: str = "none") -> dict[str, str]:
+    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
+    async with kith.http.post(f"{kith.base}{V2}/lookup", json={
+            "algorithm": algorithm, "pepper": pepper, "addresses": addresses},
+            headers={"Authorization": f"Bearer {token}"}) as resp:
+        body = await resp.json()
+        assert resp.status == 200, body
+        return dict(body["mappings"])
+
+
+def upstream_of(kith: RunningKith) -> UpstreamIdentityServer:
+    upstream = kith.server.services.lookup.upstream  # type: ignore[union-attr]
+    assert upstream is not None
+    return upstream
+
+
+@asynccontextmanager
+async def fake_upstream(handler: Callable[[web.Request], Any]) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def proxied_kith(kith_factory: KithFactory, identity: str,
+                       **proxy: Any) -> tuple[RunningKith, str]:
+    kith: RunningKith = await kith_factory({"proxy": {
+        "identity": identity, "timeout": 0.5, "breaker_failures": 3, **proxy}})
+    token = await kith.register("alice")
+    await kith.bind("local@example.org", "@local:hs.test")
+    return kith, token
+
+
+async def test_upstream_answers_what_no_local_source_knows(kith_factory: KithFactory) -> None:
+    upstream: RunningKith = await kith_factory(name="upstream")
+    await upstream.bind("far@example.org", "@far:hs.test")
+    await upstream.bind("local@example.org", "@elsewhere:hs.test")
+    await upstream.bind("15105550123", "@phone:hs.test", medium="msisdn")
+    await upstream.bind("far@other.org", "@other:hs.test")
+    access_token = await upstream.register("proxy")
+    kith, token = await proxied_kith(kith_factory, upstream.base, access_token=access_token,
+                                     mediums="email", email_domains="example.org")
+    queries = ["far@example.org email", "local@example.org email", "15105550123 msisdn",
+               "far@other.org email", "none@example.org email"]
+    assert await lookup(kith, token, queries) == {
+        "far@example.org email": "@far:hs.test",
+        "local@example.org email": "@local:hs.test",  # local before upstream
+    }
+    client = upstream_of(kith)
+    assert client.forwarded == 2  # far@ and none@example.org; msisdn, other.org never
+    requests = client.requests
+    assert await lookup(kith, token, queries) == {
+        "far@example.org email": "@far:hs.test", "local@example.org email": "@local:hs.test"}
+    assert client.requests == requests  # positive and negative answers are cached
+    # sha256 lookups are never proxied (the upstream's pepper is not ours).
+    assert await lookup(kith, token, ["x"], algorithm="sha256") == {}
+    assert client.requests == requests
+
+
+async def test_unauthenticated_upstream_answers_nothing(kith_factory: KithFactory) -> None:
+    upstream: RunningKith = await kith_factory(name="upstream")
+    await upstream.bind("far@example.org", "@far:hs.test")
+    kith, token = await proxied_kith(kith_factory, upstream.base, access_token="wrong")
+    assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]) \
+        == {"local@example.org email": "@local:hs.test"}
+
+
+async def test_stopped_upstream_costs_only_its_part(kith_factory: KithFactory) -> None:
+    kith, token = await proxied_kith(kith_factory, f"http://127.0.0.1:{free_port()}")
+    for _ in range(4):
+        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+                            ) == {"local@example.org email": "@local:hs.test"}
+    client = upstream_of(kith)
+    assert client.requests == 3  # the breaker opened after three failures in a row
+
+
+async def test_slow_upstream_is_bounded_by_the_timeout(kith_factory: KithFactory) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({})
+
+    async with fake_upstream(slow) as url:
+        kith, token = await proxied_kith(kith_factory, url)
+        started = time.monotonic()
+        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+                            ) == {"local@example.org email": "@local:hs.test"}
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("garbage", [
+    b"not json", b"[]", b'{"algorithms": "sha256", "lookup_pepper": 3}',
+    b'{"algorithms": ["md5"], "lookup_pepper": "p"}',
+    b'{"algorithms": ["none"], "lookup_pepper": "p", "mappings": ["x"]}',
+    b'{"algorithms": ["none"], "lookup_pepper": "p", "mappings": '
+    b'{"far@example.org email": "not an mxid", "local@example.org email": "@evil:x.test"}}',
+])
+async def test_garbage_from_upstream_is_ignored(kith_factory: KithFactory,
+                                                garbage: bytes) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=garbage, content_type="application/json")
+
+    async with fake_upstream(answer) as url:
+        kith, token = await proxied_kith(kith_factory, url)
+        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+                            ) == {"local@example.org email": "@local:hs.test"}
+
+
+async def test_invalid_pepper_refetches_once_and_redirects_are_not_followed(
+        kith_factory: KithFactory) -> None:
+    peppers = iter(["old", "new", "new"])
+    current = {"pepper": "old"}
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path.endswith("/hash_details"):
+            current["pepper"] = next(peppers)
+            return web.json_response({"algorithms": ["none"],
+                                      "lookup_pepper": current["pepper"]})
+        body = await request.json()
+        if body["pepper"] != "new":
+            return web.json_response({"errcode": "M_INVALID_PEPPER", "error": "rotated"},
+                                     status=400)
+        assert request.headers["Authorization"] == "Bearer upstream-token"
+        return web.json_response({"mappings": {a: "@far:hs.test" for a in body["addresses"]}})
+
+    async with fake_upstream(answer) as url:
+        kith, token = await proxied_kith(kith_factory, url, access_token="upstream-token")
+        assert await lookup(kith, token, ["far@example.org email"]) == {
+            "far@example.org email": "@far:hs.test"}
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://127.0.0.1:9/")
+
+    async with fake_upstream(redirect) as url:
+        kith, token = await proxied_kith(kith_factory, url)
+        assert await lookup(kith, token, ["far@example.org email"]) == {}
+
+
+async def test_terms_not_signed_is_one_clear_log_line(
+        kith_factory: KithFactory, caplog: pytest.LogCaptureFixture) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"errcode": "M_TERMS_NOT_SIGNED", "error": "sign"},
+                                 status=403)
+
+    async with fake_upstream(answer) as url:
+        kith, token = await proxied_kith(kith_factory, url, breaker_failures=10)
+        for n in range(2):
+            assert await lookup(kith, token, [f"far{n}@example.org email"]) == {}
+    terms_lines = [r for r in caplog.records if r.name == "kith.sources.upstream"]
+    assert len(terms_lines) == 1 and terms_lines[0].levelname == "ERROR"
+    assert "far0@example.org" not in caplog.text and "far1@example.org" not in caplog.text
