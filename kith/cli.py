@@ -80,7 +80,7 @@ def cmd_healthcheck(args: argparse.Namespace, config: KithConfig) -> int:
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    tls = bool(getattr(config.http, "client_https_certfile", ""))
+    tls = bool(config.http.client_https_certfile)
     url = (f"{'https' if tls else 'http'}://{host}:{config.http.client_port}"
            "/_matrix/identity/v2")
     # The certificate names the public host, not the loopback address probed here.
@@ -93,6 +93,61 @@ def cmd_healthcheck(args: argparse.Namespace, config: KithConfig) -> int:
         return 1
     print(f"{url}: {'OK' if ok else 'unhealthy'}")
     return 0 if ok else 1
+
+
+def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
+    """Take over a Sydent installation; the Sydent files are only read."""
+    import configparser
+    import time
+    from pathlib import Path
+
+    from kith.config import parse_signing_key
+    from kith.config_template import with_signing_key, write_atomically
+    from kith.services.sydent_import import import_sydent_db
+    from kith.store import Store
+
+    sydent_conf = Path(args.sydent_config).resolve()
+    parser = configparser.RawConfigParser()
+    if not parser.read(sydent_conf, encoding="utf-8"):
+        raise ConfigError(f"cannot read the Sydent configuration {sydent_conf}")
+    sydent_name = parser.get("general", "server.name", fallback="")
+    db_file = args.sydent_db or parser.get("db", "db.file", fallback="sydent.db")
+    sydent_db = sydent_conf.parent / db_file
+    key_text = parser.get("crypto", "ed25519.signingkey", fallback="").strip()
+
+    if key_text:
+        key = parse_signing_key(key_text)
+        ours = parse_signing_key(config.crypto.signing_key)
+        if Path(config.path).resolve() == sydent_conf or ours.encode() == key.encode():
+            print("signing key: already Sydent's")
+        else:
+            text = Path(config.path).read_text(encoding="utf-8")
+            write_atomically(config.path, with_signing_key(text, key_text))
+            print(f"signing key: Sydent's {key.alg}:{key.version} saved into {config.path}")
+    else:
+        print("signing key: Sydent's configuration has none; keeping kith's")
+    if sydent_name and sydent_name != config.general.server_name:
+        print(f"warning: Sydent signed as {sydent_name!r} and kith signs as "
+              f"{config.general.server_name!r}: set [general] server.name = {sydent_name}")
+
+    async def run() -> None:
+        store = await Store.open(config.db)
+        try:
+            report = await import_sydent_db(store, str(sydent_db),
+                                            sydent_name or config.general.server_name,
+                                            int(time.time() * 1000))
+        finally:
+            await store.close()
+        for line in report.lines():
+            print(line)
+
+    try:
+        _run(run())
+    except (OSError, ValueError) as exc:
+        print(f"kith: cannot import {sydent_db}: {exc}", file=sys.stderr)
+        return 1
+    print("done; restart kith if it is running")
+    return 0
 
 
 def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
@@ -148,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("generate-config",
                    help="write the configuration file with every default and a new "
                         "signing key if it does not exist, then exit")
+    importer = sub.add_parser(
+        "import-sydent",
+        help="take over a Sydent installation (signing key, bindings, accounts, open "
+             "sessions, pepper) from its sydent.conf and sydent.db, which are only read")
+    importer.add_argument("sydent_config", metavar="SYDENT_CONF",
+                          help="the Sydent installation's sydent.conf")
+    importer.add_argument("--sydent-db", metavar="PATH",
+                          help="its database (default: [db] db.file of SYDENT_CONF, "
+                               "relative to that file's folder)")
     sub.add_parser("healthcheck",
                    help="exit 0 if the running server's client API answers (for "
                         "container health checks)")
@@ -167,6 +231,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "generate-config": cmd_generate_config,
     "check-config": cmd_check_config,
     "healthcheck": cmd_healthcheck,
+    "import-sydent": cmd_import_sydent,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
 }

@@ -47,6 +47,8 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class GeneralConfig:
     server_name: str
+    # kith: other public names of this server (what homeservers call it).
+    server_aliases: tuple[str, ...] = ()
     log_path: str = ""
     log_level: str = "INFO"
     pidfile_path: str = "sydent.pid"
@@ -66,6 +68,8 @@ class GeneralConfig:
     allow_query_access_token: bool = True
     # kith: number of HTTP worker processes sharing the client port.
     workers: int = 1
+    # kith: stop retrying an onbind callback this many seconds after the bind.
+    onbind_give_up_after_s: float = 7 * 24 * 60 * 60
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class DbConfig:
 class HttpConfig:
     client_bind_address: str = "::"
     client_port: int = 8090
+    # kith: serve the client API over TLS with this PEM certificate (chain) and key.
+    client_https_certfile: str = ""
+    client_https_keyfile: str = ""
     internal_bind_address: str = "::1"
     internal_port: int | None = None
     obey_x_forwarded_for: bool = False
@@ -451,6 +458,7 @@ def _general(s: _Section) -> GeneralConfig:
         raise s.error("homeserver_allow_list", "needs enable_v1_access = false")
     return GeneralConfig(
         server_name=server_name,
+        server_aliases=tuple(s.csv("server.aliases")),
         log_path=s.text("log.path"),
         log_level=level.upper(),
         pidfile_path=s.text("pidfile.path"),
@@ -468,6 +476,8 @@ def _general(s: _Section) -> GeneralConfig:
         prometheus_addr=s.text("prometheus_addr", GeneralConfig.prometheus_addr),
         allow_query_access_token=s.flag("access_token.query_param", True),
         workers=s.integer("workers", 1),
+        onbind_give_up_after_s=s.number("onbind.give_up_after",
+                                        GeneralConfig.onbind_give_up_after_s),
     )
 
 
@@ -486,6 +496,8 @@ def _http(s: _Section) -> HttpConfig:
     return HttpConfig(
         client_bind_address=s.text("clientapi.http.bind_address"),
         client_port=s.port("clientapi.http.port"),
+        client_https_certfile=s.readable_file("clientapi.https.certfile"),
+        client_https_keyfile=_client_https_keyfile(s),
         internal_bind_address=s.text("internalapi.http.bind_address"),
         internal_port=s.optional_port("internalapi.http.port"),
         obey_x_forwarded_for=s.flag("obey_x_forwarded_for", False),
@@ -501,6 +513,13 @@ def _http(s: _Section) -> HttpConfig:
         replication_bind_address=s.text("replication.https.bind_address"),
         replication_port=s.port("replication.https.port"),
     )
+
+
+def _client_https_keyfile(s: _Section) -> str:
+    keyfile = s.readable_file("clientapi.https.keyfile")
+    if keyfile and not s.text("clientapi.https.certfile"):
+        raise s.error("clientapi.https.keyfile", "needs clientapi.https.certfile")
+    return keyfile
 
 
 def _test_overrides(s: _Section, key: str) -> _Pairs:

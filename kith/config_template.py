@@ -38,6 +38,10 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "Name this server signs associations and invites with; homeservers and "
                 "peers see it. First start: $SYDENT_SERVER_NAME. Empty: the machine's "
                 "hostname (with a warning)."),
+        KeySpec("server.aliases", "",
+                "kith: other names clients and homeservers use for this server (the "
+                "id_server they were given), comma-separated; a homeserver-signed unbind "
+                "must be addressed to server.name or one of these."),
         KeySpec("log.path", "",
                 "File to log to, rotated at midnight, 365 kept. Empty: log to stderr."),
         KeySpec("log.level", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
@@ -79,6 +83,11 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 + _GENERAL_BOOL),
         KeySpec("workers", "1",
                 "kith: HTTP worker processes sharing the client API port."),
+        KeySpec("onbind.give_up_after", "604800",
+                "kith: seconds after a bind during which kith keeps retrying to tell the "
+                "invitee's homeserver about pending 3PID invites (POST /3pid/onbind, "
+                "backoff from 1 s doubling up to 10 min); then it gives up with a warning "
+                "in the log. Default: 7 days."),
     )),
     ("db", "Storage.", (
         KeySpec("db.file", "sydent.db",
@@ -90,6 +99,12 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
     ("http", "Listeners and outbound HTTP.", (
         KeySpec("clientapi.http.bind_address", "::", "Address of the client API (plain HTTP)."),
         KeySpec("clientapi.http.port", "8090", "Port of the client API."),
+        KeySpec("clientapi.https.certfile", "",
+                "kith: PEM certificate (with its chain) to serve the client API over "
+                "HTTPS on clientapi.http.port; reloaded on SIGHUP. Empty: plain HTTP."),
+        KeySpec("clientapi.https.keyfile", "",
+                "kith: PEM private key of clientapi.https.certfile. Empty: the key is in "
+                "the certfile."),
         KeySpec("internalapi.http.bind_address", "::1",
                 "Address of the unauthenticated internal API "
                 "(/_matrix/identity/internal/bind and unbind)."),
@@ -108,7 +123,8 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
         KeySpec("federation.verifycerts", "True", "Verify homeservers' TLS certificates."),
         KeySpec("client_http_base", "",
                 "Public base URL of this server, used in email links and "
-                "key_validity_url. Empty: relative links."),
+                "key_validity_url. Empty: relative email links, and the invites' "
+                "key_validity_url (which must be absolute) uses https://<server.name>."),
         KeySpec("verify_response_template", None,
                 "Deprecated: HTML page answering a click on an email link; overrides "
                 "the brand's verify_response_template.html.", "res/verify_response.html"),

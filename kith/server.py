@@ -8,30 +8,51 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from kith.api import account, internal, lookup, pubkey, terms, threepid, validate, versions
-from kith.api.http import SERVICES, new_app
+from kith.api import (
+    account,
+    internal,
+    invites,
+    lookup,
+    pubkey,
+    terms,
+    threepid,
+    validate,
+    versions,
+)
+from kith.api.http import SERVICES, V1_PREFIX, new_app
 from kith.config import ConfigError, KithConfig, parse_signing_key
 from kith.delivery.email import EmailSender, EmailTemplates
 from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.sms import SmsProvider, sms_provider_from_config
 from kith.delivery.templates import Templates
 from kith.federation.client import FederationClient
+from kith.federation.keys import ServerKeyFetcher
+from kith.federation.policy import OutboundAddressPolicy
 from kith.services import Services
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
 from kith.services.coherence import SharedCounters
+from kith.services.homeserver_auth import HomeserverAuthenticator
+from kith.services.invites import InviteService, public_base_url
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.onbind import OnbindService
 from kith.services.terms import TermsFileError, TermsSource
 from kith.services.threepid import new_pepper
 from kith.services.validation import ValidationService
+from kith.sources.config import UPSTREAM, sources_config
+from kith.sources.ldap import LdapDirectory
+from kith.sources.ldap_sync import LdapSync
+from kith.sources.upstream import UpstreamIdentityServer
 from kith.store import Store
+from kith.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +81,25 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         terms_source = TermsSource(config.general.terms_path)
     except TermsFileError as exc:
         raise ConfigError(f"[general] terms.path: {exc}") from exc
+    sources = sources_config(config)
     pepper = await store.state.get_or_create("lookup_pepper", new_pepper())
     index = AssociationIndex(
-        store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None)
+        store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None,
+        order=[source for source in sources.precedence if source != UPSTREAM])
     await index.load()
+    directory = LdapDirectory(sources.ldap) if sources.ldap else None
+    upstream = UpstreamIdentityServer(sources.proxy, OutboundAddressPolicy(
+        config.general.ip_blacklist, config.general.ip_whitelist)) if sources.proxy else None
+    lookup_service = LookupService(index, pepper, config.general.address_lookup_limit,
+                                   precedence=sources.precedence, directory=directory,
+                                   upstream=upstream)
     templates = Templates.from_config(config)
+    onbind = OnbindService(store, keys, federation,
+                           give_up_after_s=config.general.onbind_give_up_after_s,
+                           delete_tokens=config.general.delete_tokens_on_bind,
+                           lease_s=2 * config.http.federation_timeout_s + 30,
+                           changes=counters.counter(SharedCounters.INVITES)
+                           if counters else None)
     return Services(
         keys=keys,
         terms=terms_source,
@@ -73,10 +108,31 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
             config.general.homeserver_allow_list,
             counters.counter(SharedCounters.ACCOUNTS) if counters else None),
         index=index,
-        lookup=LookupService(index, pepper, config.general.address_lookup_limit),
-        bindings=BindingService(store, index, keys, pepper),
+        lookup=lookup_service,
+        bindings=BindingService(store, index, keys, pepper, lookup=lookup_service,
+                                onbind=onbind),
+        homeserver_auth=HomeserverAuthenticator(
+            ServerKeyFetcher(federation), (keys.server_name, *config.general.server_aliases)),
         validation=validation_service(config, store, templates),
         templates=templates,
+        ldap_sync=LdapSync(directory, store, index, pepper) if directory else None,
+        invites=invite_service(config, store, keys, lookup_service, templates, onbind),
+        onbind=onbind,
+    )
+
+
+def invite_service(config: KithConfig, store: Store, keys: ServerKeys,
+                   lookup_service: LookupService, templates: Templates,
+                   onbind: OnbindService) -> InviteService:
+    email = config.email
+    return InviteService(
+        store, keys, lookup_service, email=email,
+        email_sender=EmailSender(email, timeout_s=DELIVERY_TIMEOUT_S),
+        email_templates=EmailTemplates(templates, email),
+        ratelimit=RateLimiter(email.ratelimit_sender_burst, email.ratelimit_sender_rate_hz),
+        base_url=public_base_url(config.http.client_http_base, keys.server_name),
+        v1_enabled=config.general.enable_v1_access,
+        onbind=onbind,
     )
 
 
@@ -120,7 +176,21 @@ def client_app(config: KithConfig, services: Services) -> web.Application:
     lookup.add_routes(app.router)
     validate.add_routes(app.router)
     threepid.add_routes(app.router)
+    invites.add_routes(app.router)
+    if config.general.enable_v1_access:
+        add_v1_routes(app.router, config)
     return app
+
+
+def add_v1_routes(router: web.UrlDispatcher, config: KithConfig) -> None:
+    """The legacy API (Identity Service r0.3.0): the v2 handlers under the v1 prefix,
+    without access tokens, plus v1's own lookup shapes."""
+    prefix = V1_PREFIX.rstrip("/")
+    pubkey.add_routes(router, prefix)
+    validate.add_routes(router, prefix)
+    threepid.add_routes(router, prefix, bind_route=config.general.enable_v1_associations)
+    lookup.add_v1_routes(router, prefix)
+    invites.add_routes(router, prefix)
 
 
 def internal_app(config: KithConfig, services: Services) -> web.Application:
@@ -141,8 +211,10 @@ class KithServer:
     services: Services | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    client_tls: ClientTls | None = None
 
     async def start(self) -> None:
+        self.client_tls = await ClientTls.from_config(self.config.http)
         self.store = await Store.open(
             self.config.db, self.counters.write_lock if self.counters else None)
         self.federation = FederationClient.from_config(self.config.general, self.config.http)
@@ -150,21 +222,40 @@ class KithServer:
                                              self.counters)
         self.tasks.append(asyncio.create_task(
             self.services.index.follow(INDEX_FOLLOW_INTERVAL_S)))
+        if self.services.ldap_sync is not None and (
+                self.counters is None or self.counters.claim(SharedCounters.LDAP_SYNC)):
+            self.tasks.append(asyncio.create_task(self.services.ldap_sync.run()))
+        if self.services.onbind is not None:
+            self.tasks.append(asyncio.create_task(
+                self.services.onbind.run(self.services.bindings.deliver_pending_invites),
+                name="kith-onbind"))
         http = self.config.http
         await self._listen(client_app(self.config, self.services),
-                           http.client_bind_address, http.client_port)
+                           http.client_bind_address, http.client_port,
+                           self.client_tls.context if self.client_tls else None)
         if http.internal_port is not None:
             await self._listen(internal_app(self.config, self.services),
                                http.internal_bind_address, http.internal_port)
-        log.info("kith started: %d bindings, client API on [%s]:%d",
-                 len(self.services.index), http.client_bind_address, http.client_port)
+        log.info("kith started: %d bindings, client API on %s://[%s]:%d",
+                 len(self.services.index), "https" if self.client_tls else "http",
+                 http.client_bind_address, http.client_port)
 
-    async def _listen(self, app: web.Application, host: str, port: int) -> None:
+    async def reload(self) -> None:
+        """SIGHUP: load the client API's TLS certificate and key again."""
+        if self.client_tls is not None:
+            await self.client_tls.reload()
+
+    async def _listen(self, app: web.Application, host: str, port: int,
+                      ssl_context: ssl.SSLContext | None = None) -> None:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
         # Several workers share each port (SO_REUSEPORT); the kernel spreads connections.
-        site = web.TCPSite(runner, host or None, port, reuse_port=self.counters is not None)
+        # "::" means every interface, IPv4 too, as it does for Sydent; asyncio would make it
+        # IPv6 only, so ask for all interfaces (a socket per address family) instead.
+        site = web.TCPSite(runner, None if host in ("", "::") else host, port,
+                           ssl_context=ssl_context,
+                           reuse_port=self.counters is not None)
         try:
             await site.start()
         except OSError as exc:
@@ -177,6 +268,8 @@ class KithServer:
                 await task
         for runner in self.runners:
             await runner.cleanup()
+        if self.services is not None:
+            await self.services.lookup.close()
         if self.federation is not None:
             await self.federation.close()
         if self.store is not None:
@@ -184,12 +277,20 @@ class KithServer:
 
 
 async def serve(config: KithConfig, counters: SharedCounters | None = None) -> None:
-    """Run until SIGTERM or SIGINT."""
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
     server = KithServer(config, counters)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await server.start()
         await stop.wait()
@@ -220,6 +321,7 @@ def run_workers(config: KithConfig, workers: int,
     The parent only supervises: SIGTERM/SIGINT are passed on, and if one worker dies the
     others are stopped too, so a service manager sees the failure and restarts kith.
     """
+    sources_config(config)  # a bad [ldap] or [proxy] stops kith here, before any fork
     run(prepare_store(config))
     counters = SharedCounters()
     children: list[int] = []
@@ -245,6 +347,7 @@ def run_workers(config: KithConfig, workers: int,
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     status = 0
     while children:
         pid, code = os.wait()

@@ -4,6 +4,7 @@ and a homeserver stand-in that answers OpenID userinfo."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
@@ -82,18 +83,26 @@ class Homeserver:
         return web.json_response({"sub": sub})
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on a free loopback port for the duration; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def homeserver() -> AsyncIterator[Homeserver]:
     hs = Homeserver(server_name="hs.test")
     app = web.Application()
     app.router.add_get("/_matrix/federation/v1/openid/userinfo", hs.userinfo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    hs.url = f"http://127.0.0.1:{port}"
-    yield hs
-    await runner.cleanup()
+    async with serving(app) as hs.url:
+        yield hs
 
 
 @dataclass
@@ -242,3 +251,8 @@ def smtp() -> Iterator[SmtpSink]:
     sink.start()
     yield sink
     sink.stop()
+
+
+# The throwaway test CA (tests/federation/conftest.py), shared with the client API's TLS
+# tests and the end-to-end tests.
+from tests.federation.conftest import pki  # noqa: E402, F401

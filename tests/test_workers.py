@@ -10,7 +10,7 @@ from aiohttp import web
 
 from kith.config import load_config
 from kith.services.threepid import lookup_hash
-from tests.conftest import free_port, write_config
+from tests.conftest import serving, write_config
 
 V2 = "/_matrix/identity/v2"
 
@@ -21,13 +21,14 @@ async def test_workers_share_binds_and_logouts(tmp_path: Path, kith_process) -> 
 
     app = web.Application()
     app.router.add_get("/_matrix/federation/v1/openid/userinfo", userinfo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    hs_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", hs_port).start()
+    async with serving(app) as hs_url:
+        await check_workers(tmp_path, hs_url, kith_process)
+
+
+async def check_workers(tmp_path: Path, hs_url: str, kith_process) -> None:
     path = write_config(tmp_path, {
         "general": {"workers": 2},
-        "http": {"federation.test_overrides": f"hs.test=http://127.0.0.1:{hs_port}"}})
+        "http": {"federation.test_overrides": f"hs.test={hs_url}"}})
     config = load_config(str(path), env={})
     proc = kith_process(path)
     proc.start(config.http.client_port)
@@ -71,4 +72,3 @@ async def test_workers_share_binds_and_logouts(tmp_path: Path, kith_process) -> 
                     assert r.status == 401
     finally:
         proc.kill(signal.SIGTERM)
-        await runner.cleanup()

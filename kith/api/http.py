@@ -151,3 +151,18 @@ async def authenticated(request: web.Request, *, consent: bool = True) -> Accoun
     if consent:
         accounts.require_consent(account)
     return account
+
+
+V1_PREFIX = "/_matrix/identity/api/v1/"
+
+
+def is_v1(request: web.Request) -> bool:
+    """A request to the legacy v1 API (Identity Service r0.3.0), which had no auth."""
+    return request.path.startswith(V1_PREFIX)
+
+
+async def caller(request: web.Request) -> Account | None:
+    """The authenticated account on v2; None on v1, where endpoints need no token."""
+    if is_v1(request):
+        return None
+    return await authenticated(request)

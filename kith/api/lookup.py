@@ -6,6 +6,7 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import authenticated, json_body, json_response, services_of
+from kith.errors import missing_params
 
 
 class LookupRequest(msgspec.Struct):
@@ -24,6 +25,42 @@ async def lookup(request: web.Request) -> web.Response:
     body = await json_body(request, LookupRequest)
     mappings = await services_of(request).lookup.lookup(body.algorithm, body.pepper, body.addresses)
     return json_response({"mappings": mappings})
+
+
+class BulkLookupRequest(msgspec.Struct):
+    threepids: list[tuple[str, str]]
+
+
+async def lookup_v1(request: web.Request) -> web.Response:
+    """v1: one 3PID in the query string → its signed association, or {}."""
+    medium, address = request.query.get("medium"), request.query.get("address")
+    if not medium or not address:
+        raise missing_params(*[n for n, v in (("medium", medium), ("address", address))
+                               if not v])
+    services = services_of(request)
+    query = f"{address} {medium}"
+    mappings = await services.lookup.lookup("none", services.lookup.pepper, [query])
+    if query not in mappings:
+        return json_response({})
+    signed = await services.bindings.signed_association(medium, address, mappings[query])
+    return json_response(signed)
+
+
+async def bulk_lookup_v1(request: web.Request) -> web.Response:
+    """v1: [[medium, address], ...] → [[medium, address, mxid], ...] for those bound."""
+    body = await json_body(request, BulkLookupRequest)
+    services = services_of(request)
+    queries = [f"{address} {medium}" for medium, address in body.threepids]
+    mappings = await services.lookup.lookup("none", services.lookup.pepper, queries)
+    found = [[medium, address, mappings[query]]
+             for (medium, address), query in zip(body.threepids, queries, strict=True)
+             if query in mappings]
+    return json_response({"threepids": found})
+
+
+def add_v1_routes(router: web.UrlDispatcher, prefix: str) -> None:
+    router.add_get(f"{prefix}/lookup", lookup_v1, allow_head=False)
+    router.add_post(f"{prefix}/bulk_lookup", bulk_lookup_v1)
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

@@ -28,9 +28,10 @@ async def is_valid(request: web.Request) -> web.Response:
 
 
 async def ephemeral_is_valid(request: web.Request) -> web.Response:
-    _public_key_param(request)
-    # No invites are stored yet, so no ephemeral key is valid.
-    return json_response({"valid": False})
+    public_key = _public_key_param(request)
+    invites = services_of(request).invites
+    valid = invites is not None and await invites.ephemeral_key_is_valid(public_key)
+    return json_response({"valid": valid})
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str) -> None:

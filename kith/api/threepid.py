@@ -6,7 +6,7 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import (
-    authenticated,
+    caller,
     decode_json,
     json_body,
     json_response,
@@ -17,7 +17,7 @@ from kith.api.validate import query_params, validation_of
 from kith.errors import M_UNAUTHORIZED, MatrixError
 from kith.services import Services
 from kith.services.accounts import Account
-from kith.services.bindings import check_threepid
+from kith.services.bindings import check_mxid, check_threepid
 
 V2 = "/_matrix/identity/v2"
 
@@ -45,7 +45,7 @@ def forbidden(message: str) -> MatrixError:
 
 
 async def get_validated_3pid(request: web.Request) -> web.Response:
-    await authenticated(request)
+    await caller(request)
     sid, client_secret = query_params(request, "sid", "client_secret")
     validated = await validation_of(request).get_validated(sid, client_secret)
     return json_response({"medium": validated.medium, "address": validated.address,
@@ -53,9 +53,10 @@ async def get_validated_3pid(request: web.Request) -> web.Response:
 
 
 async def bind(request: web.Request) -> web.Response:
-    account = await authenticated(request)
+    account = await caller(request)
     body = await json_body(request, BindRequest)
-    if body.mxid != account.user_id:
+    # v1 (no account) binds to any mxid, as r0.3.0 did; v2 only to the caller's own.
+    if account is not None and body.mxid != account.user_id:
         raise forbidden("This user is prohibited from binding to the mxid")
     validated = await validation_of(request).get_validated(str(body.sid), body.client_secret)
     signed = await services_of(request).bindings.bind(
@@ -70,18 +71,20 @@ def is_homeserver_signed(request: web.Request) -> bool:
 
 async def authorise_homeserver_unbind(request: web.Request, raw_body: bytes,
                                       body: UnbindRequest) -> None:
-    """The one place where an `Authorization: X-Matrix` unbind is checked.
-
-    To do (kith/federation/xmatrix.py): verify the signature over `raw_body` and
-    check that the origin is the server of `body.mxid`.  Until then: refused.
-    """
-    raise forbidden("Unbinding with an X-Matrix signature is not yet supported")
+    """The one place where an `Authorization: X-Matrix` unbind is checked: signed by the
+    homeserver of `body.mxid`, over exactly this method, path and body."""
+    homeservers = services_of(request).homeserver_auth
+    origin = await homeservers.verify(
+        request.headers["Authorization"], method=request.method, uri=request.raw_path,
+        content=msgspec.json.decode(raw_body))
+    check_mxid(body.mxid)
+    homeservers.require_owner(origin, body.mxid)
 
 
 async def authorise_session_unbind(services: Services, request: web.Request,
-                                   account: Account, body: UnbindRequest) -> None:
-    """The caller owns `body.mxid` and a validated session for exactly that 3PID."""
-    if body.mxid != account.user_id:
+                                   account: Account | None, body: UnbindRequest) -> None:
+    """The caller owns `body.mxid` (v2) and a validated session for exactly that 3PID."""
+    if account is not None and body.mxid != account.user_id:
         raise forbidden("This user is prohibited from unbinding the mxid")
     if body.sid is None or body.client_secret is None:
         raise forbidden("Unbinding needs the sid and client_secret of a validated session")
@@ -104,14 +107,17 @@ async def unbind(request: web.Request) -> web.Response:
         body = decode_json(raw, UnbindRequest)
         await authorise_homeserver_unbind(request, raw, body)
     else:
-        account = await authenticated(request)
+        account = await caller(request)
         body = await json_body(request, UnbindRequest)
         await authorise_session_unbind(services, request, account, body)
     await services.bindings.unbind(body.threepid.medium, body.threepid.address, body.mxid)
     return json_response({})
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get(f"{V2}/3pid/getValidated3pid", get_validated_3pid, allow_head=False)
-    router.add_post(f"{V2}/3pid/bind", bind)
-    router.add_post(f"{V2}/3pid/unbind", unbind)
+def add_routes(router: web.UrlDispatcher, prefix: str = V2, *, bind_route: bool = True) -> None:
+    """The same handlers serve v2 and, under the v1 prefix, the legacy API (whose bind
+    is served only while `enable_v1_associations` is on)."""
+    router.add_get(f"{prefix}/3pid/getValidated3pid", get_validated_3pid, allow_head=False)
+    if bind_route:
+        router.add_post(f"{prefix}/3pid/bind", bind)
+    router.add_post(f"{prefix}/3pid/unbind", unbind)

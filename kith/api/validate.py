@@ -12,7 +12,7 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from kith.api.http import access_token, authenticated, json_body, json_response, services_of
+from kith.api.http import access_token, caller, json_body, json_response, services_of
 from kith.delivery.templates import Templates
 from kith.errors import M_UNRECOGNIZED, MatrixError, missing_params
 from kith.services.validation import ValidationService, session_answer
@@ -75,7 +75,7 @@ def is_safe_redirect(link: str | None) -> bool:
 
 
 async def email_request_token(request: web.Request) -> web.Response:
-    await authenticated(request)
+    await caller(request)
     body = await json_body(request, EmailRequestToken)
     sid = await validation_of(request).request_email_token(
         body.client_secret, body.email, body.send_attempt, body.next_link,
@@ -84,7 +84,7 @@ async def email_request_token(request: web.Request) -> web.Response:
 
 
 async def msisdn_request_token(request: web.Request) -> web.Response:
-    await authenticated(request)
+    await caller(request)
     body = await json_body(request, MsisdnRequestToken)
     session = await validation_of(request).request_msisdn_token(
         body.client_secret, body.country, body.phone_number, body.send_attempt,
@@ -93,7 +93,7 @@ async def msisdn_request_token(request: web.Request) -> web.Response:
 
 
 async def submit_token_post(request: web.Request) -> web.Response:
-    await authenticated(request)
+    await caller(request)
     body = await json_body(request, SubmitToken)
     await validation_of(request).submit_token(str(body.sid), body.client_secret, body.token)
     return json_response({"success": True})
@@ -106,7 +106,7 @@ async def submit_token_get(request: web.Request) -> web.Response:
     secret in the link are the proof. A caller that does send a token is checked.
     """
     if access_token(request) is not None:
-        await authenticated(request)
+        await caller(request)
     sid, client_secret, token = query_params(request, "sid", "client_secret", "token")
     brand = request.query.get("brand")
     templates = templates_of(request)
@@ -123,10 +123,11 @@ async def submit_token_get(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post(f"{V2}/validate/email/requestToken", email_request_token)
-    router.add_post(f"{V2}/validate/email/submitToken", submit_token_post)
-    router.add_get(f"{V2}/validate/email/submitToken", submit_token_get, allow_head=False)
-    router.add_post(f"{V2}/validate/msisdn/requestToken", msisdn_request_token)
-    router.add_post(f"{V2}/validate/msisdn/submitToken", submit_token_post)
-    router.add_get(f"{V2}/validate/msisdn/submitToken", submit_token_get, allow_head=False)
+def add_routes(router: web.UrlDispatcher, prefix: str = V2) -> None:
+    """The same handlers serve v2 and, under the v1 prefix, the legacy API."""
+    router.add_post(f"{prefix}/validate/email/requestToken", email_request_token)
+    router.add_post(f"{prefix}/validate/email/submitToken", submit_token_post)
+    router.add_get(f"{prefix}/validate/email/submitToken", submit_token_get, allow_head=False)
+    router.add_post(f"{prefix}/validate/msisdn/requestToken", msisdn_request_token)
+    router.add_post(f"{prefix}/validate/msisdn/submitToken", submit_token_post)
+    router.add_get(f"{prefix}/validate/msisdn/submitToken", submit_token_get, allow_head=False)

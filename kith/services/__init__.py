@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kith.delivery.templates import Templates
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
+from kith.services.homeserver_auth import HomeserverAuthenticator
+from kith.services.invites import InviteService
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
+
+if TYPE_CHECKING:
+    from kith.sources.ldap_sync import LdapSync
 
 
 @dataclass
@@ -23,5 +30,9 @@ class Services:
     index: AssociationIndex
     lookup: LookupService
     bindings: BindingService
+    homeserver_auth: HomeserverAuthenticator
     validation: ValidationService | None = None
     templates: Templates | None = None
+    ldap_sync: LdapSync | None = None
+    invites: InviteService | None = None
+    onbind: OnbindService | None = None

@@ -6,10 +6,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kith.errors import M_INVALID_PARAM, MatrixError
+from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, MatrixError
 from kith.services.keys import ServerKeys
-from kith.services.lookup import AssociationIndex
+from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.onbind import OnbindService
 from kith.services.threepid import MEDIUMS, is_valid_mxid, lookup_hash, normalise_address
+from kith.sources.config import LDAP
 from kith.store import AssociationRow, Store
 
 LOCAL = "local"
@@ -36,6 +38,13 @@ def check_mxid(mxid: str) -> None:
         raise MatrixError(400, M_INVALID_PARAM, "Invalid Matrix user ID")
 
 
+def association_json(medium: str, address: str, mxid: str, ts: int, not_before: int,
+                     not_after: int) -> dict[str, Any]:
+    """The association as the spec lays it out, before it is signed."""
+    return {"address": address, "medium": medium, "mxid": mxid,
+            "not_before": not_before, "not_after": not_after, "ts": ts}
+
+
 class BindingService:
     def __init__(
         self,
@@ -44,7 +53,11 @@ class BindingService:
         keys: ServerKeys,
         pepper: str,
         clock: Callable[[], int] = now_ms,
+        lookup: LookupService | None = None,
+        onbind: OnbindService | None = None,
     ) -> None:
+        self._lookup = lookup
+        self._onbind = onbind
         self._store = store
         self._index = index
         self._keys = keys
@@ -55,6 +68,7 @@ class BindingService:
         """Store the association durably, make it visible to lookups, return it signed."""
         address = check_threepid(medium, address)
         check_mxid(mxid)
+        await self._refuse_directory_conflict(medium, address, mxid)
         ts = self._clock()
         row = AssociationRow(
             source=LOCAL, medium=medium, address=address, mxid=mxid, ts=ts,
@@ -63,10 +77,39 @@ class BindingService:
         )
         await self._store.associations.write([row])
         self._index.set(row.lookup_hash, mxid)
-        return self._keys.sign({
-            "address": address, "medium": medium, "mxid": mxid,
-            "not_before": row.not_before, "not_after": row.not_after, "ts": ts,
-        })
+        association = association_json(medium, address, mxid, ts, row.not_before,
+                                       row.not_after)
+        if self._onbind is not None:
+            # Pending invites ride along, and are queued for onbind before we answer.
+            with_invites = await self._onbind.attach_invites(medium, address, mxid,
+                                                             association)
+            if with_invites is not None:
+                return with_invites
+        return self._keys.sign(association)
+
+    async def signed_association(self, medium: str, address: str,
+                                 mxid: str) -> dict[str, Any]:
+        """The association `address` → `mxid`, signed now: with the times of our own
+        binding when it is ours, else valid from now (a directory's mapping)."""
+        address = check_threepid(medium, address)
+        row = await self._store.associations.get(LOCAL, medium, address)
+        if row is not None and row.mxid == mxid:
+            ts, not_before, not_after = row.ts, row.not_before, row.not_after
+        else:
+            ts = not_before = self._clock()
+            not_after = ts + VALIDITY_MS
+        return self._keys.sign(
+            association_json(medium, address, mxid, ts, not_before, not_after))
+
+    async def _refuse_directory_conflict(self, medium: str, address: str, mxid: str) -> None:
+        """The directory is trusted: an address it maps to someone else is theirs."""
+        if self._lookup is None or self._lookup.directory is None:
+            return
+        owner = await self._lookup.resolve(medium, address)
+        if owner is not None and owner[1] == LDAP and owner[0] != mxid:
+            raise MatrixError(403, M_FORBIDDEN,
+                              f"This {medium} address belongs to another user in the "
+                              "organisation's directory")
 
     async def unbind(self, medium: str, address: str, mxid: str) -> bool:
         """Remove the association if `address` is bound to `mxid`; True if it was."""
@@ -83,3 +126,37 @@ class BindingService:
         await self._store.associations.write([tombstone])
         self._index.set(tombstone.lookup_hash, None)
         return True
+
+    async def deliver_pending_invites(self) -> int:
+        """Queue onbind for pending invites whose address is bound already: bound by a
+        directory sync, or by a bind that raced the store-invite or crashed before it
+        queued them.  How many addresses were queued."""
+        if self._onbind is None:
+            return 0
+        await self._index.refresh()
+        queued = 0
+        for medium, address in sorted(await self._onbind.pending.reload()):
+            mxid = self._bound_mxid(medium, address)
+            if mxid is None:
+                continue
+            row = await self._store.associations.get(LOCAL, medium, address)
+            if row is not None and row.mxid == mxid:
+                ts, not_before, not_after = row.ts, row.not_before, row.not_after
+            else:
+                ts = not_before = self._clock()
+                not_after = ts + VALIDITY_MS
+            association = {"address": address, "medium": medium, "mxid": mxid,
+                           "not_before": not_before, "not_after": not_after, "ts": ts}
+            if await self._onbind.attach_invites(medium, address, mxid, association):
+                queued += 1
+        return queued
+
+    def _bound_mxid(self, medium: str, address: str) -> str | None:
+        hash_ = lookup_hash(medium, address, self._pepper)
+        directory = self._lookup is not None and self._lookup.directory is not None
+        for source in (self._lookup.precedence if self._lookup else (LOCAL,)):
+            if source == LOCAL or (source == LDAP and directory):
+                mxid = self._index.get(hash_, source)
+                if mxid is not None:
+                    return mxid
+        return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import os
 from typing import Any
 
 
@@ -49,12 +50,25 @@ class SharedCounters:
 
     ASSOCIATIONS = 0
     ACCOUNTS = 1
+    INVITES = 2
 
     def __init__(self) -> None:
-        self._array = multiprocessing.RawArray(ctypes.c_int64, 2)
+        self._array = multiprocessing.RawArray(ctypes.c_int64, 3)
         self._lock = multiprocessing.Lock()
+        self._claims = multiprocessing.RawArray(ctypes.c_int64, 1)
         # Taken by each worker around its database commits (see kith.store.Database).
         self.write_lock = multiprocessing.Lock()
 
     def counter(self, slot: int) -> SharedChangeCounter:
         return SharedChangeCounter(self._array, slot, self._lock)
+
+    # Jobs one worker runs for all (claimed by the first that asks).
+    LDAP_SYNC = 0
+
+    def claim(self, job: int) -> bool:
+        """True for the first worker claiming `job`, False for every other."""
+        with self._lock:
+            if self._claims[job]:
+                return False
+            self._claims[job] = os.getpid()
+            return True

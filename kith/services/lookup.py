@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.services.coherence import ChangeCounter
 from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
+from kith.sources.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
+from kith.sources.errors import LdapError
 from kith.store import IndexChange, Store
+
+if TYPE_CHECKING:
+    from kith.sources.ldap import LdapDirectory
+    from kith.sources.upstream import UpstreamIdentityServer
+
+Threepid = tuple[str, str]  # (medium, normalised address)
 
 log = logging.getLogger(__name__)
 
@@ -22,41 +32,64 @@ ALGORITHMS = ("sha256", "none")
 
 
 class AssociationIndex:
-    """lookup hash → mxid for every live binding.
+    """lookup hash → mxid for every live association, one map per source.
 
+    Sources are kept apart ('local' bindings, 'ldap' synced rows, ...) because the same
+    address may be stored by several and the lookup rules decide which one answers.
     `changes` is bumped after every local write; when another process bumps it, the next
     `refresh()` reads what changed from the store, so a bind acknowledged by any worker
     is visible to the lookups of every worker at once.
     """
 
-    def __init__(self, store: Store, changes: ChangeCounter | None = None) -> None:
+    def __init__(self, store: Store, changes: ChangeCounter | None = None,
+                 order: Sequence[str] = (LDAP, LOCAL)) -> None:
         self._store = store
         self._changes = changes or ChangeCounter()
         self._seen_changes = self._changes.value()
-        self._mxid_by_hash: dict[str, str] = {}
+        self._order = tuple(order)
+        self._by_source: dict[str, dict[str, str]] = {source: {} for source in self._order}
         self.last_id = 0
 
     def __len__(self) -> int:
-        return len(self._mxid_by_hash)
+        return sum(len(mxids) for mxids in self._by_source.values())
 
-    def get(self, hash_: str) -> str | None:
-        return self._mxid_by_hash.get(hash_)
+    def source(self, source: str) -> dict[str, str]:
+        """The map of one source (read only, for probing in a chosen order)."""
+        return self._by_source.setdefault(source, {})
 
-    def set(self, hash_: str, mxid: str | None) -> None:
+    def get(self, hash_: str, source: str | None = None) -> str | None:
+        """The mxid of `hash_` in `source`, or in the first source (index order) having it."""
+        if source is not None:
+            return self._by_source.get(source, {}).get(hash_)
+        for mxids in self._by_source.values():
+            mxid = mxids.get(hash_)
+            if mxid is not None:
+                return mxid
+        return None
+
+    def set(self, hash_: str, mxid: str | None, source: str = LOCAL) -> None:
         """Record a committed local write (and tell the other processes)."""
-        self._apply_one(hash_, mxid)
+        self._apply_one(source, hash_, mxid)
         self._changes.bump()
         self._seen_changes += 1
 
-    def _apply_one(self, hash_: str, mxid: str | None) -> None:
+    def set_many(self, source: str, entries: Iterable[tuple[str, str | None]]) -> None:
+        """Record many committed writes of one source, telling the other processes once."""
+        for hash_, mxid in entries:
+            self._apply_one(source, hash_, mxid)
+        self._changes.bump()
+        self._seen_changes += 1
+
+    def _apply_one(self, source: str, hash_: str, mxid: str | None) -> None:
+        mxids = self._by_source.setdefault(source, {})
         if mxid is None:
-            self._mxid_by_hash.pop(hash_, None)
+            mxids.pop(hash_, None)
         else:
-            self._mxid_by_hash[hash_] = mxid
+            mxids[hash_] = mxid
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
         for change in changes:
-            self._apply_one(change.lookup_hash, change.mxid)
+            self._apply_one(change.source, change.lookup_hash, change.mxid)
             if change.id > self.last_id:
                 self.last_id = change.id
 
@@ -67,7 +100,7 @@ class AssociationIndex:
         start = await store.associations.max_id()
         async for chunk in store.associations.stream_bound():
             for change in chunk:
-                self._mxid_by_hash[change.lookup_hash] = change.mxid  # type: ignore[assignment]
+                self._apply_one(change.source, change.lookup_hash, change.mxid)
         self.last_id = start
         await self.catch_up()
 
@@ -96,10 +129,34 @@ class AssociationIndex:
 
 
 class LookupService:
-    def __init__(self, index: AssociationIndex, pepper: str, address_lookup_limit: int) -> None:
+    """The lookup rules, in one place: which source answers which address.
+
+    Sources are probed in `precedence` order (by default LDAP, then local bindings,
+    then the upstream identity server) and each address is answered by the first source
+    that maps it, never by two.  sha256 lookups are answered from the index (synced LDAP
+    rows and local bindings); plain-text ones ask the directory live and, for what is
+    still unresolved, the upstream.  A failing directory or upstream costs its own part
+    of the answer only.
+    """
+
+    def __init__(self, index: AssociationIndex, pepper: str, address_lookup_limit: int, *,
+                 precedence: Sequence[str] = DEFAULT_PRECEDENCE,
+                 directory: LdapDirectory | None = None,
+                 upstream: UpstreamIdentityServer | None = None) -> None:
         self.index = index
         self.pepper = pepper
         self.limit = address_lookup_limit
+        self.precedence = tuple(precedence)
+        self.directory = directory
+        self.upstream = upstream
+        # Addresses answered, per source (exposed as metrics).
+        self.answered: Counter[str] = Counter()
+
+    async def close(self) -> None:
+        if self.directory is not None:
+            await self.directory.close()
+        if self.upstream is not None:
+            await self.upstream.close()
 
     def hash_details(self) -> dict[str, object]:
         return {"algorithms": list(ALGORITHMS), "lookup_pepper": self.pepper}
@@ -116,28 +173,108 @@ class LookupService:
             raise MatrixError(400, M_TOO_LARGE,
                               f"More than the maximum of {self.limit} addresses in one lookup")
         await self.index.refresh()
-        get = self.index.get
-        mappings: dict[str, str] = {}
         if algorithm == "sha256":
-            for address in addresses:
-                mxid = get(address)
-                if mxid is not None:
-                    mappings[address] = mxid
-            return mappings
+            return self._lookup_hashes(addresses)
+        queries: dict[Threepid, list[str]] = {}
         for query in addresses:
-            hash_ = self._plain_to_hash(query)
-            if hash_ is not None:
-                mxid = get(hash_)
-                if mxid is not None:
-                    mappings[query] = mxid
+            threepid = parse_plain_query(query)
+            if threepid is not None:
+                queries.setdefault(threepid, []).append(query)
+        mappings: dict[str, str] = {}
+        for threepid, (mxid, _source) in (await self._resolve_many(list(queries))).items():
+            for query in queries[threepid]:
+                mappings[query] = mxid
         return mappings
 
-    def _plain_to_hash(self, query: str) -> str | None:
-        """"<address> <medium>" → the lookup hash of the normalised address."""
-        address, _, medium = query.rpartition(" ")
-        if medium not in MEDIUMS:
-            return None
-        normalised = normalise_address(medium, address)
+    async def resolve(self, medium: str, address: str, *,
+                      include_upstream: bool = False) -> tuple[str, str] | None:
+        """(mxid, source) of an address by the lookup rules, or None.
+
+        For store-invite (M_THREEPID_IN_USE) and bind checks: by default the upstream is
+        not asked, since an address bound on another server is not in use here.
+        """
+        normalised = normalise_address(medium, address) if medium in MEDIUMS else None
         if normalised is None:
             return None
-        return lookup_hash(medium, normalised, self.pepper)
+        address = normalised
+        await self.index.refresh()
+        found = await self._resolve_many([(medium, address)],
+                                         include_upstream=include_upstream, count=False)
+        return found.get((medium, address))
+
+    def _lookup_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
+        maps = [(source, self.index.source(source)) for source in self.precedence
+                if self._serves_hashes(source)]
+        mappings: dict[str, str] = {}
+        for hash_ in hashes:
+            for source, mxids in maps:
+                mxid = mxids.get(hash_)
+                if mxid is not None:
+                    mappings[hash_] = mxid
+                    self.answered[source] += 1
+                    break
+        return mappings
+
+    def _serves_hashes(self, source: str) -> bool:
+        # Synced LDAP rows count only while LDAP is configured; upstream hashes use
+        # another pepper, so sha256 lookups are never proxied.
+        return source == LOCAL or (source == LDAP and self.directory is not None)
+
+    async def _resolve_many(self, threepids: list[Threepid], *, include_upstream: bool = True,
+                            count: bool = True) -> dict[Threepid, tuple[str, str]]:
+        found: dict[Threepid, tuple[str, str]] = {}
+        for source in self.precedence:
+            unresolved = [t for t in threepids if t not in found]
+            if not unresolved:
+                break
+            if source == LDAP:
+                answers = await self._from_directory(unresolved)
+            elif source == LOCAL:
+                answers = self._from_index(LOCAL, unresolved)
+            elif include_upstream and self.upstream is not None:
+                answers = await self.upstream.lookup(unresolved)
+            else:
+                continue
+            for threepid, mxid in answers.items():
+                found[threepid] = (mxid, source)
+            if answers:
+                log.debug("lookup: %d of %d addresses answered by %s",
+                          len(answers), len(unresolved), source)
+                if count:
+                    self.answered[source] += len(answers)
+        return found
+
+    async def _from_directory(self, threepids: list[Threepid]) -> dict[Threepid, str]:
+        if self.directory is None:
+            return {}
+        try:
+            answers = await self.directory.lookup(threepids)
+        except LdapError as exc:
+            log.warning("LDAP lookup failed, answering from the last sync: %s", exc)
+            return self._from_index(LDAP, threepids)
+        # A search matches values as the directory stores them; the synced copy holds
+        # them normalised (e.g. "+1 (415) 555-0100"), so it answers what a search missed.
+        missed = [t for t in threepids if t not in answers]
+        if missed:
+            answers.update(self._from_index(LDAP, missed))
+        return answers
+
+    def _from_index(self, source: str, threepids: list[Threepid]) -> dict[Threepid, str]:
+        mxids = self.index.source(source)
+        answers: dict[Threepid, str] = {}
+        for medium, address in threepids:
+            mxid = mxids.get(lookup_hash(medium, address, self.pepper))
+            if mxid is not None:
+                answers[(medium, address)] = mxid
+        return answers
+
+
+def parse_plain_query(query: str) -> Threepid | None:
+    """"<address> <medium>" → (medium, normalised address), or None."""
+    address, _, medium = query.rpartition(" ")
+    if medium not in MEDIUMS:
+        return None
+    normalised = normalise_address(medium, address)
+    if normalised is None:
+        return None
+    return medium, normalised

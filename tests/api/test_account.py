@@ -7,7 +7,7 @@ import time
 import pytest
 from aiohttp import web
 
-from tests.conftest import KithFactory, RunningKith, free_port
+from tests.conftest import KithFactory, RunningKith, free_port, serving
 
 V2 = "/_matrix/identity/v2"
 
@@ -132,20 +132,13 @@ async def test_redirect_is_not_followed(kith_factory: KithFactory, homeserver) -
 
     app = web.Application()
     app.router.add_get("/_matrix/federation/v1/openid/userinfo", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        kith = await kith_factory(
-            {"http": {"federation.test_overrides": f"hs.test=http://127.0.0.1:{port}"}})
+    async with serving(app) as url:
+        kith = await kith_factory({"http": {"federation.test_overrides": f"hs.test={url}"}})
         token = homeserver.issue("alice")
         status, body = await register(kith, {"access_token": token,
                                              "matrix_server_name": "hs.test"})
         assert status == 502 and body["errcode"] == "M_UNKNOWN"
         assert homeserver.calls == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_private_address_refused_without_whitelist(kith_factory: KithFactory) -> None:

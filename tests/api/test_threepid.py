@@ -114,17 +114,6 @@ async def test_unbind_needs_a_validated_session_for_that_threepid(
     assert await sha256_lookup(mail_kith, token, "other@example.com") != {}
 
 
-async def test_unbind_signed_by_the_homeserver_is_not_yet_supported(
-        mail_kith: RunningKith) -> None:
-    await mail_kith.bind("alice@example.com", ALICE)
-    async with mail_kith.http.post(
-            f"{mail_kith.base}/_matrix/identity/v2/3pid/unbind", json=unbind_body(None),
-            headers={"Authorization": 'X-Matrix origin="hs.test",key="ed25519:a",sig="x"'}
-    ) as resp:
-        assert resp.status == 403
-        assert (await resp.json())["errcode"] == "M_UNAUTHORIZED"
-
-
 async def pepper(kith: RunningKith, token: str) -> str:
     return str((await call(kith, token, "GET", "/hash_details"))[1]["lookup_pepper"])
 

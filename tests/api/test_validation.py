@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from kith.services.validation import SESSION_LIFETIME_MS
-from tests.conftest import KithFactory, RunningKith, SmtpSink, free_port
+from tests.conftest import KithFactory, RunningKith, SmtpSink, serving
 
 V2 = "/_matrix/identity/v2"
 SECRET = "monkeys_are_GREAT"
@@ -345,13 +345,8 @@ async def openmarket() -> AsyncIterator[OpenMarket]:
     stub = OpenMarket()
     app = web.Application()
     app.router.add_post("/sms/v4/mt", stub.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    stub.url = f"http://127.0.0.1:{port}"
-    yield stub
-    await runner.cleanup()
+    async with serving(app) as stub.url:
+        yield stub
 
 
 @pytest.fixture

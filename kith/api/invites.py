@@ -1,0 +1,71 @@
+"""store-invite and sign-ed25519: 3PID invites for addresses not on Matrix yet."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kith.api.http import caller, decode_json, json_response, read_body, services_of
+from kith.errors import M_UNRECOGNIZED, MatrixError
+from kith.services.invites import InviteRequest, InviteService
+
+V2 = "/_matrix/identity/v2"
+
+
+class StoreInviteRequest(msgspec.Struct):
+    medium: str
+    address: str
+    room_id: str
+    sender: str
+    room_alias: str | None = None
+    room_avatar_url: str | None = None
+    room_join_rules: str | None = None
+    room_name: str | None = None
+    room_type: str | None = None
+    sender_display_name: str | None = None
+    sender_avatar_url: str | None = None
+
+
+class SignRequest(msgspec.Struct):
+    mxid: str
+    token: str
+    private_key: str
+
+
+def invites_of(request: web.Request) -> InviteService:
+    invites = services_of(request).invites
+    if invites is None:
+        raise MatrixError(404, M_UNRECOGNIZED, "Invites are not served here")
+    return invites
+
+
+async def store_invite(request: web.Request) -> web.Response:
+    account = await caller(request)
+    raw = await read_body(request)
+    body = decode_json(raw, StoreInviteRequest)
+    args: dict[str, Any] = msgspec.json.decode(raw)  # an object: decode_json checked it
+    answer = await invites_of(request).store_invite(
+        InviteRequest(medium=body.medium, address=body.address, room_id=body.room_id,
+                      sender=body.sender, args=args),
+        verified_sender=account.user_id if account is not None else None,
+        brand=request.query.get("brand"))
+    return json_response(answer)
+
+
+async def sign_ed25519(request: web.Request) -> web.Response:
+    await caller(request)
+    raw = await read_body(request)
+    if not raw.strip() and request.query:
+        # A web client POSTs the sign URL from the invite mail, adding `mxid`: the
+        # parameters are in the query string.
+        raw = msgspec.json.encode(dict(request.query))
+    body = decode_json(raw, SignRequest)
+    signed = await invites_of(request).sign_ed25519(body.mxid, body.token, body.private_key)
+    return json_response(signed)
+
+
+def add_routes(router: web.UrlDispatcher, prefix: str = V2) -> None:
+    router.add_post(f"{prefix}/store-invite", store_invite)
+    router.add_post(f"{prefix}/sign-ed25519", sign_ed25519)

@@ -1,0 +1,129 @@
+"""Taking over a Sydent installation: its bindings, accounts, sessions and pepper.
+
+Idempotent: running it again adds nothing twice. The Sydent database is only read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from kith.services.accounts import hash_token
+from kith.services.bindings import LOCAL
+from kith.services.threepid import lookup_hash, normalise_address
+from kith.store import AccountRow, AssociationRow, InviteTokenRow, Store
+from kith.store.sessions import ValidationSessionRow
+from kith.store.sydent_db import SydentData, read_sydent_db
+
+# Sydent lets a session be validated within 24 h of its last change: older ones are over.
+SESSION_LIFETIME_MS = 24 * 60 * 60 * 1000
+CHUNK = 5000
+
+
+@dataclass
+class ImportReport:
+    imported: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [f"{what}: {count}" for what, count in self.imported.items()] + self.notes
+
+
+async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
+                           now_ms: int) -> ImportReport:
+    data = await asyncio.to_thread(read_sydent_db, sydent_db, server_name)
+    report = ImportReport()
+    pepper = await _take_pepper(store, data, report)
+    await _import_associations(store, data, pepper, report)
+    await _import_accounts(store, data, report)
+    await _import_sessions(store, data, now_ms, report)
+    await _import_invites(store, data, report)
+    if data.peer_associations:
+        report.notes.append(
+            f"not imported: {data.peer_associations} associations replicated from peers "
+            "(kith does not replicate yet; they come back when replication is set up)")
+    if data.peers:
+        report.notes.append(f"not imported: replication peers {', '.join(data.peers)}")
+    return report
+
+
+async def _take_pepper(store: Store, data: SydentData, report: ImportReport) -> str:
+    """Sydent's pepper becomes ours, so that clients' cached peppers stay valid."""
+    current = await store.state.get("lookup_pepper")
+    if data.pepper is None or data.pepper == current:
+        report.imported["lookup pepper"] = 0
+        assert current is not None
+        return current
+    await store.state.set("lookup_pepper", data.pepper)
+    rows = await store.associations.live_threepids()
+    await store.associations.set_lookup_hashes(
+        [(i, lookup_hash(medium, address, data.pepper)) for i, medium, address in rows])
+    report.imported["lookup pepper"] = 1
+    return data.pepper
+
+
+async def _import_associations(store: Store, data: SydentData, pepper: str,
+                               report: ImportReport) -> None:
+    rows: list[AssociationRow] = []
+    skipped = 0
+    for medium, address, mxid, ts, not_before, not_after in data.local_associations:
+        normalised = normalise_address(medium, address)
+        if normalised is None:
+            skipped += 1
+            continue
+        rows.append(AssociationRow(
+            source=LOCAL, medium=medium, address=normalised, mxid=mxid, ts=ts,
+            not_before=not_before, not_after=not_after,
+            lookup_hash=lookup_hash(medium, normalised, pepper)))
+    for start in range(0, len(rows), CHUNK):
+        await store.associations.write(rows[start:start + CHUNK])
+    report.imported["associations"] = len(rows)
+    if skipped:
+        report.notes.append(f"skipped: {skipped} associations with an invalid address")
+
+
+async def _import_accounts(store: Store, data: SydentData, report: ImportReport) -> None:
+    await store.accounts.import_accounts(
+        [AccountRow(user_id, created_ts, consent) for user_id, created_ts, consent
+         in data.accounts],
+        # Sydent kept tokens in clear; kith keeps only their hashes.
+        [(hash_token(token), user_id) for token, user_id in data.tokens],
+        list(data.accepted_urls))
+    report.imported["accounts"] = len(data.accounts)
+    report.imported["access tokens"] = len(data.tokens)
+    report.imported["accepted terms URLs"] = len(data.accepted_urls)
+
+
+async def _import_sessions(store: Store, data: SydentData, now_ms: int,
+                           report: ImportReport) -> None:
+    rows = []
+    for sid, medium, address, secret, validated, mtime, token, attempt in data.sessions:
+        normalised = normalise_address(medium, address)
+        if normalised is None or now_ms - mtime >= SESSION_LIFETIME_MS:
+            continue
+        rows.append(ValidationSessionRow(
+            id=sid, medium=medium, address=normalised, client_secret=secret,
+            validated_at=mtime if validated else None, mtime=mtime, next_link=None,
+            send_attempt=attempt, token=token, failed_attempts=0))
+    await store.sessions.insert_many(rows)
+    report.imported["open validation sessions"] = len(rows)
+
+
+async def _import_invites(store: Store, data: SydentData, report: ImportReport) -> None:
+    """Pending 3PID invites and their ephemeral keys (Sydent's times are seconds).
+
+    Invites whose address is bound already are delivered by the onbind sweep at start."""
+    invites = []
+    for medium, address, room_id, sender, token, received_s, sent_s in data.invite_tokens:
+        normalised = normalise_address(medium, address)
+        if normalised is None or not token:
+            continue
+        invites.append(InviteTokenRow(
+            medium=medium, address=normalised, room_id=room_id, sender=sender, token=token,
+            received_ts=int(received_s or 0) * 1000,
+            sent_ts=int(sent_s) * 1000 if sent_s is not None else None))
+    keys = [(key, int(count or 0), int(ts or 0) * 1000)
+            for key, count, ts in data.ephemeral_public_keys if key]
+    await store.invites.import_rows(invites, keys)
+    report.imported["invite tokens"] = len(invites)
+    report.imported["ephemeral invite keys"] = len(keys)

@@ -1,0 +1,135 @@
+"""Unbind authorised by the homeserver's X-Matrix signature (as Synapse sends it)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp import web
+from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
+from signedjson.sign import sign_json
+from signedjson.types import SigningKey
+
+from kith.federation.xmatrix import sign_x_matrix_header
+from kith.services.threepid import lookup_hash
+from tests.conftest import KithFactory, RunningKith, free_port, serving
+
+UNBIND = "/_matrix/identity/v2/3pid/unbind"
+
+
+@dataclass
+class KeyServer:
+    """A homeserver publishing its signing key at /_matrix/key/v2/server."""
+
+    name: str
+    key: SigningKey
+    url: str = ""
+
+    async def keys(self, _request: web.Request) -> web.Response:
+        body = {
+            "server_name": self.name,
+            "valid_until_ts": int(time.time() * 1000) + 3600_000,
+            "verify_keys": {f"ed25519:{self.key.version}": {
+                "key": encode_verify_key_base64(get_verify_key(self.key))}},
+            "old_verify_keys": {},
+        }
+        return web.json_response(sign_json(body, self.name, self.key))
+
+
+@pytest.fixture
+async def key_servers() -> AsyncIterator[dict[str, KeyServer]]:
+    servers: dict[str, KeyServer] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for name in ("hs.test", "other.test"):
+            ks = KeyServer(name, generate_signing_key("a1"))
+            app = web.Application()
+            app.router.add_get("/_matrix/key/v2/server", ks.keys)
+            ks.url = await stack.enter_async_context(serving(app))
+            servers[name] = ks
+        yield servers
+
+
+@pytest.fixture
+async def kith_with_homeservers(kith_factory: KithFactory,
+                                key_servers: dict[str, KeyServer]) -> RunningKith:
+    # stranger.test: a homeserver that is down (nothing listens on that port).
+    overrides = ", ".join([f"{ks.name}={ks.url}" for ks in key_servers.values()]
+                          + [f"stranger.test=http://127.0.0.1:{free_port()}"])
+    return await kith_factory({  # type: ignore[no-any-return]
+        "general": {"server.aliases": "id.kith.test"},
+        "http": {"federation.test_overrides": overrides}})
+
+
+def signed_unbind(signer: KeyServer, body: dict[str, Any], destination_is: str | None,
+                  origin: str | None = None) -> dict[str, str]:
+    header = sign_x_matrix_header(signer.key, origin or signer.name, None, "POST", UNBIND,
+                                  body, destination_is=destination_is)
+    return {"Authorization": header, "Content-Type": "application/json"}
+
+
+async def is_bound(kith: RunningKith, address: str) -> bool:
+    services = kith.server.services
+    assert services is not None
+    return services.index.get(lookup_hash("email", address, services.lookup.pepper)) is not None
+
+
+BODY = {"mxid": "@alice:hs.test", "threepid": {"medium": "email",
+                                               "address": "alice@example.com"}}
+
+
+@pytest.mark.parametrize("destination_is", ["kith.test", "id.kith.test", None])
+async def test_homeserver_signed_unbind(kith_with_homeservers: RunningKith,
+                                        key_servers: dict[str, KeyServer],
+                                        destination_is: str | None) -> None:
+    kith = kith_with_homeservers
+    await kith.bind("alice@example.com", "@alice:hs.test")
+    assert await is_bound(kith, "alice@example.com")
+    async with kith.http.post(kith.base + UNBIND, data=msgspec.json.encode(BODY),
+                              headers=signed_unbind(key_servers["hs.test"], BODY,
+                                                    destination_is)) as resp:
+        assert resp.status == 200, await resp.text()
+        assert await resp.json() == {}
+    assert not await is_bound(kith, "alice@example.com")
+
+
+async def test_refused_signatures(kith_with_homeservers: RunningKith,
+                                  key_servers: dict[str, KeyServer]) -> None:
+    kith = kith_with_homeservers
+    await kith.bind("alice@example.com", "@alice:hs.test")
+    hs, other = key_servers["hs.test"], key_servers["other.test"]
+
+    async def unbind(headers: dict[str, str], body: dict[str, Any] = BODY) -> tuple[int, str]:
+        async with kith.http.post(kith.base + UNBIND, data=msgspec.json.encode(body),
+                                  headers=headers) as resp:
+            return resp.status, (await resp.json())["errcode"]
+
+    # Signed for another identity server.
+    assert await unbind(signed_unbind(hs, BODY, "elsewhere.test")) == (401, "M_UNAUTHORIZED")
+    # Signed over a different body than the one sent.
+    tampered = {**BODY, "mxid": "@bob:hs.test"}
+    assert await unbind(signed_unbind(hs, tampered, "kith.test")) == (401, "M_UNAUTHORIZED")
+    # other.test claims to be hs.test: its key is not hs.test's.
+    assert await unbind(signed_unbind(other, BODY, "kith.test", origin="hs.test")) == (
+        401, "M_UNAUTHORIZED")
+    # other.test signs correctly, but alice is not its user.
+    assert await unbind(signed_unbind(other, BODY, "kith.test")) == (403, "M_UNAUTHORIZED")
+    # Garbage header.
+    assert await unbind({"Authorization": "X-Matrix nonsense"}) == (401, "M_UNAUTHORIZED")
+    assert await is_bound(kith, "alice@example.com")
+
+
+async def test_unknown_origin_server_is_refused_quickly(kith_with_homeservers: RunningKith,
+                                                        key_servers) -> None:
+    kith = kith_with_homeservers
+    stranger = KeyServer("stranger.test", generate_signing_key("x"))
+    body = {"mxid": "@s:stranger.test", "threepid": BODY["threepid"]}
+    started = time.monotonic()
+    async with kith.http.post(kith.base + UNBIND, data=msgspec.json.encode(body),
+                              headers=signed_unbind(stranger, body, "kith.test")) as resp:
+        assert resp.status == 401
+    assert time.monotonic() - started < 10

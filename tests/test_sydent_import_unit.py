@@ -1,0 +1,94 @@
+"""import-sydent on a database in Sydent's schema: accounts, tokens, terms, edge cases."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from kith.config import DbConfig
+from kith.services.accounts import hash_token
+from kith.services.sydent_import import import_sydent_db
+from kith.services.threepid import lookup_hash
+from kith.store import Store
+
+SCHEMA = """
+CREATE TABLE local_threepid_associations (id integer primary key autoincrement,
+  medium varchar(16) not null, address varchar(256) not null, mxid varchar(256),
+  ts integer not null, notBefore bigint not null, notAfter bigint not null,
+  lookup_hash varchar);
+CREATE TABLE global_threepid_associations (id integer primary key autoincrement,
+  medium varchar(16), address varchar(256), mxid varchar(256), ts integer,
+  notBefore bigint, notAfter integer, originServer varchar(255), originId integer,
+  sgAssoc text, lookup_hash varchar);
+CREATE TABLE threepid_validation_sessions (id integer primary key, medium varchar(16),
+  address varchar(256), clientSecret varchar(32), validated int default 0, mtime bigint);
+CREATE TABLE threepid_token_auths (id integer primary key, validationSession integer,
+  token varchar(32), sendAttemptNumber integer);
+CREATE TABLE accounts (user_id text primary key, created_ts bigint,
+  consent_version text);
+CREATE TABLE tokens (token varchar(64) primary key, user_id text);
+CREATE TABLE accepted_terms_urls (user_id text, url text);
+CREATE TABLE hashing_metadata (id integer primary key, lookup_pepper text);
+CREATE TABLE peers (id integer primary key, name varchar(255), port integer,
+  lastSentVersion integer, lastPokeSucceededAt integer, active integer);
+"""
+
+
+def make_sydent_db(path: Path, now_ms: int) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.executescript(SCHEMA)
+        conn.execute("INSERT INTO hashing_metadata VALUES (0, 'SydPe')")
+        conn.executemany(
+            "INSERT INTO local_threepid_associations (medium, address, mxid, ts, notBefore,"
+            " notAfter) VALUES (?, ?, ?, ?, ?, ?)", [
+                ("email", "Alice@Example.com", "@alice:hs.test", 1000, 1000, 9000),
+                ("email", "gone@example.com", None, 1000, 1000, 1000),  # a tombstone
+                ("email", "not an address", "@x:hs.test", 1000, 1000, 9000),
+                ("msisdn", "447700900123", "@phone:hs.test", 1000, 1000, 9000)])
+        conn.execute("INSERT INTO global_threepid_associations (medium, address, mxid, ts,"
+                     " originServer, originId) VALUES ('email', 'p@x.y', '@p:x.y', 1,"
+                     " 'peer.test', 1)")
+        conn.execute("INSERT INTO accounts VALUES ('@alice:hs.test', 1234, '1.1')")
+        conn.execute("INSERT INTO tokens VALUES ('sydenttoken', '@alice:hs.test')")
+        conn.execute("INSERT INTO accepted_terms_urls VALUES ('@alice:hs.test', 'https://t')")
+        conn.executemany("INSERT INTO threepid_validation_sessions VALUES (?,?,?,?,?,?)", [
+            (11, "email", "open@example.com", "sec", 0, now_ms - 1000),
+            (12, "email", "old@example.com", "sec", 1, now_ms - 3 * 86400_000)])
+        conn.executemany("INSERT INTO threepid_token_auths VALUES (?,?,?,?)", [
+            (11, 11, "tok11", 1), (12, 12, "tok12", -1)])
+        conn.execute("INSERT INTO peers VALUES (1, 'peer.test', 1001, 0, 0, 1)")
+
+
+async def test_import_sydent_database(tmp_path: Path) -> None:
+    now_ms = int(time.time() * 1000)
+    sydent_db = tmp_path / "sydent.db"
+    make_sydent_db(sydent_db, now_ms)
+    before = sydent_db.read_bytes()
+    store = await Store.open(DbConfig(file=str(tmp_path / "kith.db")))
+    try:
+        await store.state.get_or_create("lookup_pepper", "kithpepper")
+        report = await import_sydent_db(store, str(sydent_db), "sydent.test", now_ms)
+        assert report.imported["associations"] == 2
+        assert report.imported["open validation sessions"] == 1
+        assert any("invalid address" in n for n in report.notes)
+        assert any("1 associations replicated from peers" in n for n in report.notes)
+        assert any("peer.test" in n for n in report.notes)
+        assert await store.state.get("lookup_pepper") == "SydPe"
+        alice = await store.associations.get("local", "email", "alice@example.com")
+        assert alice is not None and alice.mxid == "@alice:hs.test" and alice.ts == 1000
+        assert alice.lookup_hash == lookup_hash("email", "alice@example.com", "SydPe")
+        assert await store.associations.get("local", "email", "gone@example.com") is None
+        account = await store.accounts.by_token_hash(hash_token("sydenttoken"))
+        assert account is not None and account.consent_version == "1.1"
+        assert await store.accounts.accepted_urls("@alice:hs.test") == {"https://t"}
+        session = await store.sessions.get(11)
+        assert session is not None and session.token == "tok11" and session.send_attempt == 1
+        assert await store.sessions.get(12) is None
+        # Idempotent: a second run changes nothing and fails on nothing.
+        again = await import_sydent_db(store, str(sydent_db), "sydent.test", now_ms)
+        assert again.imported["lookup pepper"] == 0
+        assert len(await store.associations.live_threepids()) == 2
+    finally:
+        await store.close()
+    assert sydent_db.read_bytes() == before
