@@ -120,6 +120,8 @@ class EmailConfig:
     smtp_password: str = ""
     hostname: str = ""
     tls_mode: str = "0"
+    # kith: extra CA bundle (PEM) trusted, besides the system CAs, for the SMTP server.
+    tls_cafile: str = ""
     default_web_client_location: str = "https://app.element.io"
     username_obfuscate_characters: int = 3
     domain_obfuscate_characters: int = 3
@@ -544,6 +546,7 @@ def _email(s: _Section) -> EmailConfig:
         smtp_password=s.text("email.smtppassword"),
         hostname=s.text("email.hostname") or socket.getfqdn(),
         tls_mode=s.text("email.tlsmode"),
+        tls_cafile=s.readable_file("email.tls_cafile"),
         default_web_client_location=s.text("email.default_web_client_location"),
         username_obfuscate_characters=s.integer(
             "email.third_party_invite_username_obfuscate_characters", 0),

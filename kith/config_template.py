@@ -157,6 +157,9 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
         KeySpec("email.tlsmode", "0",
                 "SSL or TLS: implicit TLS; STARTTLS: upgrade a plain connection; anything "
                 "else: plain text. Case-sensitive. TLS modes verify the certificate."),
+        KeySpec("email.tls_cafile", "",
+                "kith: extra CA bundle (PEM) trusted, besides the system CAs, for the "
+                "SMTP server's certificate in the TLS modes."),
         KeySpec("email.default_web_client_location", "https://app.element.io",
                 "Web client linked from invites unless the homeserver names one."),
         KeySpec("email.third_party_invite_username_obfuscate_characters", "3",

@@ -238,6 +238,7 @@ def test_terms_file_that_exists(tmp_path: Path) -> None:
     ("http", "federation.timeout", "-1", "is not a positive number"),
     ("http", "federation.test_overrides", "hs.example", "is not servername="),
     ("http", "federation.cafile", "/nonexistent.pem", "cannot read"),
+    ("email", "email.tls_cafile", "/nonexistent.pem", "cannot read"),
     ("db", "db.url", "not a url", "is not a database URL"),
     ("email", "email.from", "100% sure", "write a literal % as %%"),
     ("email", "email.ratelimit_sender.rate_hz", "0", "is not a positive number"),
@@ -413,3 +414,16 @@ def test_with_signing_key_reads_lines_like_configparser() -> None:
         "[general]\nnote = first\n  [crypto]\n"
         "[crypto]\n# ed25519.signingkey = commented\nother = 1\n"
         "ed25519.signingkey = NEW\r\n\nlast = 2\r\n")
+
+
+def test_email_tls_cafile(tmp_path: Path) -> None:
+    assert load(tmp_path, "").email.tls_cafile == ""
+    ca = tmp_path / "smtp-ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    assert load(tmp_path, f"[email]\nemail.tls_cafile = {ca}\n").email.tls_cafile == str(ca)
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, f"[email]\nemail.tls_cafile = {missing}\n")
+    message = str(caught.value)
+    assert message.startswith(f"[email] email.tls_cafile: cannot read '{missing}'")
+    assert "\n" not in message

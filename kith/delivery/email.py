@@ -66,13 +66,14 @@ class EmailSender:
 
     def __init__(self, config: EmailConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  tls_cafile: str | None = None) -> None:
-        """`tls_cafile`: extra CA certificates (PEM) trusted for the SMTP server."""
+        """`tls_cafile`: extra CA certificates (PEM) trusted for the SMTP server;
+        None: `config.tls_cafile` (`[email] email.tls_cafile`), if set."""
         self.host = config.smtp_host
         self.port = config.smtp_port
         self.local_hostname = config.hostname or None
         self.tls_mode = config.tls_mode
         self.timeout_s = timeout_s
-        self.tls_cafile = tls_cafile
+        self.tls_cafile = tls_cafile if tls_cafile is not None else config.tls_cafile or None
         self._username = config.smtp_username
         self._password = config.smtp_password
         self._tls_context: ssl.SSLContext | None = None

@@ -10,8 +10,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from kith.services.threepid import lookup_hash
 from kith.services.validation import SESSION_LIFETIME_MS
 from tests.conftest import KithFactory, RunningKith, SmtpSink, serving
+from tests.delivery import conftest as delivery_fixtures
+from tests.delivery.conftest import SmtpFactory
+from tests.federation.conftest import TestPki
 
 V2 = "/_matrix/identity/v2"
 SECRET = "monkeys_are_GREAT"
@@ -425,3 +429,51 @@ async def test_the_mailed_link_works_without_an_access_token(
     async with mail_kith.http.get(mail_kith.base + link,
                                   headers={"Authorization": "Bearer nope"}) as resp:
         assert resp.status == 401
+
+
+# ------------------------------------------------ over STARTTLS, trusting a private CA
+
+# The aiosmtpd server of the delivery tests (STARTTLS, logins) as a fixture here too.
+smtp_server = delivery_fixtures.smtp_server
+
+
+async def test_email_validation_over_starttls_with_a_private_ca(
+        kith_factory: KithFactory, smtp_server: SmtpFactory, pki: TestPki) -> None:
+    """`email.tls_cafile` makes kith trust the test CA for an SMTP server that insists
+    on STARTTLS: requestToken, the mailed token, submitToken, bind, sha256 lookup."""
+    inbox = smtp_server(tls_context=pki.server_context(), require_starttls=True)
+    kith = await kith_factory({"email": {
+        "email.smtphost": "127.0.0.1", "email.smtpport": inbox.port,
+        "email.tlsmode": "STARTTLS", "email.tls_cafile": str(pki.ca_file)}})
+    assert kith.config.email.tls_cafile == str(pki.ca_file)
+    token = await kith.register("alice")
+    status, body = await request_email(kith, token)
+    assert status == 200, body
+    sid = body["sid"]
+    [received] = inbox.messages
+    assert received.rcpt_tos == ["alice@example.com"]
+    mail = SmtpSink()  # only as the container mailed_token reads
+    mail.messages = [(received.rcpt_tos, received.content.decode())]
+    assert await submit(kith, token, sid, mailed_token(mail)) == (200, {"success": True})
+    status, signed = await call(kith, token, "POST", "/3pid/bind", {
+        "sid": sid, "client_secret": SECRET, "mxid": "@alice:hs.test"})
+    assert status == 200, signed
+    assert signed["address"] == "alice@example.com" and signed["mxid"] == "@alice:hs.test"
+    _, details = await call(kith, token, "GET", "/hash_details")
+    pepper = details["lookup_pepper"]
+    h = lookup_hash("email", "alice@example.com", pepper)
+    status, body = await call(kith, token, "POST", "/lookup", {
+        "algorithm": "sha256", "pepper": pepper, "addresses": [h]})
+    assert (status, body["mappings"]) == (200, {h: "@alice:hs.test"})
+
+
+async def test_starttls_without_the_private_ca_is_a_send_error(
+        kith_factory: KithFactory, smtp_server: SmtpFactory, pki: TestPki) -> None:
+    inbox = smtp_server(tls_context=pki.server_context(), require_starttls=True)
+    kith = await kith_factory({"email": {
+        "email.smtphost": "127.0.0.1", "email.smtpport": inbox.port,
+        "email.tlsmode": "STARTTLS", "email.tls_cafile": str(pki.other_ca_file)}})
+    token = await kith.register("alice")
+    status, body = await request_email(kith, token)
+    assert (status, body["errcode"]) == (500, "M_EMAIL_SEND_ERROR")
+    assert inbox.messages == []
