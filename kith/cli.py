@@ -114,6 +114,9 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
     db_file = args.sydent_db or parser.get("db", "db.file", fallback="sydent.db")
     sydent_db = sydent_conf.parent / db_file
     key_text = parser.get("crypto", "ed25519.signingkey", fallback="").strip()
+    peer_urls = {section.removeprefix("peer."): url
+                 for section in parser.sections() if section.startswith("peer.")
+                 if (url := parser.get(section, "base_replication_url", fallback="").strip())}
 
     if key_text:
         key = parse_signing_key(key_text)
@@ -135,7 +138,7 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
         try:
             report = await import_sydent_db(store, str(sydent_db),
                                             sydent_name or config.general.server_name,
-                                            int(time.time() * 1000))
+                                            int(time.time() * 1000), peer_urls)
         finally:
             await store.close()
         for line in report.lines():

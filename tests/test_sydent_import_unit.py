@@ -8,9 +8,9 @@ from pathlib import Path
 
 from kith.config import DbConfig
 from kith.services.accounts import hash_token
-from kith.services.sydent_import import import_sydent_db
+from kith.services.sydent_import import import_sydent_db, peer_key_b64
 from kith.services.threepid import lookup_hash
-from kith.store import Store
+from kith.store import ReplicationPeerRow, Store
 
 SCHEMA = """
 CREATE TABLE local_threepid_associations (id integer primary key autoincrement,
@@ -32,7 +32,14 @@ CREATE TABLE accepted_terms_urls (user_id text, url text);
 CREATE TABLE hashing_metadata (id integer primary key, lookup_pepper text);
 CREATE TABLE peers (id integer primary key, name varchar(255), port integer,
   lastSentVersion integer, lastPokeSucceededAt integer, active integer);
+CREATE TABLE peer_pubkeys (id integer primary key, peername varchar(255),
+  alg varchar(16), key text);
 """
+
+PEER_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"  # unpadded standard base64
+OTHER_KEY = bytes(range(100, 132))
+OTHER_KEY_B64 = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoM"
+
 
 
 def make_sydent_db(path: Path, now_ms: int) -> None:
@@ -58,6 +65,10 @@ def make_sydent_db(path: Path, now_ms: int) -> None:
         conn.executemany("INSERT INTO threepid_token_auths VALUES (?,?,?,?)", [
             (11, 11, "tok11", 1), (12, 12, "tok12", -1)])
         conn.execute("INSERT INTO peers VALUES (1, 'peer.test', 1001, 0, 0, 1)")
+        conn.execute("INSERT INTO peers VALUES (2, 'old.test', NULL, 57, 0, 0)")
+        conn.executemany("INSERT INTO peer_pubkeys VALUES (?, ?, ?, ?)", [
+            (1, "peer.test", "ed25519", PEER_KEY_B64),
+            (2, "old.test", "ed25519", OTHER_KEY.hex())])  # Sydent also accepts hex
 
 
 async def test_import_sydent_database(tmp_path: Path) -> None:
@@ -68,12 +79,15 @@ async def test_import_sydent_database(tmp_path: Path) -> None:
     store = await Store.open(DbConfig(file=str(tmp_path / "kith.db")))
     try:
         await store.state.get_or_create("lookup_pepper", "kithpepper")
-        report = await import_sydent_db(store, str(sydent_db), "sydent.test", now_ms)
+        report = await import_sydent_db(
+            store, str(sydent_db), "sydent.test", now_ms,
+            {"peer.test": "https://peer.test:1001/", "nowhere.test": "https://x"})
         assert report.imported["associations"] == 2
         assert report.imported["open validation sessions"] == 1
         assert any("invalid address" in n for n in report.notes)
         assert any("1 associations replicated from peers" in n for n in report.notes)
-        assert any("peer.test" in n for n in report.notes)
+        assert report.imported["replication peers"] == 2
+        assert not any("replication peers" in n for n in report.notes)
         assert await store.state.get("lookup_pepper") == "SydPe"
         alice = await store.associations.get("local", "email", "alice@example.com")
         assert alice is not None and alice.mxid == "@alice:hs.test" and alice.ts == 1000
@@ -85,10 +99,29 @@ async def test_import_sydent_database(tmp_path: Path) -> None:
         session = await store.sessions.get(11)
         assert session is not None and session.token == "tok11" and session.send_attempt == 1
         assert await store.sessions.get(12) is None
+        expected_peers = [
+            ReplicationPeerRow(name="old.test", port=None, base_replication_url=None,
+                               active=False, last_sent_version=None,
+                               keys={"ed25519": OTHER_KEY_B64}),  # hex converted
+            ReplicationPeerRow(name="peer.test", port=1001,
+                               base_replication_url="https://peer.test:1001/", active=True,
+                               last_sent_version=None, keys={"ed25519": PEER_KEY_B64})]
+        assert await store.peers.all() == expected_peers
         # Idempotent: a second run changes nothing and fails on nothing.
         again = await import_sydent_db(store, str(sydent_db), "sydent.test", now_ms)
         assert again.imported["lookup pepper"] == 0
         assert len(await store.associations.live_threepids()) == 2
+        assert again.imported["replication peers"] == 2
+        assert await store.peers.all() == expected_peers
     finally:
         await store.close()
     assert sydent_db.read_bytes() == before
+
+
+def test_peer_key_b64() -> None:
+    assert peer_key_b64(OTHER_KEY_B64) == OTHER_KEY_B64
+    assert peer_key_b64(OTHER_KEY_B64 + "=") == OTHER_KEY_B64  # padded
+    assert peer_key_b64(OTHER_KEY.hex().upper()) == OTHER_KEY_B64
+    assert peer_key_b64(PEER_KEY_B64) == PEER_KEY_B64
+    assert peer_key_b64("not a key!") is None
+    assert peer_key_b64("") is None

@@ -6,12 +6,15 @@ Idempotent: running it again adds nothing twice. The Sydent database is only rea
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kith.services.accounts import hash_token
 from kith.services.bindings import LOCAL
 from kith.services.threepid import lookup_hash, normalise_address
-from kith.store import AccountRow, AssociationRow, InviteTokenRow, Store
+from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow
 from kith.store.sydent_db import SydentData, read_sydent_db
 
@@ -30,7 +33,10 @@ class ImportReport:
 
 
 async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
-                           now_ms: int) -> ImportReport:
+                           now_ms: int,
+                           peer_urls: Mapping[str, str] | None = None) -> ImportReport:
+    """`peer_urls`: peer name -> `base_replication_url`, from the `[peer.<name>]`
+    sections of Sydent's configuration."""
     data = await asyncio.to_thread(read_sydent_db, sydent_db, server_name)
     report = ImportReport()
     pepper = await _take_pepper(store, data, report)
@@ -38,12 +44,11 @@ async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
     await _import_accounts(store, data, report)
     await _import_sessions(store, data, now_ms, report)
     await _import_invites(store, data, report)
+    await _import_peers(store, data, peer_urls or {}, report)
     if data.peer_associations:
         report.notes.append(
             f"not imported: {data.peer_associations} associations replicated from peers "
             "(kith does not replicate yet; they come back when replication is set up)")
-    if data.peers:
-        report.notes.append(f"not imported: replication peers {', '.join(data.peers)}")
     return report
 
 
@@ -127,3 +132,44 @@ async def _import_invites(store: Store, data: SydentData, report: ImportReport) 
     await store.invites.import_rows(invites, keys)
     report.imported["invite tokens"] = len(invites)
     report.imported["ephemeral invite keys"] = len(keys)
+
+
+def peer_key_b64(key: str) -> str | None:
+    """A peer's public key as unpadded standard base64; Sydent also accepts hex (tried
+    first, as Sydent does).  None if it is neither."""
+    key = key.strip()
+    raw: bytes | None = None
+    try:
+        int(key, 16)
+        raw = binascii.unhexlify(key)
+    except ValueError:  # binascii.Error (odd length) is one too
+        try:
+            padded = key + "=" * (-len(key) % 4)
+            raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
+        except ValueError:
+            return None
+    return base64.b64encode(raw).decode("ascii").rstrip("=") if raw else None
+
+
+async def _import_peers(store: Store, data: SydentData, peer_urls: Mapping[str, str],
+                        report: ImportReport) -> None:
+    """Sydent's replication peers and their keys, kept for when kith replicates.
+
+    Sydent's `lastSentVersion` counts Sydent's own association ids, which mean nothing
+    here: kith starts its own cursor (NULL)."""
+    rows = []
+    for peer in data.peers:
+        keys: dict[str, str] = {}
+        for alg, key in peer.keys.items():
+            converted = peer_key_b64(key)
+            if converted is None:
+                report.notes.append(f"skipped: {alg} key of peer {peer.name} (not base64 "
+                                    "or hex)")
+            else:
+                keys[alg] = converted
+        url = (peer_urls.get(peer.name) or "").strip() or None
+        rows.append(ReplicationPeerRow(name=peer.name, port=peer.port,
+                                       base_replication_url=url, active=peer.active,
+                                       last_sent_version=None, keys=keys))
+    await store.peers.import_peers(rows)
+    report.imported["replication peers"] = len(rows)

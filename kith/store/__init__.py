@@ -9,11 +9,12 @@ from kith.store.accounts import AccountRow, AccountStore
 from kith.store.associations import AssociationRow, AssociationStore, IndexChange
 from kith.store.database import Database
 from kith.store.invites import InviteStore, InviteTokenRow, OnbindDelivery
+from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
 __all__ = ["AccountRow", "AssociationRow", "IndexChange", "InviteTokenRow", "OnbindDelivery",
-           "Store", "ValidationSessionRow"]
+           "ReplicationPeerRow", "Store", "ValidationSessionRow"]
 
 
 class Store:
@@ -26,6 +27,7 @@ class Store:
         self.state = ServerStateStore(db)
         self.sessions = ValidationSessionStore(db)
         self.invites = InviteStore(db)
+        self.peers = ReplicationPeerStore(db)
 
     @classmethod
     async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:

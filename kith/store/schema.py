@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -144,4 +146,27 @@ onbind_deliveries = Table(
     Column("last_error", Text, nullable=True),
     Index("ix_onbind_deliveries_state_next", "state", "next_attempt_ts"),
     sqlite_autoincrement=True,
+)
+
+# Replication peers (taken over from Sydent; kith does not replicate yet).  `name` is
+# the peer's server name, which is also its TLS certificate's CN.  `last_sent_version`
+# is kith's own cursor of what was pushed to the peer: NULL until kith has pushed.
+replication_peers = Table(
+    "replication_peers",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("port", Integer, nullable=True),
+    Column("base_replication_url", Text, nullable=True),
+    Column("active", Boolean, nullable=False),
+    Column("last_sent_version", BigInteger, nullable=True),
+)
+
+# The peers' signing keys: `key` is unpadded standard base64.
+replication_peer_keys = Table(
+    "replication_peer_keys",
+    metadata,
+    Column("name", String(255), nullable=False),
+    Column("alg", String(64), nullable=False),
+    Column("key", Text, nullable=False),
+    PrimaryKeyConstraint("name", "alg", name="pk_replication_peer_keys"),
 )

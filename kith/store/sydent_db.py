@@ -17,6 +17,14 @@ from typing import Any
 
 
 @dataclass
+class SydentPeer:
+    name: str  # the peer's server name and certificate CN
+    port: int | None
+    active: bool
+    keys: dict[str, str] = field(default_factory=dict)  # alg -> key as Sydent stored it
+
+
+@dataclass
 class SydentData:
     pepper: str | None = None
     # (medium, address, mxid, ts, not_before, not_after) of live local bindings
@@ -33,7 +41,7 @@ class SydentData:
     invite_tokens: list[tuple[str, str, str, str, str, int | None, int | None]] = field(
         default_factory=list)
     ephemeral_public_keys: list[tuple[str, int, int | None]] = field(default_factory=list)
-    peers: list[str] = field(default_factory=list)
+    peers: list[SydentPeer] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -100,5 +108,15 @@ def read_sydent_db(path: str, server_name: str) -> SydentData:
         data.ephemeral_public_keys = _rows(
             conn, tables, "ephemeral_public_keys",
             "SELECT public_key, verify_count, persistence_ts FROM ephemeral_public_keys")
-        data.peers = [r[0] for r in _rows(conn, tables, "peers", "SELECT name FROM peers")]
+        keys: dict[str, dict[str, str]] = {}
+        for name, alg, key in _rows(conn, tables, "peer_pubkeys",
+                                    "SELECT peername, alg, key FROM peer_pubkeys ORDER BY id"):
+            if name and alg and key:
+                keys.setdefault(name, {})[alg] = key
+        data.peers = [
+            SydentPeer(name, int(port) if port is not None else None,
+                       bool(active) if active is not None else True, keys.get(name, {}))
+            for name, port, active in _rows(conn, tables, "peers",
+                                            "SELECT name, port, active FROM peers ORDER BY id")
+            if name]
     return data
