@@ -66,6 +66,12 @@ class Homeserver:
     calls: int = 0
     delay_s: float = 0.0
 
+    onbinds: list[dict[str, Any]] = field(default_factory=list)
+
+    async def onbind(self, request: web.Request) -> web.Response:
+        self.onbinds.append(await request.json())
+        return web.json_response({})
+
     def issue(self, localpart: str) -> str:
         token = f"openid-{localpart}-{len(self.tokens)}"
         self.tokens[token] = f"@{localpart}:{self.server_name}"
@@ -101,6 +107,7 @@ async def homeserver() -> AsyncIterator[Homeserver]:
     hs = Homeserver(server_name="hs.test")
     app = web.Application()
     app.router.add_get("/_matrix/federation/v1/openid/userinfo", hs.userinfo)
+    app.router.add_post("/_matrix/federation/v1/3pid/onbind", hs.onbind)
     async with serving(app) as hs.url:
         yield hs
 

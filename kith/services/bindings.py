@@ -92,14 +92,17 @@ class BindingService:
         """The association `address` → `mxid`, signed now: with the times of our own
         binding when it is ours, else valid from now (a directory's mapping)."""
         address = check_threepid(medium, address)
+        return self._keys.sign(await self._association(medium, address, mxid))
+
+    async def _association(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
+        """The unsigned association of a normalised address with `mxid`, as stored."""
         row = await self._store.associations.get(LOCAL, medium, address)
         if row is not None and row.mxid == mxid:
             ts, not_before, not_after = row.ts, row.not_before, row.not_after
         else:
             ts = not_before = self._clock()
             not_after = ts + VALIDITY_MS
-        return self._keys.sign(
-            association_json(medium, address, mxid, ts, not_before, not_after))
+        return association_json(medium, address, mxid, ts, not_before, not_after)
 
     async def _refuse_directory_conflict(self, medium: str, address: str, mxid: str) -> None:
         """The directory is trusted: an address it maps to someone else is theirs."""
@@ -139,14 +142,7 @@ class BindingService:
             mxid = self._bound_mxid(medium, address)
             if mxid is None:
                 continue
-            row = await self._store.associations.get(LOCAL, medium, address)
-            if row is not None and row.mxid == mxid:
-                ts, not_before, not_after = row.ts, row.not_before, row.not_after
-            else:
-                ts = not_before = self._clock()
-                not_after = ts + VALIDITY_MS
-            association = {"address": address, "medium": medium, "mxid": mxid,
-                           "not_before": not_before, "not_after": not_after, "ts": ts}
+            association = await self._association(medium, address, mxid)
             if await self._onbind.attach_invites(medium, address, mxid, association):
                 queued += 1
         return queued

@@ -44,6 +44,17 @@ Content-Type: text/plain; charset=UTF-8
 
 token=%(token)s link=%(link)s
 """
+INVITE = """\
+Date: %(date)s
+From: %(from)s
+To: %(to)s
+Message-ID: %(messageid)s
+Subject: You are invited
+MIME-Version: 1.0
+Content-Type: text/plain; charset=UTF-8
+
+invite=%(token)s key=%(ephemeral_private_key)s
+"""
 
 
 def sydent_python() -> str:
@@ -87,6 +98,7 @@ def sydent_dir(tmp_path: Path, smtp: SmtpSink) -> Iterator[tuple[Path, int, int]
     port, internal = free_port(), free_port()
     (tmp_path / "res" / "matrix-org").mkdir(parents=True)
     (tmp_path / "res" / "matrix-org" / "verification_template.eml").write_text(VERIFICATION)
+    (tmp_path / "res" / "matrix-org" / "invite_template.eml").write_text(INVITE)
     (tmp_path / "sydent.conf").write_text(f"""[general]
 server.name = sydent.test
 pidfile.path = {tmp_path}/sydent.pid
@@ -145,6 +157,12 @@ async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int
         "email": "carol@example.com", "client_secret": "other", "send_attempt": 1})["sid"]
     carol_token = re.search(r"token=([A-Za-z0-9]+)", smtp.messages[-1][1])
     assert carol_token
+    invite = http("POST", f"{v1}/store-invite", {
+        "medium": "email", "address": "dave@example.com", "room_id": "!room:hs.test",
+        "sender": "@alice:hs.test"})
+    ephemeral_key = invite["public_keys"][1]["public_key"]
+    assert http("GET", f"{v1}/pubkey/ephemeral/isvalid?public_key={ephemeral_key}") == {
+        "valid": True}
     sydent_key = http("GET", f"{v1}/pubkey/ed25519:0")["public_key"]
     sydent_lookup = http("GET", f"{v1}/lookup?medium=email&address=alice@example.com")
     assert sydent_lookup["mxid"] == "@alice:hs.test"
@@ -184,6 +202,11 @@ async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int
                        kith_conf, flags=re.MULTILINE)
     kith_conf = re.sub(r"^clientapi.http.bind_address = .*$",
                        "clientapi.http.bind_address = 127.0.0.1", kith_conf, flags=re.MULTILINE)
+    kith_internal = free_port()
+    kith_conf = re.sub(r"^internalapi.http.port =.*$", f"internalapi.http.port = {kith_internal}",
+                       kith_conf, flags=re.MULTILINE)
+    kith_conf = re.sub(r"^internalapi.http.bind_address =.*$",
+                       "internalapi.http.bind_address = 127.0.0.1", kith_conf, flags=re.MULTILINE)
     kith_conf = re.sub(r"^#? ?ip.whitelist =.*$", "ip.whitelist = 127.0.0.1", kith_conf,
                        flags=re.MULTILINE)
     kith_conf = re.sub(r"^#? ?federation.test_overrides =.*$",
@@ -215,6 +238,20 @@ async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int
         assert http("POST", f"{v2}/lookup?access_token={access}", {
             "algorithm": "sha256", "pepper": pepper, "addresses": hashed})["mappings"] == {
             hashed[0]: "@alice:hs.test", hashed[1]: "@phone:hs.test"}
+        # Sydent's invite: its ephemeral key still checks out, and binding the invited
+        # address delivers the invite to the invitee's homeserver.
+        assert http("GET", f"{v1}/pubkey/ephemeral/isvalid?public_key={ephemeral_key}") == {
+            "valid": True}
+        bound = await asyncio.to_thread(
+            http, "POST", f"http://127.0.0.1:{kith_internal}/_matrix/identity/internal/bind",
+            {"medium": "email", "address": "dave@example.com", "mxid": "@dave:hs.test"})
+        assert [i["token"] for i in bound["invites"]] == [invite["token"]]
+        for _ in range(100):
+            if homeserver.onbinds:
+                break
+            await asyncio.sleep(0.1)
+        assert [i["token"] for i in homeserver.onbinds[0]["invites"]] == [invite["token"]]
+        assert homeserver.onbinds[0]["invites"][0]["signed"]["mxid"] == "@dave:hs.test"
         # The session still open in Sydent is completed on kith with Sydent's mailed token.
         assert http("POST", f"{v1}/validate/email/submitToken", {
             "sid": open_sid, "client_secret": "other",
