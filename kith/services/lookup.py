@@ -203,16 +203,22 @@ class LookupService:
         return found.get((medium, address))
 
     def _lookup_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
-        maps = [(source, self.index.source(source)) for source in self.precedence
-                if self._serves_hashes(source)]
+        # The hot path: one dict probe per address and source, counted once per request.
+        sources = [source for source in self.precedence if self._serves_hashes(source)]
         mappings: dict[str, str] = {}
-        for hash_ in hashes:
-            for source, mxids in maps:
-                mxid = mxids.get(hash_)
-                if mxid is not None:
-                    mappings[hash_] = mxid
-                    self.answered[source] += 1
-                    break
+        remaining = hashes
+        for i, source in enumerate(sources):
+            get = self.index.source(source).get
+            found = {h: mxid for h in remaining if (mxid := get(h)) is not None}
+            if not found:
+                continue
+            self.answered[source] += len(found)
+            if not mappings:
+                mappings = found
+            else:
+                mappings.update(found)  # disjoint: `remaining` left out earlier answers
+            if i + 1 < len(sources):
+                remaining = [h for h in remaining if h not in mappings]
         return mappings
 
     def _serves_hashes(self, source: str) -> bool:
