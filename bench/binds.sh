@@ -31,14 +31,18 @@ sed -e "s/^clientapi.http.port = .*/clientapi.http.port = $kport/" \
 (cd "$kdir" && SYDENT_CONF="$kdir/sydent.conf" exec "$root/.venv/bin/python" -m kith \
     --workers "$workers" >"$kdir/kith.log" 2>&1) &
 kpid=$!
-# In a session of its own: the fake homeserver is a child process, stopped with its group.
-setsid "$py" - "$shared" <<'PY' &
+# The fake homeserver runs in a process of its own (multiprocessing "spawn" needs a
+# script file), in a session of its own so that it is stopped with its group.
+cat > "$kdir/fake_hs.py" <<'PY'
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import isbench
-isbench.start_fake_homeserver(48448)
-time.sleep(3600)
+if __name__ == "__main__":
+    isbench.start_fake_homeserver(48448)
+    print("fake homeserver ready", flush=True)
+    time.sleep(3600)
 PY
+setsid "$py" "$kdir/fake_hs.py" "$shared" &
 hspid=$!
 cleanup() {
   kill "$kpid" 2>/dev/null || true
