@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kith.api import (
     account,
@@ -200,6 +201,24 @@ def internal_app(config: KithConfig, services: Services) -> web.Application:
     return app
 
 
+async def serve_metrics(_request: web.Request) -> web.Response:
+    response = web.Response(body=generate_latest())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def metrics_app() -> web.Application:
+    """`GET /metrics` for Prometheus (Sydent's `[general] prometheus_port`).
+
+    The metrics are per process: with several workers, which share this port by
+    SO_REUSEPORT as they share the others, each scrape is answered by one worker with its
+    own counters (docs/decisions.md).
+    """
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app
+
+
 @dataclass
 class KithServer:
     """One running kith: its store, services and listeners."""
@@ -236,6 +255,10 @@ class KithServer:
         if http.internal_port is not None:
             await self._listen(internal_app(self.config, self.services),
                                http.internal_bind_address, http.internal_port)
+        general = self.config.general
+        if general.prometheus_port is not None:
+            await self._listen(metrics_app(), general.prometheus_addr or "127.0.0.1",
+                               general.prometheus_port)
         log.info("kith started: %d bindings, client API on %s://[%s]:%d",
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
@@ -40,6 +41,12 @@ from tests.conftest import (
 
 ONBIND = "/_matrix/federation/v1/3pid/onbind"
 BOB = "@bob:hs.test"
+
+
+def onbind_outcomes(outcome: str) -> float:
+    """kith_onbind_deliveries_total{outcome} (process-global: compare before/after)."""
+    return REGISTRY.get_sample_value("kith_onbind_deliveries_total",
+                                     {"outcome": outcome}) or 0.0
 
 
 @dataclass
@@ -213,6 +220,7 @@ async def test_tokens_kept_when_delete_tokens_on_bind_is_off(
 async def test_errors_are_retried_and_delivered_once(
         mail_kith: RunningKith, homeserver: OnbindHomeserver) -> None:
     homeserver.fail_with = [500, 400]
+    retries, delivered = onbind_outcomes("retry"), onbind_outcomes("delivered")
     alice = await mail_kith.register("alice")
     await invite(mail_kith, alice)
     signed = await mail_kith.bind("bob@example.com", BOB)
@@ -224,6 +232,7 @@ async def test_errors_are_retried_and_delivered_once(
     await settled(mail_kith, [(3, DONE)])
     await asyncio.sleep(1.5)
     assert len(homeserver.received) == 3
+    assert (onbind_outcomes("retry"), onbind_outcomes("delivered")) == (retries + 2, delivered + 1)
 
 
 def test_backoff_doubles_and_is_capped() -> None:
@@ -271,6 +280,7 @@ async def test_gives_up_after_the_configured_time(
         kith_factory: KithFactory, smtp: SmtpSink, homeserver: OnbindHomeserver,
         caplog: pytest.LogCaptureFixture) -> None:
     homeserver.always_fail = True
+    gave_up = onbind_outcomes("gave_up")
     kith = await kith_factory({**mail_config(smtp),
                                "general": {"onbind.give_up_after": "1.5"}})
     alice = await kith.register("alice")
@@ -286,6 +296,7 @@ async def test_gives_up_after_the_configured_time(
     await settled(kith, [(attempts, GAVE_UP)])
     await asyncio.sleep(1.2)
     assert len(homeserver.received) == attempts
+    assert onbind_outcomes("gave_up") == gave_up + 1
 
 
 async def test_two_deliverers_send_each_row_once(

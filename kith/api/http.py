@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 
 from kith.errors import (
     M_BAD_JSON,
@@ -20,6 +22,7 @@ from kith.errors import (
     M_UNRECOGNIZED,
     MatrixError,
 )
+from kith.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, UNMATCHED_ROUTE
 from kith.services import Services
 from kith.services.accounts import Account
 
@@ -124,13 +127,50 @@ async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
 
 
+_KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
+# Label children by key: `labels()` validates and locks on every call; a dict probe is
+# cheaper.  The keys are bounded (methods above, registered routes, statuses).
+_request_counters: dict[tuple[str, str, int], Counter] = {}
+_duration_histograms: dict[str, Histogram] = {}
+
+
+def _count_request(method: str, route: str, status: int, seconds: float) -> None:
+    key = (method, route, status)
+    counter = _request_counters.get(key)
+    if counter is None:
+        counter = _request_counters[key] = HTTP_REQUESTS.labels(method, route, str(status))
+    counter.inc()
+    histogram = _duration_histograms.get(route)
+    if histogram is None:
+        histogram = _duration_histograms[route] = HTTP_REQUEST_DURATION.labels(route)
+    histogram.observe(seconds)
+
+
+@web.middleware
+async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by its route's template (outside `matrix_errors`,
+    so the status counted is the one answered).  A cancelled request is not counted."""
+    start = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
+    method = request.method if request.method in _KNOWN_METHODS else "other"
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        _count_request(method, route, exc.status, time.perf_counter() - start)
+        raise
+    _count_request(method, route, response.status, time.perf_counter() - start)
+    return response
+
+
 async def add_cors_headers(_request: web.Request, response: web.StreamResponse) -> None:
     response.headers.update(CORS_HEADERS)
 
 
 def new_app(max_body_bytes: int, allow_query_access_token: bool = True) -> web.Application:
-    """An aiohttp app with kith's error handling, CORS, and body limit."""
-    app = web.Application(middlewares=[matrix_errors], client_max_size=max_body_bytes)
+    """An aiohttp app with kith's error handling, CORS, body limit and HTTP metrics."""
+    app = web.Application(middlewares=[http_metrics, matrix_errors],
+                          client_max_size=max_body_bytes)
     app[MAX_BODY_BYTES] = max_body_bytes
     app[ALLOW_QUERY_TOKEN] = allow_query_access_token
     app.on_response_prepare.append(add_cors_headers)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, MatrixError
+from kith.metrics import BINDS, UNBINDS
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
@@ -77,6 +78,7 @@ class BindingService:
         )
         await self._store.associations.write([row])
         self._index.set(row.lookup_hash, mxid)
+        BINDS.inc()
         association = association_json(medium, address, mxid, ts, row.not_before,
                                        row.not_after)
         if self._onbind is not None:
@@ -128,6 +130,7 @@ class BindingService:
         )
         await self._store.associations.write([tombstone])
         self._index.set(tombstone.lookup_hash, None)
+        UNBINDS.inc()
         return True
 
     async def deliver_pending_invites(self) -> int:

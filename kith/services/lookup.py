@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
+from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.coherence import ChangeCounter
 from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
 from kith.sources.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
@@ -149,8 +149,8 @@ class LookupService:
         self.precedence = tuple(precedence)
         self.directory = directory
         self.upstream = upstream
-        # Addresses answered, per source (exposed as metrics).
-        self.answered: Counter[str] = Counter()
+        # Addresses answered, per source: kith_lookup_addresses_total{source}.
+        self.answered = {source: LOOKUP_ADDRESSES.labels(source) for source in self.precedence}
 
     async def close(self) -> None:
         if self.directory is not None:
@@ -212,7 +212,7 @@ class LookupService:
             found = {h: mxid for h in remaining if (mxid := get(h)) is not None}
             if not found:
                 continue
-            self.answered[source] += len(found)
+            self.answered[source].inc(len(found))
             if not mappings:
                 mappings = found
             else:
@@ -247,7 +247,7 @@ class LookupService:
                 log.debug("lookup: %d of %d addresses answered by %s",
                           len(answers), len(unresolved), source)
                 if count:
-                    self.answered[source] += len(answers)
+                    self.answered[source].inc(len(answers))
         return found
 
     async def _from_directory(self, threepids: list[Threepid]) -> dict[Threepid, str]:

@@ -23,6 +23,7 @@ import msgspec
 
 from kith.federation.client import FederationClient
 from kith.federation.errors import FederationError, HomeserverUnreachable
+from kith.metrics import ONBIND_DELIVERIES
 from kith.services.coherence import ChangeCounter
 from kith.services.keys import ServerKeys
 from kith.services.threepid import mxid_server_name
@@ -214,10 +215,12 @@ class OnbindService:
             now = self._clock()
             if error is None:
                 await self._store.invites.delivered(delivery, now, self.delete_tokens)
+                ONBIND_DELIVERIES.labels("delivered").inc()
                 log.info("onbind delivered to %s (delivery %d, attempt %d)",
                          delivery.destination, delivery.id, delivery.attempts + 1)
             elif now - delivery.created_ts >= self.give_up_after_s * 1000:
                 await self._store.invites.gave_up(delivery, now, error)
+                ONBIND_DELIVERIES.labels("gave_up").inc()
                 log.warning("onbind to %s for %s: giving up after %d attempts over %.0f s "
                             "(last error: %s); the invites were not delivered",
                             delivery.destination, delivery.mxid, delivery.attempts + 1,
@@ -226,6 +229,7 @@ class OnbindService:
                 delay = backoff_s(delivery.attempts + 1, self.backoff_base_s,
                                   self.backoff_cap_s)
                 await self._store.invites.failed(delivery, now + int(delay * 1000), error)
+                ONBIND_DELIVERIES.labels("retry").inc()
                 log.info("onbind to %s failed (%s); retrying in %.0f s",
                          delivery.destination, error, delay)
         except Exception:
