@@ -40,6 +40,17 @@ from kith.config_template import (
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def unreadable(path: str) -> str | None:
+    """Why the file at `path` cannot be read, or None if it can (or no path is set)."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot read {path!r}: {e.strerror or e}"
+
+
 class ConfigError(Exception):
     """A configuration value is wrong; the message names the key and the problem."""
 
@@ -431,12 +442,9 @@ class _Section:
 
     def readable_file(self, key: str) -> str:
         path = self.text(key)
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as e:
-                raise self.error(key, f"cannot read {path!r}: {e.strerror or e}") from None
+        problem = unreadable(path)
+        if problem:
+            raise self.error(key, problem)
         return path
 
     def networks(self, key: str) -> tuple[IPNetwork, ...]:

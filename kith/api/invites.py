@@ -8,8 +8,7 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import caller, decode_json, json_response, read_body, services_of
-from kith.errors import M_UNRECOGNIZED, MatrixError
-from kith.services.invites import InviteRequest, InviteService
+from kith.services.invites import InviteRequest
 
 V2 = "/_matrix/identity/v2"
 
@@ -34,19 +33,12 @@ class SignRequest(msgspec.Struct):
     private_key: str
 
 
-def invites_of(request: web.Request) -> InviteService:
-    invites = services_of(request).invites
-    if invites is None:
-        raise MatrixError(404, M_UNRECOGNIZED, "Invites are not served here")
-    return invites
-
-
 async def store_invite(request: web.Request) -> web.Response:
     account = await caller(request)
     raw = await read_body(request)
     body = decode_json(raw, StoreInviteRequest)
     args: dict[str, Any] = msgspec.json.decode(raw)  # an object: decode_json checked it
-    answer = await invites_of(request).store_invite(
+    answer = await services_of(request).invites.store_invite(
         InviteRequest(medium=body.medium, address=body.address, room_id=body.room_id,
                       sender=body.sender, args=args),
         verified_sender=account.user_id if account is not None else None,
@@ -62,7 +54,8 @@ async def sign_ed25519(request: web.Request) -> web.Response:
         # parameters are in the query string.
         raw = msgspec.json.encode(dict(request.query))
     body = decode_json(raw, SignRequest)
-    signed = await invites_of(request).sign_ed25519(body.mxid, body.token, body.private_key)
+    signed = await services_of(request).invites.sign_ed25519(
+        body.mxid, body.token, body.private_key)
     return json_response(signed)
 
 

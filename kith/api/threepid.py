@@ -13,7 +13,7 @@ from kith.api.http import (
     read_body,
     services_of,
 )
-from kith.api.validate import query_params, validation_of
+from kith.api.validate import query_params
 from kith.errors import M_UNAUTHORIZED, MatrixError
 from kith.services import Services
 from kith.services.accounts import Account
@@ -47,7 +47,7 @@ def forbidden(message: str) -> MatrixError:
 async def get_validated_3pid(request: web.Request) -> web.Response:
     await caller(request)
     sid, client_secret = query_params(request, "sid", "client_secret")
-    validated = await validation_of(request).get_validated(sid, client_secret)
+    validated = await services_of(request).validation.get_validated(sid, client_secret)
     return json_response({"medium": validated.medium, "address": validated.address,
                           "validated_at": validated.validated_at})
 
@@ -58,7 +58,8 @@ async def bind(request: web.Request) -> web.Response:
     # v1 (no account) binds to any mxid, as r0.3.0 did; v2 only to the caller's own.
     if account is not None and body.mxid != account.user_id:
         raise forbidden("This user is prohibited from binding to the mxid")
-    validated = await validation_of(request).get_validated(str(body.sid), body.client_secret)
+    validated = await services_of(request).validation.get_validated(
+        str(body.sid), body.client_secret)
     signed = await services_of(request).bindings.bind(
         validated.medium, validated.address, body.mxid)
     return json_response(signed)
@@ -90,7 +91,7 @@ async def authorise_session_unbind(services: Services, request: web.Request,
         raise forbidden("Unbinding needs the sid and client_secret of a validated session")
     address = check_threepid(body.threepid.medium, body.threepid.address)
     try:
-        validated = await validation_of(request).get_validated(str(body.sid),
+        validated = await services_of(request).validation.get_validated(str(body.sid),
                                                                body.client_secret)
     except MatrixError as exc:
         if exc.status >= 500:

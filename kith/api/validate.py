@@ -13,9 +13,8 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import access_token, caller, json_body, json_response, services_of
-from kith.delivery.templates import Templates
-from kith.errors import M_UNRECOGNIZED, MatrixError, missing_params
-from kith.services.validation import ValidationService, session_answer
+from kith.errors import MatrixError, missing_params
+from kith.services.validation import session_answer
 
 V2 = "/_matrix/identity/v2"
 SendAttempt = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
@@ -45,20 +44,6 @@ class SubmitToken(msgspec.Struct):
     token: str
 
 
-def validation_of(request: web.Request) -> ValidationService:
-    validation = services_of(request).validation
-    if validation is None:
-        raise MatrixError(404, M_UNRECOGNIZED, "Validation is not enabled on this server")
-    return validation
-
-
-def templates_of(request: web.Request) -> Templates:
-    templates = services_of(request).templates
-    if templates is None:
-        raise MatrixError(404, M_UNRECOGNIZED, "Validation is not enabled on this server")
-    return templates
-
-
 def query_params(request: web.Request, *names: str) -> list[str]:
     missing = [name for name in names if not request.query.get(name)]
     if missing:
@@ -77,7 +62,7 @@ def is_safe_redirect(link: str | None) -> bool:
 async def email_request_token(request: web.Request) -> web.Response:
     await caller(request)
     body = await json_body(request, EmailRequestToken)
-    sid = await validation_of(request).request_email_token(
+    sid = await services_of(request).validation.request_email_token(
         body.client_secret, body.email, body.send_attempt, body.next_link,
         brand=request.query.get("brand"), requester_ip=request.remote)
     return json_response({"sid": sid})
@@ -86,7 +71,7 @@ async def email_request_token(request: web.Request) -> web.Response:
 async def msisdn_request_token(request: web.Request) -> web.Response:
     await caller(request)
     body = await json_body(request, MsisdnRequestToken)
-    session = await validation_of(request).request_msisdn_token(
+    session = await services_of(request).validation.request_msisdn_token(
         body.client_secret, body.country, body.phone_number, body.send_attempt,
         body.next_link)
     return json_response(session_answer(session))
@@ -95,7 +80,8 @@ async def msisdn_request_token(request: web.Request) -> web.Response:
 async def submit_token_post(request: web.Request) -> web.Response:
     await caller(request)
     body = await json_body(request, SubmitToken)
-    await validation_of(request).submit_token(str(body.sid), body.client_secret, body.token)
+    await services_of(request).validation.submit_token(
+        str(body.sid), body.client_secret, body.token)
     return json_response({"success": True})
 
 
@@ -109,9 +95,9 @@ async def submit_token_get(request: web.Request) -> web.Response:
         await caller(request)
     sid, client_secret, token = query_params(request, "sid", "client_secret", "token")
     brand = request.query.get("brand")
-    templates = templates_of(request)
+    templates = services_of(request).templates
     try:
-        session = await validation_of(request).submit_token(sid, client_secret, token)
+        session = await services_of(request).validation.submit_token(sid, client_secret, token)
     except MatrixError as exc:
         if exc.status >= 500:
             raise

@@ -31,8 +31,8 @@ class Services:
     lookup: LookupService
     bindings: BindingService
     homeserver_auth: HomeserverAuthenticator
-    validation: ValidationService | None = None
-    templates: Templates | None = None
+    validation: ValidationService
+    templates: Templates
+    invites: InviteService
     ldap_sync: LdapSync | None = None
-    invites: InviteService | None = None
     onbind: OnbindService | None = None

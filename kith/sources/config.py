@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from kith.config import ConfigError, KithConfig
+from kith.config import ConfigError, KithConfig, unreadable
 
 MEDIUMS = ("email", "msisdn")  # as kith.services.threepid (not imported: no cycle)
 
@@ -140,12 +140,9 @@ class _Keys:
 
     def readable_file(self, key: str) -> str:
         path = self.text(key)
-        if path:
-            try:
-                with open(path, "rb"):
-                    pass
-            except OSError as e:
-                raise self.error(key, f"cannot read {path!r}: {e.strerror or e}") from None
+        problem = unreadable(path)
+        if problem:
+            raise self.error(key, problem)
         return path
 
 

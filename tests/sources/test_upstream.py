@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from kith.sources.upstream import UpstreamIdentityServer
-from tests.conftest import KithFactory, RunningKith, free_port
+from tests.conftest import KithFactory, RunningKith, free_port, serving
 
 V2 = "/_matrix/identity/v2"
 
@@ -38,14 +38,8 @@ def upstream_of(kith: RunningKith) -> UpstreamIdentityServer:
 async def fake_upstream(handler: Callable[[web.Request], Any]) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def proxied_kith(kith_factory: KithFactory, identity: str,
