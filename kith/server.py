@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -60,24 +59,20 @@ log = logging.getLogger(__name__)
 INDEX_FOLLOW_INTERVAL_S = 1.0
 
 
-class ListenError(Exception):
-    """A listener could not be opened (port in use, address not available, ...)."""
 # A validation request waits at most this long for the SMTP server or SMS provider.
 DELIVERY_TIMEOUT_S = 10.0
 
 
-def server_name_of(config: KithConfig) -> str:
-    if config.general.server_name:
-        return config.general.server_name
-    name = socket.gethostname()
-    log.warning("[general] server.name is not set; signing as the host name %r", name)
-    return name
+class ListenError(Exception):
+    """A listener could not be opened (port in use, address not available, ...)."""
 
 
 async def build_services(config: KithConfig, store: Store, federation: FederationClient,
                          counters: SharedCounters | None = None) -> Services:
     """Everything one process serves with; `counters` when it is one of several workers."""
-    keys = ServerKeys(server_name_of(config), parse_signing_key(config.crypto.signing_key))
+    # The config falls back to the host name (with a warning) when server.name is empty.
+    keys = ServerKeys(config.general.server_name,
+                      parse_signing_key(config.crypto.signing_key))
     try:
         terms_source = TermsSource(config.general.terms_path)
     except TermsFileError as exc:
