@@ -58,12 +58,12 @@ invite=%(token)s key=%(ephemeral_private_key)s
 
 
 def sydent_python() -> str:
-    """The interpreter of a venv holding matrix-sydent 2.6.1 (`make sydent-venv`)."""
+    """The interpreter of a venv holding matrix-sydent 2.6.1 (`make install-sydent`)."""
     python = os.environ.get("KITH_SYDENT_PYTHON") or str(ROOT / ".venv-sydent/bin/python")
     if not Path(python).exists():
         if os.environ.get("CI"):
             pytest.fail(f"no Sydent venv at {python}: `make test` builds it")
-        pytest.skip(f"no Sydent venv at {python} (make sydent-venv)")
+        pytest.skip(f"no Sydent venv at {python} (make install-sydent)")
     return python
 
 
