@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.coherence import ChangeCounter
+from kith.services.lookup_table import LookupTable
 from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
 from kith.sources.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
 from kith.sources.errors import LdapError
@@ -47,20 +48,20 @@ class AssociationIndex:
         self._changes = changes or ChangeCounter()
         self._seen_changes = self._changes.value()
         self._order = tuple(order)
-        self._by_source: dict[str, dict[str, str]] = {source: {} for source in self._order}
+        self._by_source = {source: LookupTable() for source in self._order}
         self.last_id = 0
 
     def __len__(self) -> int:
         return sum(len(mxids) for mxids in self._by_source.values())
 
-    def source(self, source: str) -> dict[str, str]:
+    def source(self, source: str) -> LookupTable:
         """The map of one source (read only, for probing in a chosen order)."""
-        return self._by_source.setdefault(source, {})
+        return self._by_source.setdefault(source, LookupTable())
 
     def get(self, hash_: str, source: str | None = None) -> str | None:
         """The mxid of `hash_` in `source`, or in the first source (index order) having it."""
         if source is not None:
-            return self._by_source.get(source, {}).get(hash_)
+            return self.source(source).get(hash_)
         for mxids in self._by_source.values():
             mxid = mxids.get(hash_)
             if mxid is not None:
@@ -75,17 +76,12 @@ class AssociationIndex:
 
     def set_many(self, source: str, entries: Iterable[tuple[str, str | None]]) -> None:
         """Record many committed writes of one source, telling the other processes once."""
-        for hash_, mxid in entries:
-            self._apply_one(source, hash_, mxid)
+        self.source(source).update(entries)
         self._changes.bump()
         self._seen_changes += 1
 
     def _apply_one(self, source: str, hash_: str, mxid: str | None) -> None:
-        mxids = self._by_source.setdefault(source, {})
-        if mxid is None:
-            mxids.pop(hash_, None)
-        else:
-            mxids[hash_] = mxid
+        self.source(source).set(hash_, mxid)
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
         for change in changes:
@@ -99,8 +95,11 @@ class AssociationIndex:
         self._seen_changes = self._changes.value()
         start = await store.associations.max_id()
         async for chunk in store.associations.stream_bound():
+            by_source: dict[str, list[tuple[str, str | None]]] = {}
             for change in chunk:
-                self._apply_one(change.source, change.lookup_hash, change.mxid)
+                by_source.setdefault(change.source, []).append((change.lookup_hash, change.mxid))
+            for source, entries in by_source.items():
+                self.source(source).update(entries)
         self.last_id = start
         await self.catch_up()
 
@@ -208,8 +207,7 @@ class LookupService:
         mappings: dict[str, str] = {}
         remaining = hashes
         for i, source in enumerate(sources):
-            get = self.index.source(source).get
-            found = {h: mxid for h in remaining if (mxid := get(h)) is not None}
+            found = self.index.source(source).find(remaining)
             if not found:
                 continue
             self.answered[source].inc(len(found))
