@@ -56,7 +56,10 @@ class AssociationIndex:
 
     def source(self, source: str) -> LookupTable:
         """The map of one source (read only, for probing in a chosen order)."""
-        return self._by_source.setdefault(source, LookupTable())
+        table = self._by_source.get(source)
+        if table is None:
+            table = self._by_source[source] = LookupTable()
+        return table
 
     def get(self, hash_: str, source: str | None = None) -> str | None:
         """The mxid of `hash_` in `source`, or in the first source (index order) having it."""
@@ -84,10 +87,13 @@ class AssociationIndex:
         self.source(source).set(hash_, mxid)
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
+        by_source: dict[str, list[tuple[str, str | None]]] = {}
         for change in changes:
-            self._apply_one(change.source, change.lookup_hash, change.mxid)
+            by_source.setdefault(change.source, []).append((change.lookup_hash, change.mxid))
             if change.id > self.last_id:
                 self.last_id = change.id
+        for source, entries in by_source.items():
+            self.source(source).update(entries)
 
     async def load(self) -> None:
         """Fill the index from the store, then catch up on what changed meanwhile."""
@@ -95,11 +101,7 @@ class AssociationIndex:
         self._seen_changes = self._changes.value()
         start = await store.associations.max_id()
         async for chunk in store.associations.stream_bound():
-            by_source: dict[str, list[tuple[str, str | None]]] = {}
-            for change in chunk:
-                by_source.setdefault(change.source, []).append((change.lookup_hash, change.mxid))
-            for source, entries in by_source.items():
-                self.source(source).update(entries)
+            self.apply(chunk)
         self.last_id = start
         await self.catch_up()
 
