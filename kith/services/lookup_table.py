@@ -178,8 +178,11 @@ class LookupTable:
         # Rare, so one by one: a fingerprint that matched another hash, and a hash not
         # found in a full bucket (it may have overflowed into the next one).
         found = np.flatnonzero(rows >= 0)
-        differ = self._hashes.take(rows.take(found), axis=0) != asked.take(found, axis=0)
-        again = found[differ.any(axis=1)]
+        stored, given = self._hashes.take(rows.take(found), axis=0), asked.take(found, axis=0)
+        differ = stored[:, 0] ^ given[:, 0]
+        for word in range(1, _WORDS):
+            differ |= stored[:, word] ^ given[:, word]
+        again = found[differ != 0]
         overflowed = np.flatnonzero((rows < 0) & (slots[:, -1] != 0))
         for p in [*again.tolist(), *overflowed.tolist()]:
             row = self._locate(raw[p * _RECORD:p * _RECORD + HASH_LENGTH])
