@@ -1,11 +1,12 @@
-"""A lookup hash → mxid map laid out so that a batch of lookups probes memory in parallel.
+"""lookup hash → mxid: a dict, and for big maps also flat arrays for big batches.
 
 A Python dict answers one probe at a time, and with a million bindings nearly every probe
 misses the CPU caches several times over (the table, the entry, the key object, the
-value object).  Here the map lives in a few flat arrays: a bucketed hash table of packed
-(fingerprint, row) slots, and the lookup hashes and mxids by row.  A batch of addresses
-becomes a handful of array operations whose memory accesses overlap, so a 1000-address
-lookup costs nearly the same with 2k or 1M bindings (docs/decisions.md).
+value object).  `HashArrays` keeps the map in a few flat arrays: a bucketed hash table
+of packed (fingerprint, row) slots, and the lookup hashes and mxids by row.  A batch of
+addresses becomes a handful of array operations whose memory accesses overlap, so a
+1000-address lookup costs nearly the same with 2k or 1M bindings; but those operations
+cost a fixed ~30 µs, so small batches stay with the dict (docs/decisions.md).
 
 Lookup hashes are 43 characters of unpadded URL-safe base64 (sha256); anything else can
 never match.  Rows are never freed: unbinding empties a row's mxid and binding the same
@@ -33,8 +34,10 @@ _BUCKET = 8        # slots per bucket: one 64-byte cache line of uint64
 _MAX_LOAD = 0.375  # rows per slot before the table doubles
 _MIN_BUCKETS = 16
 _MIN_ROWS = 64
-# Up to this many hashes a dict is faster for every batch size (docs/decisions.md).
-SMALL_MAX = 100_000
+# Up to this many hashes a dict answers every batch size fastest; past it, batches of
+# ARRAY_BATCH_MIN addresses or more go to the arrays (docs/decisions.md).
+ARRAYS_FROM = 100_000
+ARRAY_BATCH_MIN = 256
 # Below this many addresses the fixed cost of array operations outweighs their gain.
 _VECTOR_MIN = 16
 _M64 = (1 << 64) - 1
@@ -48,14 +51,68 @@ U64Array = npt.NDArray[np.uint64]
 class LookupTable:
     """lookup hash → mxid for one source of associations.
 
-    Up to `small_max` hashes the map is a plain dict: while it fits the CPU caches a
-    dict is the fastest map there is, for batches of any size.  Past that, it moves
-    into the arrays for good.
+    Always a dict: while it fits the CPU caches nothing answers faster, and it answers
+    small batches fastest at any size.  Past `arrays_from` hashes the same map is also
+    kept in `HashArrays`, which answer big batches (`ARRAY_BATCH_MIN` addresses or more)
+    without paying the dict's cache misses one address at a time.
     """
 
-    def __init__(self, small_max: int = SMALL_MAX) -> None:
-        self._small: dict[str, str] | None = {} if small_max > 0 else None
-        self._small_max = small_max
+    def __init__(self, arrays_from: int = ARRAYS_FROM) -> None:
+        self._mxids: dict[str, str] = {}
+        self._arrays_from = arrays_from
+        self._arrays: HashArrays | None = HashArrays() if arrays_from <= 0 else None
+
+    def __len__(self) -> int:
+        return len(self._mxids)
+
+    def get(self, lookup_hash: str) -> str | None:
+        return self._mxids.get(lookup_hash)
+
+    def set(self, lookup_hash: str, mxid: str | None) -> None:
+        """Bind `lookup_hash` to `mxid`, or unbind it when `mxid` is None.  A string that
+        is not a lookup hash could never be asked for, so it is not kept."""
+        if _key_bytes(lookup_hash) is None:
+            return
+        if mxid is None:
+            self._mxids.pop(lookup_hash, None)
+        else:
+            self._mxids[lookup_hash] = mxid
+        if self._arrays is not None:
+            self._arrays.set(lookup_hash, mxid)
+        elif len(self._mxids) > self._arrays_from:
+            self._start_arrays()
+
+    def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
+        """`set` for many entries (the last entry of a hash wins)."""
+        latest = {h: mxid for h, mxid in entries if _key_bytes(h) is not None}
+        for lookup_hash, mxid in latest.items():
+            if mxid is None:
+                self._mxids.pop(lookup_hash, None)
+            else:
+                self._mxids[lookup_hash] = mxid
+        if self._arrays is not None:
+            self._arrays.update(latest.items())
+        elif len(self._mxids) > self._arrays_from:
+            self._start_arrays()
+
+    def find(self, hashes: Sequence[str]) -> dict[str, str]:
+        """The mxid of each of `hashes` that is bound."""
+        if self._arrays is not None and len(hashes) >= ARRAY_BATCH_MIN:
+            return self._arrays.find(hashes)
+        get = self._mxids.get
+        return {h: mxid for h in hashes if (mxid := get(h)) is not None}
+
+    def _start_arrays(self) -> None:
+        self._arrays = HashArrays()
+        items = list(self._mxids.items())
+        for start in range(0, len(items), 50_000):
+            self._arrays.update(items[start:start + 50_000])
+
+
+class HashArrays:
+    """lookup hash → mxid in flat arrays, for answering big batches."""
+
+    def __init__(self) -> None:
         # Random odd multipliers: where a hash lands cannot be predicted from outside.
         self._k1 = secrets.randbits(64) | 1
         self._k2 = secrets.randbits(64) | 1
@@ -68,19 +125,11 @@ class LookupTable:
         self._resize_table(_MIN_BUCKETS)
 
     def __len__(self) -> int:
-        return self._live if self._small is None else len(self._small)
-
-    def _outgrown(self) -> None:
-        """Move the dict's entries into the arrays, for good."""
-        small, self._small = self._small, None
-        if small:
-            self.update(small.items())
+        return self._live
 
     # --- one address ------------------------------------------------------------------
 
     def get(self, lookup_hash: str) -> str | None:
-        if self._small is not None:
-            return self._small.get(lookup_hash)
         key = _key_bytes(lookup_hash)
         if key is None:
             return None
@@ -92,14 +141,6 @@ class LookupTable:
         is not a lookup hash could never be asked for, so it is not kept."""
         key = _key_bytes(lookup_hash)
         if key is None:
-            return
-        if self._small is not None:
-            if mxid is None:
-                self._small.pop(lookup_hash, None)
-                return
-            self._small[lookup_hash] = mxid
-            if len(self._small) > self._small_max:
-                self._outgrown()
             return
         row = self._locate(key)
         if row is None:
@@ -117,9 +158,8 @@ class LookupTable:
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
-        get = self.get if self._small is None else self._small.get
-        if self._small is not None or len(hashes) < _VECTOR_MIN:
-            return {h: mxid for h in hashes if (mxid := get(h)) is not None}
+        if len(hashes) < _VECTOR_MIN:
+            return {h: mxid for h in hashes if (mxid := self.get(h)) is not None}
         raw = _records(hashes)
         if raw is None:
             hashes = [h for h in hashes if _key_bytes(h) is not None]
@@ -140,9 +180,7 @@ class LookupTable:
         """`set` for many entries at once (the last entry of a hash wins)."""
         latest = {h: mxid for h, mxid in entries if _key_bytes(h) is not None}
         hashes = list(latest)
-        if self._small is not None and len(self._small) + len(hashes) > self._small_max:
-            self._outgrown()
-        if self._small is not None or len(hashes) < _VECTOR_MIN:
+        if len(hashes) < _VECTOR_MIN:
             for lookup_hash, mxid in latest.items():
                 self.set(lookup_hash, mxid)
             return
