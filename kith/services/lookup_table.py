@@ -73,27 +73,27 @@ class LookupTable:
         is not a lookup hash could never be asked for, so it is not kept."""
         if _key_bytes(lookup_hash) is None:
             return
-        if mxid is None:
-            self._mxids.pop(lookup_hash, None)
-        else:
-            self._mxids[lookup_hash] = mxid
+        self._remember(lookup_hash, mxid)
         if self._arrays is not None:
             self._arrays.set(lookup_hash, mxid)
-        elif len(self._mxids) > self._arrays_from:
-            self._start_arrays()
+        else:
+            self._start_arrays_when_big()
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries (the last entry of a hash wins)."""
         latest = {h: mxid for h, mxid in entries if _key_bytes(h) is not None}
         for lookup_hash, mxid in latest.items():
-            if mxid is None:
-                self._mxids.pop(lookup_hash, None)
-            else:
-                self._mxids[lookup_hash] = mxid
+            self._remember(lookup_hash, mxid)
         if self._arrays is not None:
             self._arrays.update(latest.items())
-        elif len(self._mxids) > self._arrays_from:
-            self._start_arrays()
+        else:
+            self._start_arrays_when_big()
+
+    def _remember(self, lookup_hash: str, mxid: str | None) -> None:
+        if mxid is None:
+            self._mxids.pop(lookup_hash, None)
+        else:
+            self._mxids[lookup_hash] = mxid
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
@@ -102,7 +102,9 @@ class LookupTable:
         get = self._mxids.get
         return {h: mxid for h in hashes if (mxid := get(h)) is not None}
 
-    def _start_arrays(self) -> None:
+    def _start_arrays_when_big(self) -> None:
+        if len(self._mxids) <= self._arrays_from:
+            return
         self._arrays = HashArrays()
         items = list(self._mxids.items())
         for start in range(0, len(items), 50_000):
