@@ -226,6 +226,7 @@ class KithServer:
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     client_tls: ClientTls | None = None
+    stopped: bool = False
 
     async def start(self) -> None:
         self.client_tls = await ClientTls.from_config(self.config.http)
@@ -280,6 +281,10 @@ class KithServer:
             raise ListenError(f"cannot listen on [{host}]:{port}: {exc.strerror}") from exc
 
     async def stop(self) -> None:
+        """Stop what `start` started; a second call does nothing."""
+        if self.stopped:
+            return
+        self.stopped = True
         for task in self.tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

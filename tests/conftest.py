@@ -25,6 +25,13 @@ from kith.server import KithServer
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The PostgreSQL fixtures (tests/pg.py), for the store tests and any other test
+    # that runs kith on PostgreSQL.
+    if not config.pluginmanager.has_plugin("tests.pg"):
+        config.pluginmanager.import_plugin("tests.pg")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

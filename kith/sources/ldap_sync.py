@@ -24,6 +24,7 @@ from kith.services.threepid import lookup_hash
 from kith.sources.config import LDAP
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, Threepid, pick_owners
 from kith.store import AssociationRow, Store
+from kith.store.database import LDAP_SYNC_LOCK_KEY, HeldLock
 
 if TYPE_CHECKING:
     from kith.services.lookup import AssociationIndex
@@ -57,6 +58,13 @@ class LdapSync:
         self._cursor: str | None = None
         self._last_full = 0.0
         self._lock = asyncio.Lock()
+        # True while this instance is the one that syncs (see `run`).
+        self.syncing = False
+
+    @property
+    def last_full(self) -> float:
+        """When the last full sync ended, by the sync's clock (0: none yet)."""
+        return self._last_full
 
     async def full(self) -> SyncResult:
         """Make the stored 'ldap' rows exactly what the directory holds now."""
@@ -93,17 +101,45 @@ class LdapSync:
             return SyncResult(len(entries), written, removed)
 
     async def run(self) -> None:
-        """Sync at start, then every sync_interval (fully every full_sync_interval)."""
+        """Sync at start, then every sync_interval (fully every full_sync_interval).
+
+        Instances sharing one PostgreSQL database sync one at a time: the one holding
+        the database's sync lock does it for all, and the others take over (with a full
+        sync) when it stops."""
         interval_s = self._directory.config.sync_interval_s
         full_interval_s = self._directory.config.full_sync_interval_s
+        held = await self._wait_for_turn(interval_s)
+        try:
+            while True:
+                try:
+                    if self._cursor is None or self._clock() - self._last_full >= full_interval_s:
+                        await self.full()
+                    else:
+                        await self.incremental()
+                except Exception as exc:  # noqa: BLE001 - a dead directory must not stop kith
+                    log.warning("LDAP sync failed: %s", exc)
+                await asyncio.sleep(interval_s)
+        finally:
+            self.syncing = False
+            await held.release()
+
+    async def _wait_for_turn(self, interval_s: float) -> HeldLock:
+        said = False
         while True:
             try:
-                if self._cursor is None or self._clock() - self._last_full >= full_interval_s:
-                    await self.full()
-                else:
-                    await self.incremental()
-            except Exception as exc:  # noqa: BLE001 - a dead directory must not stop kith
-                log.warning("LDAP sync failed: %s", exc)
+                held = await self._store.db.try_hold(LDAP_SYNC_LOCK_KEY)
+            except Exception as exc:  # noqa: BLE001 - a dead database must not stop kith
+                log.warning("could not take the LDAP sync lock: %s", exc)
+                held = None
+            if held is not None:
+                if said:
+                    log.info("this instance now syncs the LDAP directory")
+                self.syncing = True
+                return held
+            if not said:
+                log.info("another kith instance syncs the LDAP directory into the shared "
+                         "database; this one takes over if it stops")
+                said = True
             await asyncio.sleep(interval_s)
 
     def _advance(self, entries: Iterable[DirectoryEntry]) -> None:

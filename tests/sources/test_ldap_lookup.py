@@ -209,3 +209,31 @@ def test_one_worker_claims_the_sync() -> None:
     counters = SharedCounters()
     assert counters.claim(SharedCounters.LDAP_SYNC)
     assert not counters.claim(SharedCounters.LDAP_SYNC)
+
+
+@pytest.mark.postgres
+async def test_instances_sharing_postgresql_sync_one_at_a_time(
+        postgresql_url: str, kith_factory: KithFactory, slapd: Slapd) -> None:
+    # (postgresql_url first: the database outlives the kiths at teardown)
+    sections = {"db": {"db.url": postgresql_url},
+                "ldap": slapd.ldap_section(sync_interval="0.1")}
+    first = await kith_factory(sections, name="first")
+    second = await kith_factory(sections, name="second")
+    for _ in range(100):
+        if sync_of(first).syncing and sync_of(first).last_full:
+            break
+        await asyncio.sleep(0.05)
+    assert sync_of(first).syncing
+    await asyncio.sleep(0.5)  # several of the second's attempts
+    assert not sync_of(second).syncing and not sync_of(second).last_full
+    # Both answer from the rows the first one synced.
+    token = await second.register("alice")
+    assert await hashed(second, token, ("email", "carol@example.org")) == {
+        "carol@example.org": "@carol:hs.test"}
+
+    await first.server.stop()
+    for _ in range(100):
+        if sync_of(second).syncing and sync_of(second).last_full:
+            break
+        await asyncio.sleep(0.05)
+    assert sync_of(second).syncing and sync_of(second).last_full

@@ -11,13 +11,6 @@ from kith.config import DbConfig
 from kith.store import Store
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # The PostgreSQL fixtures (tests/pg.py); a no-op once the top-level conftest
-    # lists "tests.pg" in pytest_plugins.
-    if not config.pluginmanager.has_plugin("tests.pg"):
-        config.pluginmanager.import_plugin("tests.pg")
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_config(request: pytest.FixtureRequest, tmp_path: Path) -> DbConfig:
     """An empty database of each backend."""
