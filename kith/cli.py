@@ -8,6 +8,7 @@ import json
 import logging
 import logging.handlers
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -176,6 +177,35 @@ def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
     return result[0]
 
 
+def cmd_onbind(args: argparse.Namespace, config: KithConfig) -> int:
+    from kith.store import Store
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        try:
+            if args.retry:
+                now = int(time.time() * 1000)
+                due = await store.invites.retry_now(now)
+                revived = await store.invites.revive(now)
+                print(f"{due} pending deliveries are due now; {revived} that had given up "
+                      "get one more attempt (by the running server, within seconds)")
+            for d in await store.invites.report():
+                when = (f"next attempt {_iso(d.next_attempt_ts)}" if d.finished_ts is None
+                        else f"finished {_iso(d.finished_ts)}")
+                error = f"  last error: {d.last_error}" if d.last_error else ""
+                print(f"#{d.id} {d.state} to {d.destination} for {d.mxid}: "
+                      f"{d.attempts} attempts, queued {_iso(d.created_ts)}, {when}{error}")
+        finally:
+            await store.close()
+
+    _run(main())
+    return 0
+
+
+def _iso(ts_ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_ms / 1000))
+
+
 def cmd_bind(args: argparse.Namespace, config: KithConfig) -> int:
     signed = _offline(lambda s: s.bindings.bind(args.medium, args.address, args.mxid), config)
     print(json.dumps(signed, indent=2, sort_keys=True))
@@ -220,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "container health checks)")
     sub.add_parser("check-config",
                    help="read and validate the configuration, list keys kith ignores")
+    onbind = sub.add_parser(
+        "onbind",
+        help="list the onbind notifications queued for homeservers (pending, done, "
+             "gave_up) with their attempts and last error")
+    onbind.add_argument("--retry", action="store_true",
+                        help="first make the pending ones due now and give those that "
+                             "gave up one more attempt")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
@@ -235,6 +272,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "check-config": cmd_check_config,
     "healthcheck": cmd_healthcheck,
     "import-sydent": cmd_import_sydent,
+    "onbind": cmd_onbind,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
 }

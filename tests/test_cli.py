@@ -1,13 +1,16 @@
-"""The kith command: help, configuration errors, healthcheck, offline bind/unbind."""
+"""The kith command: help, configuration errors, healthcheck, offline bind/unbind, onbind."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kith.config import load_config
+from kith.store import InviteTokenRow, Store
 from tests.conftest import free_port, write_config
 
 
@@ -19,7 +22,7 @@ def kith(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_help_explains_every_subcommand(tmp_path: Path) -> None:
     out = kith("--help", cwd=tmp_path).stdout
     for command in ("serve", "generate-config", "check-config", "healthcheck", "bind",
-                    "unbind"):
+                    "unbind", "onbind", "import-sydent"):
         assert command in out
 
 
@@ -87,3 +90,57 @@ def test_offline_bind_and_unbind(tmp_path: Path) -> None:
     assert result.returncode == 2  # argparse refuses the medium
     result = kith("--config", str(path), "bind", "email", "nope", "@a:hs.test", cwd=tmp_path)
     assert result.returncode == 1 and "M_INVALID_PARAM" in result.stderr
+
+
+def test_onbind_lists_and_retries_deliveries(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {})
+    db = load_config(str(path), env={}).db
+
+    def invite(token: str, address: str) -> InviteTokenRow:
+        return InviteTokenRow(medium="email", address=address, room_id="!r:hs.test",
+                              sender="@alice:hs.test", token=token, received_ts=1_000)
+
+    async def queue() -> None:
+        store = await Store.open(db)
+        try:
+            for token, address in (("t1", "bob@example.com"), ("t2", "carol@example.com")):
+                await store.invites.add(invite(token, address), f"pk-{token}")
+                await store.invites.queue_onbind("email", address, "hs.test",
+                                                 f"@{address[:3]}:hs.test", 5_000,
+                                                 lambda invites: {"invites": []})
+            first, second = await store.invites.due_deliveries(5_000, 10)
+            waiting = await store.invites.claim(first, 5_000, 60_000)
+            assert waiting is not None
+            await store.invites.failed(waiting, next_attempt_ts=9_999_999_999_999,
+                                       error="HTTP 502")
+            stuck = await store.invites.claim(second, 5_000, 60_000)
+            assert stuck is not None
+            await store.invites.gave_up(stuck, 6_000, "connection refused")
+        finally:
+            await store.close()
+
+    asyncio.run(queue())
+    listed = kith("--config", str(path), "onbind", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("#1 pending to hs.test for @bob:hs.test: 1 attempts")
+    assert "next attempt 2286-" in lines[0] and "last error: HTTP 502" in lines[0]
+    assert lines[1].startswith("#2 gave_up to hs.test for @car:hs.test: 1 attempts")
+    assert "finished 1970-01-01T00:00:06Z" in lines[1]
+
+    before = int(time.time() * 1000)
+    retried = kith("--config", str(path), "onbind", "--retry", cwd=tmp_path)
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout.startswith("1 pending deliveries are due now; 1 that had given up")
+
+    async def states() -> list[tuple[str, int]]:
+        store = await Store.open(db)
+        try:
+            return [(d.state, d.next_attempt_ts) for d in await store.invites.report()]
+        finally:
+            await store.close()
+
+    after = asyncio.run(states())
+    assert [state for state, _ in after] == ["pending", "pending"]
+    assert all(before <= due <= int(time.time() * 1000) for _, due in after)

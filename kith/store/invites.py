@@ -43,6 +43,21 @@ class OnbindDelivery:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryReport:
+    """An onbind delivery as an operator sees it (`kith onbind`)."""
+
+    id: int
+    destination: str
+    mxid: str
+    state: str
+    attempts: int
+    created_ts: int
+    next_attempt_ts: int
+    finished_ts: int | None
+    last_error: str | None
+
+
 _TOKEN_COLUMNS = [tokens.c[name] for name in InviteTokenRow.__slots__]
 _DELIVERY_COLUMNS = [deliveries.c[name] for name in OnbindDelivery.__slots__]
 
@@ -232,16 +247,34 @@ class InviteStore:
                 .where(deliveries.c.id.in_(delivery_ids), deliveries.c.state == PENDING)
                 .values(claimed_until=None))
 
-    async def retry_now(self, now_ms: int) -> None:
+    async def retry_now(self, now_ms: int) -> int:
         """Make every pending, unclaimed delivery due now (at start: a restart is the
-        moment an operator expects stuck deliveries to be tried again)."""
+        moment an operator expects stuck deliveries to be tried again); how many."""
         async with self._db.engine.begin() as conn:
-            await conn.execute(
+            result = await conn.execute(
                 update(deliveries)
                 .where(deliveries.c.state == PENDING, deliveries.c.next_attempt_ts > now_ms,
                        or_(deliveries.c.claimed_until.is_(None),
                            deliveries.c.claimed_until < now_ms))
                 .values(next_attempt_ts=now_ms))
+            return result.rowcount or 0
+
+    async def revive(self, now_ms: int) -> int:
+        """Give every delivery that gave up one more attempt, now; how many.  (Its age
+        is kept, so a delivery that fails again gives up again at once.)"""
+        async with self._db.engine.begin() as conn:
+            result = await conn.execute(
+                update(deliveries).where(deliveries.c.state == GAVE_UP)
+                .values(state=PENDING, next_attempt_ts=now_ms, finished_ts=None,
+                        claimed_until=None))
+            return result.rowcount or 0
+
+    async def report(self) -> list[DeliveryReport]:
+        """Every delivery still kept (finished ones are pruned after a while), oldest first."""
+        columns = [deliveries.c[name] for name in DeliveryReport.__slots__]
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(select(*columns).order_by(deliveries.c.id))
+            return [DeliveryReport(*row) for row in result]
 
     async def prune(self, finished_before_ms: int) -> None:
         """Forget deliveries that finished (done or given up) before the given time."""

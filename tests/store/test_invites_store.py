@@ -124,3 +124,26 @@ async def test_pending_invites_are_coherent_across_workers(store: Store) -> None
     assert not await other.may_have("email", "carol@example.com")
     assert await other.reload() == {("email", "bob@example.com"),
                                     ("email", "carol@example.com")}
+
+
+async def test_an_operator_retries_and_revives_deliveries(store: Store) -> None:
+    await store.invites.add(invite("t1"), "pk1")
+    await store.invites.add(invite("t2", address="carol@example.com"), "pk2")
+    await queue(store, now=1_000)
+    await queue(store, now=1_000, address="carol@example.com")
+    first, second = await store.invites.due_deliveries(1_000, 10)
+    failing = await store.invites.claim(first, 1_000, 60_000)
+    assert failing is not None
+    await store.invites.failed(failing, next_attempt_ts=50_000, error="HTTP 502")
+    stuck = await store.invites.claim(second, 1_000, 60_000)
+    assert stuck is not None
+    await store.invites.gave_up(stuck, 2_000, "connection refused")
+    assert [(d.state, d.attempts, d.finished_ts, d.last_error)
+            for d in await store.invites.report()] == [
+        (PENDING, 1, None, "HTTP 502"), (GAVE_UP, 1, 2_000, "connection refused")]
+    assert await store.invites.retry_now(3_000) == 1
+    assert await store.invites.revive(3_000) == 1
+    assert await store.invites.revive(3_000) == 0
+    assert [(d.state, d.next_attempt_ts, d.finished_ts) for d in await store.invites.report()] == [
+        (PENDING, 3_000, None), (PENDING, 3_000, None)]
+    assert await store.invites.due_deliveries(3_000, 10) == [first, second]
