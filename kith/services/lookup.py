@@ -73,7 +73,7 @@ class AssociationIndex:
 
     def set(self, hash_: str, mxid: str | None, source: str = LOCAL) -> None:
         """Record a committed local write (and tell the other processes)."""
-        self._apply_one(source, hash_, mxid)
+        self.source(source).set(hash_, mxid)
         self._changes.bump()
         self._seen_changes += 1
 
@@ -82,9 +82,6 @@ class AssociationIndex:
         self.source(source).update(entries)
         self._changes.bump()
         self._seen_changes += 1
-
-    def _apply_one(self, source: str, hash_: str, mxid: str | None) -> None:
-        self.source(source).set(hash_, mxid)
 
     def apply(self, changes: Iterable[IndexChange]) -> None:
         by_source: dict[str, list[tuple[str, str | None]]] = {}
