@@ -1,0 +1,164 @@
+"""The typed, frozen configuration kith runs on (read by `kith.config`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def unreadable(path: str) -> str | None:
+    """Why the file at `path` cannot be read, or None if it can (or no path is set)."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        return f"cannot read {path!r}: {e.strerror or e}"
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class GeneralConfig:
+    server_name: str
+    # kith: other public names of this server (what homeservers call it).
+    server_aliases: tuple[str, ...] = ()
+    log_path: str = ""
+    log_level: str = "INFO"
+    pidfile_path: str = "sydent.pid"
+    terms_path: str = ""
+    address_lookup_limit: int = 10000
+    templates_path: str = "res"
+    brand_default: str = "matrix-org"
+    enable_v1_access: bool = True
+    enable_v1_associations: bool = True
+    delete_tokens_on_bind: bool = True
+    ip_blacklist: tuple[IPNetwork, ...] = ()
+    ip_whitelist: tuple[IPNetwork, ...] = ()
+    homeserver_allow_list: frozenset[str] = frozenset()
+    prometheus_port: int | None = None
+    prometheus_addr: str = ""
+    # kith: accept `?access_token=` (deprecated by the spec, still sent by Synapse).
+    allow_query_access_token: bool = True
+    # kith: number of HTTP worker processes sharing the client port.
+    workers: int = 1
+    # kith: stop retrying an onbind callback this many seconds after the bind.
+    onbind_give_up_after_s: float = 7 * 24 * 60 * 60
+
+
+@dataclass(frozen=True)
+class DbConfig:
+    file: str = "sydent.db"
+    # kith: a SQLAlchemy URL (postgresql://...) overrides `db.file`.
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    client_bind_address: str = "::"
+    client_port: int = 8090
+    # kith: serve the client API over TLS with this PEM certificate (chain) and key.
+    client_https_certfile: str = ""
+    client_https_keyfile: str = ""
+    internal_bind_address: str = "::1"
+    internal_port: int | None = None
+    obey_x_forwarded_for: bool = False
+    federation_verifycerts: bool = True
+    client_http_base: str = ""
+    verify_response_template: str = ""
+    # kith: largest request body accepted, in bytes (Sydent: 512 KiB).
+    max_body_bytes: int = 512 * 1024
+    # kith: timeout for one outbound request to a homeserver, in seconds.
+    federation_timeout_s: float = 10.0
+    # kith, for tests only: server name → base URL (e.g. http://127.0.0.1:1234),
+    # bypassing discovery.  `federation.test_overrides = a:8448=http://127.0.0.1:1`.
+    federation_test_overrides: tuple[tuple[str, str], ...] = ()
+    # kith: extra CA bundle for homeserver TLS.
+    federation_ca_file: str = ""
+    # Replication listener (mutual TLS); no certfile → no listener and no pushes.
+    replication_certfile: str = ""
+    replication_cacert: str = ""
+    replication_bind_address: str = "::"
+    replication_port: int = 4434
+
+
+@dataclass(frozen=True)
+class EmailConfig:
+    sender: str = "Sydent Validation <noreply@{hostname}>"
+    subject: str = "Your Validation Token"
+    invite_subject: str = "%(sender_display_name)s has invited you to chat"
+    invite_subject_space: str = "%(sender_display_name)s has invited you to a space"
+    smtp_host: str = "localhost"
+    smtp_port: int = 25
+    smtp_username: str = ""
+    smtp_password: str = ""
+    hostname: str = ""
+    tls_mode: str = "0"
+    # kith: extra CA bundle (PEM) trusted, besides the system CAs, for the SMTP server.
+    tls_cafile: str = ""
+    default_web_client_location: str = "https://app.element.io"
+    username_obfuscate_characters: int = 3
+    domain_obfuscate_characters: int = 3
+    homeserver_blocklist: tuple[str, ...] = ()
+    room_blocklist: tuple[str, ...] = ()
+    keyword_blocklist: tuple[str, ...] = ()
+    ratelimit_sender_burst: int = 5
+    ratelimit_sender_rate_hz: float = 1 / 300
+    template: str = ""
+    invite_template: str = ""
+
+
+@dataclass(frozen=True)
+class SmsConfig:
+    provider: str = "openmarket"
+    body_template: str = "Your code is {token}"
+    username: str = ""
+    password: str = ""
+    # country code (e.g. "44") or "default" → ("long"|"short"|"alpha", value)
+    originators: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # country code → "allow" | "reject"
+    rules: tuple[tuple[str, str], ...] = ()
+    msisdn_ratelimit_burst: int = 5
+    msisdn_ratelimit_rate_hz: float = 1 / 3600
+    country_ratelimit_burst: int = 50
+    country_ratelimit_rate_hz: float = 1 / 60
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_from: str = ""
+    twilio_messaging_service_sid: str = ""
+    # kith: the provider's API base URL (empty: the provider's public API).
+    base_url: str = ""
+
+
+@dataclass(frozen=True)
+class CryptoConfig:
+    # "ed25519 0 <unpadded base64 seed>" as stored in the file.
+    signing_key: str = ""
+
+
+@dataclass(frozen=True)
+class KithConfig:
+    path: str
+    general: GeneralConfig
+    db: DbConfig = field(default_factory=DbConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    email: EmailConfig = field(default_factory=EmailConfig)
+    sms: SmsConfig = field(default_factory=SmsConfig)
+    crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    # Keys present in the file that kith does not understand, "section.key"
+    # ("section.*" for a whole unknown section).
+    ignored_keys: tuple[str, ...] = ()
+    # [peer.<name>] sections as written: ((name, ((key, value), ...)), ...).
+    peers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # Other sections kith does not model here ([ldap], [proxy], unknown ones), as
+    # written (no interpolation, no [DEFAULT] keys): ((section, ((key, value), ...)), ...).
+    extra_sections: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+
+# --------------------------------------------------------------------------- loading
+

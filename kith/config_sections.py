@@ -1,0 +1,346 @@
+"""Typed, validated reads of each sydent.conf section (`kith.config.load_config` puts
+them together).  Every error names the section and the key."""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import logging
+import math
+import re
+import socket
+from configparser import ConfigParser
+
+from signedjson.key import (
+    decode_signing_key_base64,
+    encode_signing_key_base64,
+    generate_signing_key,
+)
+from signedjson.types import SigningKey
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from unpaddedbase64 import encode_base64
+
+from kith.config_model import (
+    ConfigError,
+    CryptoConfig,
+    DbConfig,
+    EmailConfig,
+    GeneralConfig,
+    HttpConfig,
+    IPNetwork,
+    SmsConfig,
+    unreadable,
+)
+
+log = logging.getLogger(__name__)
+
+SIGNING_KEY = "ed25519.signingkey"
+Pairs = tuple[tuple[str, str], ...]
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_ORIGINATOR_TYPES = ("long", "short", "alpha")
+_SMS_PROVIDERS = ("openmarket", "twilio")
+_HEX_SEED = re.compile(r"[0-9a-fA-F]{64}")
+_B64_SEED = re.compile(r"[A-Za-z0-9+/_-]{43}=?")
+_KEY_VERSION = re.compile(r"\w+")
+
+
+def parse_signing_key(value: str) -> SigningKey:
+    """`ed25519 <version> <unpadded base64 seed>`, or an old bare hex seed (version 0)."""
+    value = value.strip()
+    if _HEX_SEED.fullmatch(value):
+        alg, version, seed = "ed25519", "0", encode_base64(bytes.fromhex(value))
+    else:
+        parts = value.split()
+        if len(parts) != 3:
+            raise _key_error("expected 'ed25519 <version> <base64 seed>'")
+        alg, version, seed = parts
+        if alg != "ed25519":
+            raise _key_error(f"{alg!r} is not a supported algorithm (only ed25519)")
+        if not _KEY_VERSION.fullmatch(version):
+            raise _key_error(f"{version!r} is not a key version")
+        if not _B64_SEED.fullmatch(seed):
+            raise _key_error("the seed is not 32 bytes of unpadded base64")
+    try:
+        return decode_signing_key_base64(alg, version, seed)
+    except (ValueError, TypeError):
+        raise _key_error("the seed is not a valid ed25519 seed") from None
+
+
+def _key_error(problem: str) -> ConfigError:
+    return ConfigError(f"[crypto] {SIGNING_KEY}: {problem}")
+
+
+def signing_key_text(key: SigningKey) -> str:
+    return f"{key.alg} {key.version} {encode_signing_key_base64(key)}"
+
+
+
+class Section:
+    """Typed reads of one section; every error names the section and key."""
+
+    def __init__(self, parser: ConfigParser, name: str) -> None:
+        self.parser = parser
+        self.name = name
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"[{self.name}] {key}: {problem}")
+
+    def get(self, key: str, *, raw: bool = False) -> str | None:
+        if not self.parser.has_option(self.name, key):
+            return None
+        try:
+            return self.parser.get(self.name, key, raw=raw)
+        except configparser.InterpolationMissingOptionError as e:
+            problem = f"%({e.reference})s refers to no key (write a literal % as %%)"
+            raise self.error(key, problem) from None
+        except configparser.InterpolationError:
+            raise self.error(key, "write a literal % as %%") from None
+
+    def text(self, key: str, default: str = "", *, raw: bool = False) -> str:
+        value = self.get(key, raw=raw)
+        return default if value is None else value
+
+    def csv(self, key: str) -> tuple[str, ...]:
+        return tuple(item.strip() for item in self.text(key).split(",") if item.strip())
+
+    def lines(self, key: str) -> tuple[str, ...]:
+        return tuple(line.strip() for line in self.text(key).splitlines() if line.strip())
+
+    def integer(self, key: str, minimum: int, default: int | None = None) -> int:
+        value = self.get(key)
+        if value is None and default is not None:
+            return default
+        try:
+            number = int(value or "")
+        except ValueError:
+            raise self.error(key, f"{value!r} is not a whole number") from None
+        if number < minimum:
+            raise self.error(key, f"{value!r} is less than {minimum}")
+        return number
+
+    def number(self, key: str, default: float | None = None) -> float:
+        """A positive number of seconds or hertz."""
+        value = self.get(key)
+        if value is None and default is not None:
+            return default
+        try:
+            number = float(value or "")
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise self.error(key, f"{value!r} is not a positive number")
+        return number
+
+    def port(self, key: str) -> int:
+        value = self.text(key)
+        if not (value.isdecimal() and 1 <= int(value) <= 65535):
+            raise self.error(key, f"{value!r} is not a port number (1-65535)")
+        return int(value)
+
+    def optional_port(self, key: str) -> int | None:
+        """Not set or empty: None (that listener is off)."""
+        return self.port(key) if self.get(key) else None
+
+    def flag(self, key: str, default: bool) -> bool:
+        """Sydent's booleans: [general] is true only for `true`; elsewhere yes/no too."""
+        value = self.get(key)
+        if value is None:
+            return default
+        if self.name == "general":
+            return value.lower() == "true"
+        if value.lower() not in ConfigParser.BOOLEAN_STATES:
+            raise self.error(key, f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+        return ConfigParser.BOOLEAN_STATES[value.lower()]
+
+    def readable_file(self, key: str) -> str:
+        path = self.text(key)
+        problem = unreadable(path)
+        if problem:
+            raise self.error(key, problem)
+        return path
+
+    def networks(self, key: str) -> tuple[IPNetwork, ...]:
+        try:
+            return tuple(ipaddress.ip_network(item, strict=False) for item in self.csv(key))
+        except ValueError as e:
+            raise self.error(key, f"{e} (expected IP addresses or CIDR ranges)") from None
+
+
+def general(s: Section) -> GeneralConfig:
+    level = s.text("log.level")
+    if level.upper() not in _LOG_LEVELS:
+        raise s.error("log.level", f"{level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    server_name = s.text("server.name")
+    if not server_name:
+        server_name = socket.gethostname()
+        log.warning("[general] server.name is not set; signing as %r, the hostname", server_name)
+    v1 = s.flag("enable_v1_access", True)
+    allow_list = frozenset(s.csv("homeserver_allow_list"))
+    if allow_list and v1:
+        raise s.error("homeserver_allow_list", "needs enable_v1_access = false")
+    return GeneralConfig(
+        server_name=server_name,
+        server_aliases=tuple(s.csv("server.aliases")),
+        log_path=s.text("log.path"),
+        log_level=level.upper(),
+        pidfile_path=s.text("pidfile.path"),
+        terms_path=s.readable_file("terms.path"),
+        address_lookup_limit=s.integer("address_lookup_limit", 1),
+        templates_path=s.text("templates.path"),
+        brand_default=s.text("brand.default"),
+        enable_v1_access=v1,
+        enable_v1_associations=v1 and s.flag("enable_v1_associations", True),
+        delete_tokens_on_bind=s.flag("delete_tokens_on_bind", True),
+        ip_blacklist=s.networks("ip.blacklist"),
+        ip_whitelist=s.networks("ip.whitelist"),
+        homeserver_allow_list=allow_list,
+        prometheus_port=s.optional_port("prometheus_port"),
+        prometheus_addr=s.text("prometheus_addr", GeneralConfig.prometheus_addr),
+        allow_query_access_token=s.flag("access_token.query_param", True),
+        workers=s.integer("workers", 1),
+        onbind_give_up_after_s=s.number("onbind.give_up_after",
+                                        GeneralConfig.onbind_give_up_after_s),
+    )
+
+
+def db(s: Section) -> DbConfig:
+    url = s.text("db.url")
+    if url:
+        try:
+            make_url(url)
+        except ArgumentError:
+            raise s.error("db.url", "is not a database URL (postgresql://user:pw@host/db)") \
+                from None
+    return DbConfig(file=s.text("db.file"), url=url)
+
+
+def http(s: Section) -> HttpConfig:
+    return HttpConfig(
+        client_bind_address=s.text("clientapi.http.bind_address"),
+        client_port=s.port("clientapi.http.port"),
+        client_https_certfile=s.readable_file("clientapi.https.certfile"),
+        client_https_keyfile=_client_https_keyfile(s),
+        internal_bind_address=s.text("internalapi.http.bind_address"),
+        internal_port=s.optional_port("internalapi.http.port"),
+        obey_x_forwarded_for=s.flag("obey_x_forwarded_for", False),
+        federation_verifycerts=s.flag("federation.verifycerts", True),
+        client_http_base=s.text("client_http_base"),
+        verify_response_template=s.text("verify_response_template"),
+        max_body_bytes=s.integer("client.max_body_bytes", 1),
+        federation_timeout_s=s.number("federation.timeout"),
+        federation_test_overrides=_test_overrides(s, "federation.test_overrides"),
+        federation_ca_file=s.readable_file("federation.cafile"),
+        replication_certfile=s.readable_file("replication.https.certfile"),
+        replication_cacert=s.readable_file("replication.https.cacert"),
+        replication_bind_address=s.text("replication.https.bind_address"),
+        replication_port=s.port("replication.https.port"),
+    )
+
+
+def _client_https_keyfile(s: Section) -> str:
+    keyfile = s.readable_file("clientapi.https.keyfile")
+    if keyfile and not s.text("clientapi.https.certfile"):
+        raise s.error("clientapi.https.keyfile", "needs clientapi.https.certfile")
+    return keyfile
+
+
+def _test_overrides(s: Section, key: str) -> Pairs:
+    pairs = []
+    for item in s.csv(key):
+        name, _, url = (part.strip() for part in item.rpartition("="))
+        if not name or not url.startswith(("http://", "https://")):
+            raise s.error(key, f"{item!r} is not servername=http(s)://host:port")
+        pairs.append((name, url.rstrip("/")))
+    return tuple(pairs)
+
+
+def email(s: Section) -> EmailConfig:
+    return EmailConfig(
+        sender=s.text("email.from"),
+        subject=s.text("email.subject"),
+        invite_subject=s.text("email.invite.subject", raw=True),
+        invite_subject_space=s.text("email.invite.subject_space", raw=True),
+        smtp_host=s.text("email.smtphost"),
+        smtp_port=s.port("email.smtpport"),
+        smtp_username=s.text("email.smtpusername"),
+        smtp_password=s.text("email.smtppassword"),
+        hostname=s.text("email.hostname") or socket.getfqdn(),
+        tls_mode=s.text("email.tlsmode"),
+        tls_cafile=s.readable_file("email.tls_cafile"),
+        default_web_client_location=s.text("email.default_web_client_location"),
+        username_obfuscate_characters=s.integer(
+            "email.third_party_invite_username_obfuscate_characters", 0),
+        domain_obfuscate_characters=s.integer(
+            "email.third_party_invite_domain_obfuscate_characters", 0),
+        homeserver_blocklist=s.lines("email.third_party_invite_homeserver_blocklist"),
+        room_blocklist=s.lines("email.third_party_invite_room_blocklist"),
+        keyword_blocklist=s.lines("email.third_party_invite_keyword_blocklist"),
+        ratelimit_sender_burst=s.integer(
+            "email.ratelimit_sender.burst", 1, EmailConfig.ratelimit_sender_burst),
+        ratelimit_sender_rate_hz=s.number(
+            "email.ratelimit_sender.rate_hz", EmailConfig.ratelimit_sender_rate_hz),
+        template=s.text("email.template"),
+        invite_template=s.text("email.invite_template"),
+    )
+
+
+def sms(s: Section) -> SmsConfig:
+    provider = s.text("provider")
+    if provider not in _SMS_PROVIDERS:
+        raise s.error("provider", f"{provider!r} is not one of {', '.join(_SMS_PROVIDERS)}")
+    originators: list[tuple[str, Pairs]] = []
+    rules: list[tuple[str, str]] = []
+    for key in s.parser.options("sms"):  # with [DEFAULT]'s
+        if key.startswith("originators."):
+            originators.append((key.removeprefix("originators."), _originators(s, key)))
+        elif key.startswith("smsrule."):
+            rule = s.text(key)
+            if rule not in ("allow", "reject"):
+                raise s.error(key, f"{rule!r} is not allow or reject")
+            rules.append((key.removeprefix("smsrule."), rule))
+    return SmsConfig(
+        provider=provider,
+        body_template=s.text("bodytemplate"),
+        username=s.text("username"),
+        password=s.text("password"),
+        originators=tuple(originators),
+        rules=tuple(rules),
+        msisdn_ratelimit_burst=s.integer(
+            "msisdn.ratelimit.burst", 1, SmsConfig.msisdn_ratelimit_burst),
+        msisdn_ratelimit_rate_hz=s.number(
+            "msisdn.ratelimit.rate_hz", SmsConfig.msisdn_ratelimit_rate_hz),
+        country_ratelimit_burst=s.integer(
+            "country.ratelimit.burst", 1, SmsConfig.country_ratelimit_burst),
+        country_ratelimit_rate_hz=s.number(
+            "country.ratelimit.rate_hz", SmsConfig.country_ratelimit_rate_hz),
+        twilio_account_sid=s.text("twilio.account_sid"),
+        twilio_auth_token=s.text("twilio.auth_token"),
+        twilio_from=s.text("twilio.from"),
+        twilio_messaging_service_sid=s.text("twilio.messaging_service_sid"),
+        base_url=s.text("base_url"),
+    )
+
+
+def _originators(s: Section, key: str) -> Pairs:
+    originators = []
+    for item in s.csv(key):
+        kind, _, value = (part.strip() for part in item.partition(":"))
+        if kind not in _ORIGINATOR_TYPES or not value:
+            raise s.error(key, f"{item!r} is not long:<number>, short:<code> or alpha:<name>")
+        originators.append((kind, value))
+    if not originators:
+        raise s.error(key, "no originator given")
+    return tuple(originators)
+
+
+def crypto(s: Section) -> tuple[CryptoConfig, bool]:
+    """The signing key, and whether it must be saved (generated or converted)."""
+    value = s.text(SIGNING_KEY).strip()
+    if not value:
+        log.warning("[crypto] %s is not set: generating a new signing key", SIGNING_KEY)
+        return CryptoConfig(signing_key_text(generate_signing_key("0"))), True
+    key = parse_signing_key(value)
+    if _HEX_SEED.fullmatch(value):
+        log.warning("[crypto] %s: converting the old hex key to the current format", SIGNING_KEY)
+    return CryptoConfig(signing_key_text(key)), bool(_HEX_SEED.fullmatch(value))
