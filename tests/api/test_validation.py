@@ -410,6 +410,65 @@ async def test_msisdn_provider_failure_and_rules(sms_kith: RunningKith,
     assert len(openmarket.requests) == 2
 
 
+class Twilio:
+    """Loopback stand-in for Twilio's Messages API: records the forms it is sent."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.forms: list[dict[str, str]] = []
+        self.status, self.answer = 201, {"sid": "SM1", "status": "queued"}
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert request.headers["Authorization"].startswith("Basic ")
+        self.forms.append({k: str(v) for k, v in (await request.post()).items()})
+        return web.json_response(self.answer, status=self.status)
+
+    def last_code(self) -> str:
+        match = re.search(r"\b([0-9]{6})\b", self.forms[-1]["Body"])
+        assert match, self.forms[-1]
+        return match.group(1)
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[Twilio]:
+    stub = Twilio()
+    app = web.Application()
+    app.router.add_post("/2010-04-01/Accounts/AC42/Messages.json", stub.handle)
+    async with serving(app) as stub.url:
+        yield stub
+
+
+async def test_msisdn_validation_flow_with_twilio(kith_factory: KithFactory,
+                                                  twilio: Twilio) -> None:
+    kith: RunningKith = await kith_factory({"sms": {
+        "provider": "twilio", "twilio.account_sid": "AC42", "twilio.auth_token": "tw-secret",
+        "twilio.from": "+15005550006", "base_url": twilio.url}})
+    token = await kith.register("alice")
+    request = {"client_secret": SECRET, "country": "US", "phone_number": "(415) 555-0123",
+               "send_attempt": 1}
+    status, body = await call(kith, token, "POST", "/validate/msisdn/requestToken", request)
+    assert status == 200, body
+    assert body["msisdn"] == "14155550123"
+    [form] = twilio.forms
+    assert (form["To"], form["From"]) == ("+14155550123", "+15005550006")
+    status, answer = await call(kith, token, "POST", "/validate/msisdn/submitToken", {
+        "sid": body["sid"], "client_secret": SECRET, "token": twilio.last_code()})
+    assert (status, answer) == (200, {"success": True})
+    status, signed = await call(kith, token, "POST", "/3pid/bind", {
+        "sid": body["sid"], "client_secret": SECRET, "mxid": "@alice:hs.test"})
+    assert status == 200 and signed["medium"] == "msisdn"
+    assert signed["address"] == "14155550123" and signed["mxid"] == "@alice:hs.test"
+    # Twilio refusing the number: a clear error, and a later attempt still works.
+    twilio.status, twilio.answer = 400, {"code": 21211, "message": "Invalid 'To' number"}
+    status, answer = await call(kith, token, "POST", "/validate/msisdn/requestToken",
+                                {**request, "send_attempt": 2})
+    assert (status, answer["errcode"]) == (500, "M_SEND_ERROR")
+    twilio.status, twilio.answer = 201, {"sid": "SM2"}
+    status, answer = await call(kith, token, "POST", "/validate/msisdn/requestToken",
+                                {**request, "send_attempt": 3})
+    assert status == 200 and len(twilio.forms) == 3
+
+
 async def test_the_mailed_link_works_without_an_access_token(
         mail_kith: RunningKith, smtp: SmtpSink) -> None:
     """A person clicks the link in the mail: no access token, the link is the proof."""
