@@ -47,7 +47,7 @@ from kith.services.onbind import OnbindService
 from kith.services.terms import TermsFileError, TermsSource
 from kith.services.threepid import new_pepper
 from kith.services.validation import ValidationService
-from kith.sources.config import UPSTREAM, sources_config
+from kith.sources.config import LDAP, UPSTREAM, sources_config
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_sync import LdapSync
 from kith.sources.upstream import UpstreamIdentityServer
@@ -258,6 +258,10 @@ class KithServer:
         log.info("kith started: %d bindings, client API on %s://[%s]:%d",
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)
+        synced = len(self.services.index.source(LDAP))
+        if self.services.ldap_sync is None and synced:
+            log.warning("%d addresses synced from an LDAP directory are in the store but "
+                        "not served: [ldap] is not configured", synced)
 
     async def reload(self) -> None:
         """SIGHUP: load the client API's TLS certificate and key again."""

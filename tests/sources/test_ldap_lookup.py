@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -69,8 +70,8 @@ async def test_plain_text_lookup_answers_from_ldap(kith_factory: KithFactory,
     assert directory.searches - before == 1  # every address in one OR-filter
 
 
-async def test_sha256_lookups_follow_the_directory(kith_factory: KithFactory,
-                                                   slapd: Slapd) -> None:
+async def test_sha256_lookups_follow_the_directory(kith_factory: KithFactory, slapd: Slapd,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     kith = await start(kith_factory, slapd)
     token = await kith.register("alice")
     assert await hashed(kith, token, ("email", "alice@example.org"),
@@ -115,6 +116,15 @@ mail: alice.work@example.org
     other_token = await other.register("alice")
     assert await hashed(other, other_token, ("email", "carol@example.org")) == {
         "carol@example.org": "@carol:hs.test"}
+
+    # Without [ldap], the synced rows are not served, and kith says so at start.
+    with caplog.at_level(logging.WARNING, logger="kith.server"):
+        plain: RunningKith = await kith_factory({"db": {"db.file": kith.config.db.file}},
+                                                name="third")
+    assert "addresses synced from an LDAP directory are in the store but not served" in (
+        caplog.text)
+    plain_token = await plain.register("alice")
+    assert await hashed(plain, plain_token, ("email", "carol@example.org")) == {}
 
 
 async def test_ldap_beats_a_local_binding(kith_factory: KithFactory, slapd: Slapd) -> None:
