@@ -32,6 +32,18 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.import_plugin("tests.pg")
 
 
+async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
+    """Poll `check` until it returns something true, and return that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -143,6 +155,16 @@ class RunningKith:
         }) as resp:
             assert resp.status == 200, await resp.text()
             return str((await resp.json())["token"])
+
+    async def lookup(self, token: str, algorithm: str, addresses: list[str]) -> dict[str, str]:
+        """The mappings of POST /v2/lookup, with the server's pepper (answer must be 200)."""
+        pepper = self.server.services.lookup.pepper  # type: ignore[union-attr]
+        async with self.http.post(f"{self.base}/_matrix/identity/v2/lookup", json={
+                "algorithm": algorithm, "pepper": pepper, "addresses": addresses},
+                headers={"Authorization": f"Bearer {token}"}) as resp:
+            body = await resp.json()
+            assert resp.status == 200, body
+            return dict(body["mappings"])
 
     async def bind(self, address: str, mxid: str, medium: str = "email") -> dict[str, Any]:
         async with self.http.post(f"{self.internal}/_matrix/identity/internal/bind", json={

@@ -36,6 +36,7 @@ from tests.conftest import (
     RunningKith,
     SmtpSink,
     free_port,
+    wait_for,
     write_config,
 )
 
@@ -101,17 +102,6 @@ async def homeserver() -> AsyncIterator[OnbindHomeserver]:
 @pytest.fixture
 async def mail_kith(kith_factory: KithFactory, smtp: SmtpSink) -> RunningKith:
     return await kith_factory(mail_config(smtp))  # type: ignore[no-any-return]
-
-
-async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def invite(kith: RunningKith, token: str, address: str = "bob@example.com",

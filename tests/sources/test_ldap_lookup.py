@@ -12,28 +12,16 @@ from prometheus_client import REGISTRY
 from kith.services.coherence import SharedCounters
 from kith.services.threepid import lookup_hash
 from kith.sources.ldap_sync import LdapSync
-from tests.conftest import KithFactory, RunningKith
+from tests.conftest import KithFactory, RunningKith, wait_for
 from tests.sources.conftest import Slapd
 
-V2 = "/_matrix/identity/v2"
 PEOPLE = "ou=people,dc=kith,dc=test"
-
-
-async def lookup(kith: RunningKith, token: str, algorithm: str,
-                 addresses: list[str]) -> dict[str, str]:
-    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
-    async with kith.http.post(f"{kith.base}{V2}/lookup", json={
-            "algorithm": algorithm, "pepper": pepper, "addresses": addresses},
-            headers={"Authorization": f"Bearer {token}"}) as resp:
-        body = await resp.json()
-        assert resp.status == 200, body
-        return dict(body["mappings"])
 
 
 async def hashed(kith: RunningKith, token: str, *threepids: tuple[str, str]) -> dict[str, str]:
     pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
     hashes = {lookup_hash(m, a, pepper): a for m, a in threepids}
-    found = await lookup(kith, token, "sha256", list(hashes))
+    found = await kith.lookup(token, "sha256", list(hashes))
     return {hashes[h]: mxid for h, mxid in found.items()}
 
 
@@ -56,7 +44,7 @@ async def test_plain_text_lookup_answers_from_ldap(kith_factory: KithFactory,
     directory = kith.server.services.lookup.directory  # type: ignore[union-attr]
     assert directory is not None
     before = directory.searches
-    found = await lookup(kith, token, "none", [
+    found = await kith.lookup(token, "none", [
         "Alice@Example.org email", "alice.work@example.org email", "442079460000 msisdn",
         "14155550100 msisdn", "nobody@example.org email", "*@example.org email",
         "x)(|(mail=*@example.org email", "a*)(uid=* email",
@@ -133,7 +121,7 @@ async def test_ldap_beats_a_local_binding(kith_factory: KithFactory, slapd: Slap
     kith = await start(kith_factory, slapd)
     token = await kith.register("alice")
     await kith.bind("erin@example.org", "@mallory:hs.test")
-    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+    assert await kith.lookup(token, "none", ["erin@example.org email"]) == {
         "erin@example.org email": "@mallory:hs.test"}
     slapd.modify("ldapadd", f"""dn: uid=erin,{PEOPLE}
 objectClass: inetOrgPerson
@@ -144,7 +132,7 @@ mail: erin@example.org
 """)
     await sync_of(kith).full()
     kith.server.services.lookup.directory._cache.clear()  # type: ignore[union-attr]
-    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+    assert await kith.lookup(token, "none", ["erin@example.org email"]) == {
         "erin@example.org email": "@erin:hs.test"}
     assert await hashed(kith, token, ("email", "erin@example.org")) == {
         "erin@example.org": "@erin:hs.test"}
@@ -171,7 +159,7 @@ mail: erin@example.org
 """)
     await sync_of(kith).full()
     # Local bindings come first under this order.
-    assert await lookup(kith, token, "none", ["erin@example.org email"]) == {
+    assert await kith.lookup(token, "none", ["erin@example.org email"]) == {
         "erin@example.org email": "@mallory:hs.test"}
     assert await hashed(kith, token, ("email", "erin@example.org")) == {
         "erin@example.org": "@mallory:hs.test"}
@@ -196,7 +184,7 @@ async def test_dead_directory_falls_back_to_the_synced_copy(
     await kith.bind("local@example.org", "@local:hs.test")
     slapd.stop()
     for _ in range(3):
-        assert await lookup(kith, token, "none", [
+        assert await kith.lookup(token, "none", [
             "carol@example.org email", "local@example.org email"]) == {
             "carol@example.org email": "@carol:hs.test",
             "local@example.org email": "@local:hs.test"}
@@ -207,7 +195,7 @@ async def test_dead_directory_falls_back_to_the_synced_copy(
 async def test_kith_syncs_at_start(kith_factory: KithFactory, slapd: Slapd) -> None:
     kith: RunningKith = await kith_factory({"ldap": slapd.ldap_section()})
     token = await kith.register("alice")
-    for _ in range(100):
+    for _ in range(100):  # (wait_for polls plain functions; this check is a coroutine)
         if await hashed(kith, token, ("email", "carol@example.org")):
             break
         await asyncio.sleep(0.05)
@@ -229,11 +217,7 @@ async def test_instances_sharing_postgresql_sync_one_at_a_time(
                 "ldap": slapd.ldap_section(sync_interval="0.1")}
     first = await kith_factory(sections, name="first")
     second = await kith_factory(sections, name="second")
-    for _ in range(100):
-        if sync_of(first).syncing and sync_of(first).last_full:
-            break
-        await asyncio.sleep(0.05)
-    assert sync_of(first).syncing
+    await wait_for("the first to sync", lambda: sync_of(first).syncing and sync_of(first).last_full)
     await asyncio.sleep(0.5)  # several of the second's attempts
     assert not sync_of(second).syncing and not sync_of(second).last_full
     # Both answer from the rows the first one synced.
@@ -242,8 +226,5 @@ async def test_instances_sharing_postgresql_sync_one_at_a_time(
         "carol@example.org": "@carol:hs.test"}
 
     await first.server.stop()
-    for _ in range(100):
-        if sync_of(second).syncing and sync_of(second).last_full:
-            break
-        await asyncio.sleep(0.05)
-    assert sync_of(second).syncing and sync_of(second).last_full
+    await wait_for("the second to take over",
+                   lambda: sync_of(second).syncing and sync_of(second).last_full)

@@ -14,19 +14,6 @@ from aiohttp import web
 from kith.sources.upstream import UpstreamIdentityServer
 from tests.conftest import KithFactory, RunningKith, free_port, serving
 
-V2 = "/_matrix/identity/v2"
-
-
-async def lookup(kith: RunningKith, token: str, addresses: list[str],
-                 algorithm: str = "none") -> dict[str, str]:
-    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
-    async with kith.http.post(f"{kith.base}{V2}/lookup", json={
-            "algorithm": algorithm, "pepper": pepper, "addresses": addresses},
-            headers={"Authorization": f"Bearer {token}"}) as resp:
-        body = await resp.json()
-        assert resp.status == 200, body
-        return dict(body["mappings"])
-
 
 def upstream_of(kith: RunningKith) -> UpstreamIdentityServer:
     upstream = kith.server.services.lookup.upstream  # type: ignore[union-attr]
@@ -62,18 +49,18 @@ async def test_upstream_answers_what_no_local_source_knows(kith_factory: KithFac
                                      mediums="email", email_domains="example.org")
     queries = ["far@example.org email", "local@example.org email", "15105550123 msisdn",
                "far@other.org email", "none@example.org email"]
-    assert await lookup(kith, token, queries) == {
+    assert await kith.lookup(token, "none", queries) == {
         "far@example.org email": "@far:hs.test",
         "local@example.org email": "@local:hs.test",  # local before upstream
     }
     client = upstream_of(kith)
     assert client.forwarded == 2  # far@ and none@example.org; msisdn, other.org never
     requests = client.requests
-    assert await lookup(kith, token, queries) == {
+    assert await kith.lookup(token, "none", queries) == {
         "far@example.org email": "@far:hs.test", "local@example.org email": "@local:hs.test"}
     assert client.requests == requests  # positive and negative answers are cached
     # sha256 lookups are never proxied (the upstream's pepper is not ours).
-    assert await lookup(kith, token, ["x"], algorithm="sha256") == {}
+    assert await kith.lookup(token, "sha256", ["x"]) == {}
     assert client.requests == requests
 
 
@@ -81,14 +68,14 @@ async def test_unauthenticated_upstream_answers_nothing(kith_factory: KithFactor
     upstream: RunningKith = await kith_factory(name="upstream")
     await upstream.bind("far@example.org", "@far:hs.test")
     kith, token = await proxied_kith(kith_factory, upstream.base, access_token="wrong")
-    assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]) \
+    assert await kith.lookup(token, "none", ["far@example.org email", "local@example.org email"]) \
         == {"local@example.org email": "@local:hs.test"}
 
 
 async def test_stopped_upstream_costs_only_its_part(kith_factory: KithFactory) -> None:
     kith, token = await proxied_kith(kith_factory, f"http://127.0.0.1:{free_port()}")
     for _ in range(4):
-        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+        assert await kith.lookup(token, "none", ["far@example.org email", "local@example.org email"]
                             ) == {"local@example.org email": "@local:hs.test"}
     client = upstream_of(kith)
     assert client.requests == 3  # the breaker opened after three failures in a row
@@ -102,7 +89,7 @@ async def test_slow_upstream_is_bounded_by_the_timeout(kith_factory: KithFactory
     async with fake_upstream(slow) as url:
         kith, token = await proxied_kith(kith_factory, url)
         started = time.monotonic()
-        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+        assert await kith.lookup(token, "none", ["far@example.org email", "local@example.org email"]
                             ) == {"local@example.org email": "@local:hs.test"}
         assert time.monotonic() - started < 2
 
@@ -121,7 +108,7 @@ async def test_garbage_from_upstream_is_ignored(kith_factory: KithFactory,
 
     async with fake_upstream(answer) as url:
         kith, token = await proxied_kith(kith_factory, url)
-        assert await lookup(kith, token, ["far@example.org email", "local@example.org email"]
+        assert await kith.lookup(token, "none", ["far@example.org email", "local@example.org email"]
                             ) == {"local@example.org email": "@local:hs.test"}
 
 
@@ -144,7 +131,7 @@ async def test_invalid_pepper_refetches_once_and_redirects_are_not_followed(
 
     async with fake_upstream(answer) as url:
         kith, token = await proxied_kith(kith_factory, url, access_token="upstream-token")
-        assert await lookup(kith, token, ["far@example.org email"]) == {
+        assert await kith.lookup(token, "none", ["far@example.org email"]) == {
             "far@example.org email": "@far:hs.test"}
 
     async def redirect(request: web.Request) -> web.Response:
@@ -152,7 +139,7 @@ async def test_invalid_pepper_refetches_once_and_redirects_are_not_followed(
 
     async with fake_upstream(redirect) as url:
         kith, token = await proxied_kith(kith_factory, url)
-        assert await lookup(kith, token, ["far@example.org email"]) == {}
+        assert await kith.lookup(token, "none", ["far@example.org email"]) == {}
 
 
 async def test_terms_not_signed_is_one_clear_log_line(
@@ -164,7 +151,7 @@ async def test_terms_not_signed_is_one_clear_log_line(
     async with fake_upstream(answer) as url:
         kith, token = await proxied_kith(kith_factory, url, breaker_failures=10)
         for n in range(2):
-            assert await lookup(kith, token, [f"far{n}@example.org email"]) == {}
+            assert await kith.lookup(token, "none", [f"far{n}@example.org email"]) == {}
     terms_lines = [r for r in caplog.records if r.name == "kith.sources.upstream"]
     assert len(terms_lines) == 1 and terms_lines[0].levelname == "ERROR"
     assert "far0@example.org" not in caplog.text and "far1@example.org" not in caplog.text
