@@ -38,7 +38,7 @@ _MIN_ROWS = 64
 # ARRAY_BATCH_MIN addresses or more go to the arrays (docs/decisions.md).
 ARRAYS_FROM = 100_000
 ARRAY_BATCH_MIN = 256
-# Below this many addresses the fixed cost of array operations outweighs their gain.
+# Below this many entries an update is cheaper one by one than in array operations.
 _VECTOR_MIN = 16
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
@@ -160,8 +160,6 @@ class HashArrays:
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
-        if len(hashes) < _VECTOR_MIN:
-            return {h: mxid for h in hashes if (mxid := self.get(h)) is not None}
         raw = _records(hashes)
         if raw is None:
             hashes = [h for h in hashes if _key_bytes(h) is not None]
