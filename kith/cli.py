@@ -178,27 +178,19 @@ def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
 
 
 def cmd_onbind(args: argparse.Namespace, config: KithConfig) -> int:
-    from kith.store import Store
+    async def report(services: Any) -> list[Any]:
+        if args.retry:
+            due, revived = await services.onbind.retry_all()
+            print(f"{due} pending deliveries are due now; {revived} that had given up "
+                  "get one more attempt (by the running server, within seconds)")
+        return list(await services.onbind.queue())
 
-    async def main() -> None:
-        store = await Store.open(config.db)
-        try:
-            if args.retry:
-                now = int(time.time() * 1000)
-                due = await store.invites.retry_now(now)
-                revived = await store.invites.revive(now)
-                print(f"{due} pending deliveries are due now; {revived} that had given up "
-                      "get one more attempt (by the running server, within seconds)")
-            for d in await store.invites.report():
-                when = (f"next attempt {_iso(d.next_attempt_ts)}" if d.finished_ts is None
-                        else f"finished {_iso(d.finished_ts)}")
-                error = f"  last error: {d.last_error}" if d.last_error else ""
-                print(f"#{d.id} {d.state} to {d.destination} for {d.mxid}: "
-                      f"{d.attempts} attempts, queued {_iso(d.created_ts)}, {when}{error}")
-        finally:
-            await store.close()
-
-    _run(main())
+    for d in _offline(report, config):
+        when = (f"next attempt {_iso(d.next_attempt_ts)}" if d.finished_ts is None
+                else f"finished {_iso(d.finished_ts)}")
+        error = f"  last error: {d.last_error}" if d.last_error else ""
+        print(f"#{d.id} {d.state} to {d.destination} for {d.mxid}: "
+              f"{d.attempts} attempts, queued {_iso(d.created_ts)}, {when}{error}")
     return 0
 
 

@@ -27,7 +27,7 @@ from kith.metrics import ONBIND_DELIVERIES
 from kith.services.coherence import ChangeCounter
 from kith.services.keys import ServerKeys
 from kith.services.threepid import mxid_server_name
-from kith.store import InviteTokenRow, OnbindDelivery, Store
+from kith.store import DeliveryReport, InviteTokenRow, OnbindDelivery, Store
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,19 @@ class OnbindService:
         if due is None:
             return self.poll_interval_s
         return min(self.poll_interval_s, max(0.0, (due - now) / 1000) + 0.01)
+
+    # ------------------------------------------------------------- for the operator
+
+    async def queue(self) -> list[DeliveryReport]:
+        """Every delivery still kept, oldest first (`kith onbind`)."""
+        return await self._store.invites.report()
+
+    async def retry_all(self) -> tuple[int, int]:
+        """Make the pending deliveries due now and give those that gave up one more
+        attempt (`kith onbind --retry`); how many of each.  A running deliverer picks
+        them up at its next poll."""
+        now = self._clock()
+        return await self._store.invites.retry_now(now), await self._store.invites.revive(now)
 
     async def deliver_due(self) -> int:
         """Send every delivery due now that this process can claim; how many it sent."""

@@ -8,13 +8,13 @@ from kith.config import DbConfig
 from kith.store.accounts import AccountRow, AccountStore
 from kith.store.associations import AssociationRow, AssociationStore, IndexChange
 from kith.store.database import Database
-from kith.store.invites import InviteStore, InviteTokenRow, OnbindDelivery
+from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
 from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "IndexChange", "InviteTokenRow", "OnbindDelivery",
-           "ReplicationPeerRow", "Store", "ValidationSessionRow"]
+__all__ = ["AccountRow", "AssociationRow", "DeliveryReport", "IndexChange", "InviteTokenRow",
+           "OnbindDelivery", "ReplicationPeerRow", "Store", "ValidationSessionRow"]
 
 
 class Store:
