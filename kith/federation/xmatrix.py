@@ -172,14 +172,9 @@ async def verify_x_matrix_request(
         verify_key = await fetcher.get_verify_key(auth.origin, auth.key)
     except KeyFetchError as exc:
         raise XMatrixVerificationError(f"no key to check the signature: {exc.reason}") from exc
-    # Without a `destination`, the signed JSON may name us in `destination_is` (any of
-    # our public names) or, from older senders, not at all.
-    candidates: list[str | None] = [None]
-    if auth.destination is None:
-        candidates = [*expected_destinations, None]
-    for destination_is in candidates:
+    for destination, destination_is in _signed_destinations(auth, expected_destinations):
         request = signed_request_json(
-            method=method, uri=uri, origin=auth.origin, destination=auth.destination,
+            method=method, uri=uri, origin=auth.origin, destination=destination,
             content=content, destination_is=destination_is,
         )
         request["signatures"] = {auth.origin: {auth.key: auth.sig}}
@@ -191,6 +186,21 @@ async def verify_x_matrix_request(
             raise XMatrixVerificationError("request content cannot be canonicalised") from None
         return auth.origin
     raise XMatrixVerificationError(f"bad X-Matrix signature from {auth.origin}")
+
+
+def _signed_destinations(
+    auth: XMatrixAuth, expected_destinations: Collection[str],
+) -> list[tuple[str | None, str | None]]:
+    """The (destination, destination_is) pairs the signed JSON may carry.
+
+    A homeserver addressing a server signs `destination`; addressing an identity server,
+    Synapse signs `destination_is` instead and still names it in the header's
+    `destination=`.  Without that header parameter, the signed JSON may name any of our
+    public names in `destination_is` or, from older senders, no destination at all.
+    """
+    if auth.destination is not None:
+        return [(auth.destination, None), (None, auth.destination)]
+    return [*((None, name) for name in expected_destinations), (None, None)]
 
 
 def sign_x_matrix_header(

@@ -1,4 +1,5 @@
-"""Unbind authorised by the homeserver's X-Matrix signature (as Synapse sends it)."""
+"""Unbind authorised by the homeserver's X-Matrix signature, signed by Synapse's own code
+(and, for the forms older homeservers sent, by kith's signer)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from signedjson.types import SigningKey
 from kith.federation.xmatrix import sign_x_matrix_header
 from kith.services.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, free_port, serving
+from tests.peers.synapse_headers import UnbindToSign, synapse_auth_headers
 
 UNBIND = "/_matrix/identity/v2/3pid/unbind"
 
@@ -67,9 +69,16 @@ async def kith_with_homeservers(kith_factory: KithFactory,
 
 def signed_unbind(signer: KeyServer, body: dict[str, Any], destination_is: str | None,
                   origin: str | None = None) -> dict[str, str]:
+    """Signed by kith's signer with no `destination=` in the header (older homeservers)."""
     header = sign_x_matrix_header(signer.key, origin or signer.name, None, "POST", UNBIND,
                                   body, destination_is=destination_is)
     return {"Authorization": header, "Content-Type": "application/json"}
+
+
+def synapse_signed(*requests: UnbindToSign) -> list[dict[str, str]]:
+    """The headers Synapse's identity handler sends with each unbind."""
+    return [{"Authorization": header, "Content-Type": "application/json"}
+            for header in synapse_auth_headers(list(requests))]
 
 
 async def is_bound(kith: RunningKith, address: str) -> bool:
@@ -82,16 +91,23 @@ BODY = {"mxid": "@alice:hs.test", "threepid": {"medium": "email",
                                                "address": "alice@example.com"}}
 
 
-@pytest.mark.parametrize("destination_is", ["kith.test", "id.kith.test", None])
+@pytest.mark.parametrize(("signer", "destination_is"), [
+    ("synapse", "kith.test"), ("synapse", "id.kith.test"),
+    ("no destination in header", "kith.test"), ("no destination at all", None)])
 async def test_homeserver_signed_unbind(kith_with_homeservers: RunningKith,
-                                        key_servers: dict[str, KeyServer],
+                                        key_servers: dict[str, KeyServer], signer: str,
                                         destination_is: str | None) -> None:
     kith = kith_with_homeservers
+    hs = key_servers["hs.test"]
     await kith.bind("alice@example.com", "@alice:hs.test")
     assert await is_bound(kith, "alice@example.com")
+    if signer == "synapse":
+        assert destination_is is not None
+        (headers,) = synapse_signed(UnbindToSign(hs.key, hs.name, BODY, destination_is))
+    else:
+        headers = signed_unbind(hs, BODY, destination_is)
     async with kith.http.post(kith.base + UNBIND, data=msgspec.json.encode(BODY),
-                              headers=signed_unbind(key_servers["hs.test"], BODY,
-                                                    destination_is)) as resp:
+                              headers=headers) as resp:
         assert resp.status == 200, await resp.text()
         assert await resp.json() == {}
     assert not await is_bound(kith, "alice@example.com")
@@ -108,16 +124,24 @@ async def test_refused_signatures(kith_with_homeservers: RunningKith,
                                   headers=headers) as resp:
             return resp.status, (await resp.json())["errcode"]
 
-    # Signed for another identity server.
-    assert await unbind(signed_unbind(hs, BODY, "elsewhere.test")) == (401, "M_UNAUTHORIZED")
-    # Signed over a different body than the one sent.
     tampered = {**BODY, "mxid": "@bob:hs.test"}
-    assert await unbind(signed_unbind(hs, tampered, "kith.test")) == (401, "M_UNAUTHORIZED")
-    # other.test claims to be hs.test: its key is not hs.test's.
+    elsewhere, wrong_body, impostor, not_its_user = synapse_signed(
+        # Signed for another identity server.
+        UnbindToSign(hs.key, hs.name, BODY, "elsewhere.test"),
+        # Signed over a different body than the one sent.
+        UnbindToSign(hs.key, hs.name, tampered, "kith.test"),
+        # other.test claims to be hs.test: its key is not hs.test's.
+        UnbindToSign(other.key, "hs.test", BODY, "kith.test"),
+        # other.test signs correctly, but alice is not its user.
+        UnbindToSign(other.key, other.name, BODY, "kith.test"))
+    assert await unbind(elsewhere) == (401, "M_UNAUTHORIZED")
+    assert await unbind(wrong_body) == (401, "M_UNAUTHORIZED")
+    assert await unbind(impostor) == (401, "M_UNAUTHORIZED")
+    assert await unbind(not_its_user) == (403, "M_UNAUTHORIZED")
+    # The same forms from an older homeserver (no destination in the header).
+    assert await unbind(signed_unbind(hs, BODY, "elsewhere.test")) == (401, "M_UNAUTHORIZED")
     assert await unbind(signed_unbind(other, BODY, "kith.test", origin="hs.test")) == (
         401, "M_UNAUTHORIZED")
-    # other.test signs correctly, but alice is not its user.
-    assert await unbind(signed_unbind(other, BODY, "kith.test")) == (403, "M_UNAUTHORIZED")
     # Garbage header.
     assert await unbind({"Authorization": "X-Matrix nonsense"}) == (401, "M_UNAUTHORIZED")
     assert await is_bound(kith, "alice@example.com")

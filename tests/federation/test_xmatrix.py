@@ -28,6 +28,7 @@ from kith.federation.xmatrix import (
     signed_request_json,
     verify_x_matrix_request,
 )
+from tests.peers.synapse_headers import UnbindToSign, synapse_auth_headers
 
 from .conftest import Serve
 
@@ -261,6 +262,25 @@ async def test_destination_is_signed(setup: Setup) -> None:
     header = setup.header(destination=ID_SERVER).replace(ID_SERVER, "id.test:8090")
     with pytest.raises(XMatrixVerificationError, match="bad X-Matrix signature"):
         await setup.verify(header)
+
+
+async def test_headers_signed_by_synapses_own_code(setup: Setup) -> None:
+    """Synapse signs `destination_is` (the id_server its user named) and repeats that name
+    in the header's `destination=`: accepted for each of our public names, refused for
+    another identity server's name and for a body other than the signed one."""
+    key = setup.homeserver.signing_key
+    ours, alias, theirs = (UnbindToSign(key, "hs.test", BODY, name)
+                           for name in (ID_SERVER, "id.test:8090", "other.test"))
+    headers = synapse_auth_headers([ours, alias, theirs])
+    for header, name in zip(headers, (ID_SERVER, "id.test:8090", "other.test"), strict=True):
+        assert parse_x_matrix(header).destination == name
+    assert await setup.verify(headers[0]) == "hs.test"
+    assert await setup.verify(headers[1]) == "hs.test"
+    with pytest.raises(XMatrixVerificationError, match="addressed to 'other.test'"):
+        await setup.verify(headers[2])
+    tampered = {**BODY, "mxid": "@mallory:hs.test"}
+    with pytest.raises(XMatrixVerificationError, match="bad X-Matrix signature"):
+        await setup.verify(headers[0], content=tampered)
 
 
 @pytest.mark.parametrize(
