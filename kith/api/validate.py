@@ -6,18 +6,19 @@ answers the brand's HTML page, or a 302 to the session's next_link on success.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
-from typing import Annotated
 
 import msgspec
 from aiohttp import web
 
 from kith.api.http import access_token, caller, json_body, json_response, services_of
-from kith.errors import MatrixError, missing_params
+from kith.errors import MatrixError, invalid_param, missing_params
 from kith.services.validation import session_answer
 
 V2 = "/_matrix/identity/v2"
-SendAttempt = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+MAX_SEND_ATTEMPT = 2**31 - 1
+_DECIMAL_DIGITS = re.compile(r"[0-9]{1,10}")
 
 VALIDATED_MESSAGE = "Verification successful! Please return to your Matrix client to continue."
 FAILED_MESSAGE = "Verification failed: you may need to request another verification email."
@@ -26,7 +27,7 @@ FAILED_MESSAGE = "Verification failed: you may need to request another verificat
 class EmailRequestToken(msgspec.Struct):
     client_secret: str
     email: str
-    send_attempt: SendAttempt
+    send_attempt: int | str
     next_link: str | None = None
 
 
@@ -34,7 +35,7 @@ class MsisdnRequestToken(msgspec.Struct):
     client_secret: str
     country: str
     phone_number: str
-    send_attempt: SendAttempt
+    send_attempt: int | str
     next_link: str | None = None
 
 
@@ -42,6 +43,18 @@ class SubmitToken(msgspec.Struct):
     sid: str | int
     client_secret: str
     token: str
+
+
+def send_attempt_of(value: int | str) -> int:
+    """The spec's integer, or a string of decimal digits: matrix-js-sdk (Element) sends
+    `"1"`, and Sydent accepts it (docs/decisions.md)."""
+    if isinstance(value, str):
+        if not _DECIMAL_DIGITS.fullmatch(value):
+            raise invalid_param(f"send_attempt must be an integer, not {value[:20]!r}")
+        value = int(value)
+    if not 0 <= value <= MAX_SEND_ATTEMPT:
+        raise invalid_param(f"send_attempt must be between 0 and {MAX_SEND_ATTEMPT}")
+    return value
 
 
 def query_params(request: web.Request, *names: str) -> list[str]:
@@ -63,7 +76,7 @@ async def email_request_token(request: web.Request) -> web.Response:
     await caller(request)
     body = await json_body(request, EmailRequestToken)
     sid = await services_of(request).validation.request_email_token(
-        body.client_secret, body.email, body.send_attempt, body.next_link,
+        body.client_secret, body.email, send_attempt_of(body.send_attempt), body.next_link,
         brand=request.query.get("brand"), requester_ip=request.remote)
     return json_response({"sid": sid})
 
@@ -72,8 +85,8 @@ async def msisdn_request_token(request: web.Request) -> web.Response:
     await caller(request)
     body = await json_body(request, MsisdnRequestToken)
     session = await services_of(request).validation.request_msisdn_token(
-        body.client_secret, body.country, body.phone_number, body.send_attempt,
-        body.next_link)
+        body.client_secret, body.country, body.phone_number,
+        send_attempt_of(body.send_attempt), body.next_link)
     return json_response(session_answer(session))
 
 

@@ -40,7 +40,7 @@ async def call(kith: RunningKith, token: str | None, method: str, path: str,
 
 
 async def request_email(kith: RunningKith, token: str, email: str = "alice@example.com",
-                        send_attempt: int = 1, secret: str = SECRET,
+                        send_attempt: int | str = 1, secret: str = SECRET,
                         **extra: Any) -> tuple[int, Any]:
     return await call(kith, token, "POST", "/validate/email/requestToken", {
         "client_secret": secret, "email": email, "send_attempt": send_attempt, **extra})
@@ -94,6 +94,20 @@ async def test_same_send_attempt_does_not_send_again(mail_kith: RunningKith,
     assert mailed_token(smtp, 0) == mailed_token(smtp, 1)
     other = (await request_email(mail_kith, token, secret="another-secret"))[1]["sid"]
     assert other != first and len(smtp.messages) == 3
+
+
+async def test_send_attempt_as_a_string_of_digits(mail_kith: RunningKith,
+                                                  smtp: SmtpSink) -> None:
+    """As matrix-js-sdk sends it: "1", then "1" again (no second mail), then "2"."""
+    token = await mail_kith.register("alice")
+    status, body = await request_email(mail_kith, token, send_attempt="1")
+    assert status == 200, body
+    first = body["sid"]
+    assert (await request_email(mail_kith, token, send_attempt=1))[1]["sid"] == first
+    assert (await request_email(mail_kith, token, send_attempt="1"))[1]["sid"] == first
+    assert len(smtp.messages) == 1
+    assert (await request_email(mail_kith, token, send_attempt="02"))[1]["sid"] == first
+    assert len(smtp.messages) == 2
 
 
 async def test_email_is_casefolded(mail_kith: RunningKith, smtp: SmtpSink) -> None:
@@ -247,13 +261,20 @@ def without(body: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != key}
 
 
+# Integers and strings of decimal digits are send attempts (matrix-js-sdk sends "1");
+# nothing else is.
+BAD_SEND_ATTEMPTS: list[Any] = [
+    -1, 2**31, 2**70, 1.5, True, None, [1], {}, "", " 1", "1 ", "+1", "-1", "1.0", "1e3",
+    "0x1", "1_0", "one", "\u0661", "2147483648", "1" * 11]
+
 BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("/validate/email/requestToken", without(EMAIL_OK, "email"), "M_MISSING_PARAMS"),
     ("/validate/email/requestToken", without(EMAIL_OK, "client_secret"), "M_MISSING_PARAMS"),
     ("/validate/email/requestToken", without(EMAIL_OK, "send_attempt"), "M_MISSING_PARAMS"),
-    ("/validate/email/requestToken", {**EMAIL_OK, "send_attempt": "1"}, "M_INVALID_PARAM"),
-    ("/validate/email/requestToken", {**EMAIL_OK, "send_attempt": -1}, "M_INVALID_PARAM"),
-    ("/validate/email/requestToken", {**EMAIL_OK, "send_attempt": 2**70}, "M_INVALID_PARAM"),
+    *(("/validate/email/requestToken", {**EMAIL_OK, "send_attempt": bad}, "M_INVALID_PARAM")
+      for bad in BAD_SEND_ATTEMPTS),
+    *(("/validate/msisdn/requestToken", {**MSISDN_OK, "send_attempt": bad}, "M_INVALID_PARAM")
+      for bad in BAD_SEND_ATTEMPTS),
     ("/validate/email/requestToken", {**EMAIL_OK, "email": 5}, "M_INVALID_PARAM"),
     ("/validate/email/requestToken", {**EMAIL_OK, "next_link": []}, "M_INVALID_PARAM"),
     ("/validate/email/requestToken", {**EMAIL_OK, "client_secret": "a b"}, "M_INVALID_PARAM"),
@@ -374,8 +395,9 @@ async def test_msisdn_validation_flow(sms_kith: RunningKith, openmarket: OpenMar
     assert auth.startswith("Basic ")
     assert sent["mobileTerminate"]["destination"]["address"] == "447911123456"
     code = openmarket.last_code()
-    # the same attempt is not sent twice
-    again = await call(sms_kith, token, "POST", "/validate/msisdn/requestToken", request)
+    # the same attempt is not sent twice, given as matrix-js-sdk gives it ("1")
+    again = await call(sms_kith, token, "POST", "/validate/msisdn/requestToken",
+                       {**request, "send_attempt": "1"})
     assert again[1]["sid"] == body["sid"] and len(openmarket.requests) == 1
     status, answer = await call(sms_kith, token, "POST", "/validate/msisdn/submitToken", {
         "sid": body["sid"], "client_secret": SECRET, "token": "000000"
