@@ -23,7 +23,8 @@ async def register(request: web.Request) -> web.Response:
 
 
 async def account(request: web.Request) -> web.Response:
-    user = await authenticated(request, consent=False)
+    # Gated by the terms, as in Sydent: Element shows its terms dialog on this 403.
+    user = await authenticated(request)
     return json_response({"user_id": user.user_id})
 
 

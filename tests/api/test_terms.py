@@ -54,9 +54,11 @@ async def test_terms_flow(with_terms: RunningKith) -> None:
     async with kith.http.get(f"{kith.base}{V2}/hash_details", headers=auth) as resp:
         assert resp.status == 403
         assert (await resp.json())["errcode"] == "M_TERMS_NOT_SIGNED"
-    # /account, /account/logout and /terms stay open while terms are unsigned.
+    # GET /account is gated too (Element shows its terms dialog on this 403); only
+    # /terms and /account/logout stay open while terms are unsigned, as in Sydent.
     async with kith.http.get(f"{kith.base}{V2}/account", headers=auth) as resp:
-        assert resp.status == 200
+        assert resp.status == 403
+        assert (await resp.json())["errcode"] == "M_TERMS_NOT_SIGNED"
     # One policy (in French) is not enough...
     async with kith.http.post(f"{kith.base}{V2}/terms", headers=auth, json={
             "user_accepts": ["https://example.org/privacy-1.1-fr.html"]}) as resp:
@@ -69,11 +71,22 @@ async def test_terms_flow(with_terms: RunningKith) -> None:
         assert resp.status == 200
     async with kith.http.get(f"{kith.base}{V2}/hash_details", headers=auth) as resp:
         assert resp.status == 200
+    async with kith.http.get(f"{kith.base}{V2}/account", headers=auth) as resp:
+        assert (resp.status, await resp.json()) == (200, {"user_id": "@alice:hs.test"})
     # A second token of the same user is consented too.
     token2 = await kith.register("alice")
     async with kith.http.get(f"{kith.base}{V2}/hash_details",
                              headers={"Authorization": f"Bearer {token2}"}) as resp:
         assert resp.status == 200
+
+
+async def test_logout_needs_no_consent(with_terms: RunningKith) -> None:
+    kith = with_terms
+    auth = {"Authorization": f"Bearer {await kith.register('bob')}"}
+    async with kith.http.post(f"{kith.base}{V2}/account/logout", headers=auth) as resp:
+        assert (resp.status, await resp.json()) == (200, {})
+    async with kith.http.get(f"{kith.base}{V2}/account", headers=auth) as resp:
+        assert (resp.status, (await resp.json())["errcode"]) == (401, "M_UNAUTHORIZED")
 
 
 @pytest.mark.parametrize("body,errcode", [
