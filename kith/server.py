@@ -182,6 +182,7 @@ def add_v1_routes(router: web.UrlDispatcher, config: KithConfig) -> None:
     """The legacy API (Identity Service r0.3.0): the v2 handlers under the v1 prefix,
     without access tokens, plus v1's own lookup shapes."""
     prefix = V1_PREFIX.rstrip("/")
+    versions.add_status_route(router, prefix)
     pubkey.add_routes(router, prefix)
     validate.add_routes(router, prefix)
     threepid.add_routes(router, prefix, bind_route=config.general.enable_v1_associations)

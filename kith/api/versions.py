@@ -1,4 +1,4 @@
-"""GET /versions and the v2 status check."""
+"""GET /versions and the status checks (v2, and v1 when the legacy API is on)."""
 
 from __future__ import annotations
 
@@ -19,4 +19,9 @@ async def status(_request: web.Request) -> web.Response:
 
 def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/_matrix/identity/versions", versions, allow_head=False)
-    router.add_get("/_matrix/identity/v2", status, allow_head=False)
+    add_status_route(router, "/_matrix/identity/v2")
+
+
+def add_status_route(router: web.UrlDispatcher, path: str) -> None:
+    """`GET /_matrix/identity/v2`, and `GET /_matrix/identity/api/v1` (r0.3.0's check)."""
+    router.add_get(path, status, allow_head=False)

@@ -9,6 +9,7 @@ from tests.conftest import KithFactory, RunningKith
 V1 = "/_matrix/identity/api/v1"
 
 V1_ROUTES = [
+    ("GET", ""),
     ("POST", "validate/email/requestToken"), ("POST", "validate/email/submitToken"),
     ("GET", "validate/email/submitToken"), ("POST", "validate/msisdn/requestToken"),
     ("POST", "validate/msisdn/submitToken"), ("GET", "validate/msisdn/submitToken"),
@@ -23,9 +24,17 @@ V1_ROUTES = [
 async def test_v1_off_means_404_everywhere(kith_factory: KithFactory, method: str,
                                            path: str) -> None:
     kith = await kith_factory({"general": {"enable_v1_access": "false"}})
-    async with kith.http.request(method, f"{kith.base}{V1}/{path}", json={}) as resp:
+    url = f"{kith.base}{V1}/{path}" if path else f"{kith.base}{V1}"
+    async with kith.http.request(method, url, json={}) as resp:
         assert resp.status == 404
         assert (await resp.json())["errcode"] == "M_UNRECOGNIZED"
+
+
+async def test_v1_status_check(kith: RunningKith) -> None:
+    """Identity Service r0.3.0's "is this an identity server" check, as Sydent serves it."""
+    async with kith.http.get(f"{kith.base}{V1}") as resp:
+        assert (resp.status, await resp.json()) == (200, {})
+        assert resp.content_type == "application/json"
 
 
 async def test_v1_lookup_and_bulk_lookup_need_no_token(kith: RunningKith) -> None:
