@@ -198,7 +198,8 @@ class MatrixUser:
 
 def call(method: str, url: str, body: Any = None, *, token: str | None = None,
          context: ssl.SSLContext | None = None, timeout_s: float = 30.0) -> tuple[int, Any]:
-    """(status, JSON body) of one request; HTTP errors are answers, not exceptions."""
+    """(status, body) of one request: JSON decoded, any other body as text.  HTTP errors
+    are answers, not exceptions."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method)
     if data is not None:
@@ -207,10 +208,15 @@ def call(method: str, url: str, body: Any = None, *, token: str | None = None,
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout_s, context=context) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
+            return resp.status, _decoded(resp.read(), resp.headers.get_content_type())
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
+        return exc.code, _decoded(exc.read(), exc.headers.get_content_type())
+
+
+def _decoded(raw: bytes, content_type: str) -> Any:
+    if content_type == "application/json" or not raw:
         try:
-            return exc.code, json.loads(raw)
+            return json.loads(raw or b"null")
         except ValueError:
-            return exc.code, raw.decode(errors="replace")
+            pass
+    return raw.decode(errors="replace")

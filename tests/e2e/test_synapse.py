@@ -1,9 +1,12 @@
-"""3PID invites end to end with a real Synapse (issue 5).
+"""kith driven through a real Synapse: every request Synapse makes to an identity server.
 
 One story, in order: alice registers with kith through Synapse's OpenID tokens, invites
-bob by email, bob binds the address and the invite appears in the room; then the same for
-carol while Synapse is down at the moment she binds.  The steps share state through
-`Story`, so each one can fail (or be marked) on its own.
+bob by email, bob binds the address through Synapse and the invite appears in the room;
+then the same for carol while Synapse is down at the moment she binds.  Then dave binds
+through Synapse and removes the binding in each way Synapse offers: `/account/3pid/unbind`,
+`/account/3pid/delete` with `id_server`, and deactivating his account (Synapse signs each
+unbind with X-Matrix).  The steps share state through `Story`, so each one can fail (or be
+marked) on its own.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from kith.services.threepid import lookup_hash
 from tests.conftest import SmtpSink
 from tests.e2e.conftest import TlsKith, kith_log
-from tests.e2e.synapse import MatrixUser, Synapse
+from tests.e2e.synapse import MatrixUser, Synapse, call
 
 pytestmark = pytest.mark.e2e
 
@@ -102,11 +106,11 @@ def mails_to(story: Story, address: str, since: int = 0) -> list[str]:
     return [text for recipients, text in story.smtp.messages[since:] if address in recipients]
 
 
-def validate_and_bind(story: Story, localpart: str, address: str,
-                      before_bind: Callable[[], None] = lambda: None) -> None:
-    """Prove `address` with the code from the mail, then bind it to the user's MXID."""
-    token, user = story.kith_tokens[localpart], story.users[localpart]
-    secret = f"secret-{localpart}"
+def validate_email(story: Story, localpart: str, address: str) -> tuple[str, str]:
+    """(sid, client_secret) of a session proved by following the link in the mail, as the
+    user would; the session is then ready to be bound."""
+    token = story.kith_tokens[localpart]
+    secret = f"secret-{localpart}-{len(story.smtp.messages)}"
     sent = len(story.smtp.messages)
     status, body = story.kith.call("POST", "/validate/email/requestToken", {
         "client_secret": secret, "email": address, "send_attempt": 1}, token=token)
@@ -114,16 +118,52 @@ def validate_and_bind(story: Story, localpart: str, address: str,
     sid = body["sid"]
     mail = poll(f"the validation mail to {address}",
                 lambda: mails_to(story, address, since=sent))[-1]
-    match = re.search(r"token=([A-Za-z0-9]+)", mail)
+    match = re.search(r"(https://\S+/validate/email/submitToken\?\S+)", mail)
     assert match, mail
-    status, body = story.kith.call("POST", "/validate/email/submitToken", {
-        "sid": sid, "client_secret": secret, "token": match.group(1)}, token=token)
-    assert status == 200 and body == {"success": True}, body
-    before_bind()
-    status, body = story.kith.call("POST", "/3pid/bind", {
-        "sid": sid, "client_secret": secret, "mxid": user.user_id}, token=token)
+    link = match.group(1).replace("&amp;", "&")
+    status, page = call("GET", link, context=story.kith.context)
+    assert status == 200 and "Verification successful" in page, (link, page)
+    return sid, secret
+
+
+def bind_through_synapse(story: Story, localpart: str, sid: str, secret: str) -> None:
+    """`/account/3pid/bind`: Synapse binds on kith with the user's kith token, and remembers
+    where it bound (what its unbind and deactivation use later)."""
+    status, body = story.users[localpart].call("POST", "/_matrix/client/v3/account/3pid/bind", {
+        "id_server": story.kith.server_name, "id_access_token": story.kith_tokens[localpart],
+        "sid": sid, "client_secret": secret})
+    assert (status, body) == (200, {}), (body, kith_log(story.kith)[-3000:])
+
+
+def validate_and_bind(story: Story, localpart: str, address: str,
+                      before_bind: Callable[[], None] | None = None) -> None:
+    """Prove `address` and bind it to the user's MXID through Synapse; or, with
+    `before_bind` (which may stop Synapse), directly on kith as the user's client would."""
+    sid, secret = validate_email(story, localpart, address)
+    if before_bind is None:
+        bind_through_synapse(story, localpart, sid, secret)
+    else:
+        before_bind()
+        status, body = story.kith.call("POST", "/3pid/bind", {
+            "sid": sid, "client_secret": secret, "mxid": story.users[localpart].user_id},
+            token=story.kith_tokens[localpart])
+        assert status == 200, body
+        assert body["address"] == address
+    assert lookup(story, address) == story.users[localpart].user_id
+
+
+def lookup(story: Story, address: str, medium: str = "email") -> str | None:
+    """The MXID kith answers for `address`, by a sha256 lookup as Element makes it."""
+    token = story.kith_tokens["alice"]
+    status, details = story.kith.call("GET", "/hash_details", token=token)
+    assert status == 200, details
+    hashed = lookup_hash(medium, address, details["lookup_pepper"])
+    status, body = story.kith.call("POST", "/lookup", {
+        "algorithm": "sha256", "pepper": details["lookup_pepper"], "addresses": [hashed]},
+        token=token)
     assert status == 200, body
-    assert body["mxid"] == user.user_id and body["address"] == address
+    mxid = body["mappings"].get(hashed)
+    return None if mxid is None else str(mxid)
 
 
 def membership(story: Story, room_id: str, user_id: str) -> str | None:
@@ -190,3 +230,41 @@ def test_invite_arrives_when_synapse_comes_back(story: Story) -> None:
     finally:
         story.synapse.start()
     wait_for_invite(story, room_id, "carol")
+
+
+def test_unbind_through_synapse(story: Story) -> None:
+    """`/account/3pid/unbind`: Synapse signs the unbind (X-Matrix, destination_is)."""
+    kith_account(story, "dave")
+    validate_and_bind(story, "dave", "dave@example.com")
+    status, body = story.users["dave"].call("POST", "/_matrix/client/v3/account/3pid/unbind", {
+        "id_server": story.kith.server_name, "medium": "email",
+        "address": "dave@example.com"})
+    assert (status, body) == (200, {"id_server_unbind_result": "success"}), (
+        body, kith_log(story.kith)[-3000:])
+    assert lookup(story, "dave@example.com") is None
+
+
+def test_3pid_delete_with_id_server_unbinds(story: Story) -> None:
+    if "dave" not in story.users:
+        pytest.skip("the step that registers dave failed")
+    validate_and_bind(story, "dave", "dave@example.com")
+    status, body = story.users["dave"].call("POST", "/_matrix/client/v3/account/3pid/delete", {
+        "id_server": story.kith.server_name, "medium": "email",
+        "address": "dave@example.com"})
+    assert (status, body) == (200, {"id_server_unbind_result": "success"}), body
+    assert lookup(story, "dave@example.com") is None
+
+
+def test_deactivation_unbinds_every_address(story: Story) -> None:
+    """Deactivating an account makes Synapse unbind every 3PID it bound for the user."""
+    kith_account(story, "erin")
+    for address in ("erin@example.com", "erin.work@example.org"):
+        validate_and_bind(story, "erin", address)
+    erin = story.users["erin"]
+    status, body = erin.call("POST", "/_matrix/client/v3/account/deactivate", {
+        "auth": {"type": "m.login.password", "password": "correct horse",
+                 "identifier": {"type": "m.id.user", "user": erin.user_id}}})
+    assert (status, body) == (200, {"id_server_unbind_result": "success"}), (
+        body, kith_log(story.kith)[-3000:])
+    assert lookup(story, "erin@example.com") is None
+    assert lookup(story, "erin.work@example.org") is None
