@@ -32,8 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.import_plugin("tests.pg")
 
 
-async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0) -> Any:
-    """Poll `check` until it returns something true, and return that."""
+async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0,
+                   poll_s: float = 0.05) -> Any:
+    """Poll `check` every `poll_s` until it returns something true, and return that."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = check()
@@ -41,7 +42,7 @@ async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0)
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(poll_s)
 
 
 def free_port() -> int:
@@ -84,6 +85,8 @@ class Homeserver:
     tokens: dict[str, str] = field(default_factory=dict)
     calls: int = 0
     delay_s: float = 0.0
+    # Set at teardown: a delayed answer then ends at once, so stopping never waits for it.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     onbinds: list[dict[str, Any]] = field(default_factory=list)
 
@@ -99,7 +102,8 @@ class Homeserver:
     async def userinfo(self, request: web.Request) -> web.Response:
         self.calls += 1
         if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), self.delay_s)
         sub = self.tokens.get(request.query.get("access_token", ""))
         if sub is None:
             return web.json_response(
@@ -129,6 +133,7 @@ async def homeserver() -> AsyncIterator[Homeserver]:
     app.router.add_post("/_matrix/federation/v1/3pid/onbind", hs.onbind)
     async with serving(app) as hs.url:
         yield hs
+        hs.stopping.set()
 
 
 @dataclass

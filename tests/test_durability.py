@@ -11,7 +11,7 @@ import aiohttp
 from kith.config import load_config
 from kith.services.threepid import lookup_hash
 from kith.store import Store
-from tests.conftest import write_config
+from tests.conftest import wait_for, write_config
 
 
 async def test_acknowledged_binds_survive_sigkill(tmp_path: Path, kith_process) -> None:
@@ -33,11 +33,14 @@ async def test_acknowledged_binds_survive_sigkill(tmp_path: Path, kith_process) 
     async with aiohttp.ClientSession() as session:
         # Binds in flight when the process dies: those acknowledged must all be kept.
         tasks = [asyncio.create_task(bind(session, i)) for i in range(400)]
-        while len(acked) < 150:
-            await asyncio.sleep(0.005)
-        proc.kill(signal.SIGKILL)
+        try:
+            # Poll often: the kill must come while most of the rest are in flight.
+            await wait_for("150 acknowledged binds", lambda: len(acked) >= 150,
+                           timeout_s=60, poll_s=0.005)
+        finally:
+            proc.kill(signal.SIGKILL)
         await asyncio.gather(*tasks, return_exceptions=True)
-    assert len(acked) >= 150
+    assert 150 <= len(acked) < 400, "the kill must come while binds are in flight"
 
     proc.start(config.http.client_port)
     proc.kill(signal.SIGTERM)

@@ -26,6 +26,9 @@ from unpaddedbase64 import decode_base64
 from kith.config import load_config
 from kith.server import KithServer
 from kith.services.onbind import OnbindService, backoff_s
+from kith.services.threepid import lookup_hash
+from kith.store import Store
+from kith.store.associations import AssociationRow
 from kith.store.invites import DONE, GAVE_UP, PENDING
 from tests.api.test_invites import mail_config, mailed_invite, store_invite
 from tests.api.test_threepid import validated_session
@@ -133,6 +136,28 @@ async def check_onbind_body(kith: RunningKith, body: dict[str, Any], address: st
         verify_signed_json(signed, "kith.test", verify_key)
 
 
+async def start_kith(directory: Path, sections: dict[str, dict[str, Any]],
+                     homeserver: OnbindHomeserver) -> RunningKith:
+    """kith in-process on the config and store in `directory` (kept across restarts)."""
+    config = load_config(str(write_config(directory, sections)), env={})
+    server = KithServer(config)
+    await server.start()
+    return RunningKith(config, server, aiohttp.ClientSession(), homeserver)
+
+
+async def stop_kith(kith: RunningKith) -> None:
+    await kith.http.close()
+    await kith.server.stop()
+
+
+async def nothing_more_is_sent(kith: RunningKith, homeserver: OnbindHomeserver) -> None:
+    """Once every delivery has its outcome, another pass of the deliverer sends nothing."""
+    assert kith.server.services is not None and kith.server.services.onbind is not None
+    sent = len(homeserver.received)
+    assert await kith.server.services.onbind.deliver_due() == 0
+    assert len(homeserver.received) == sent
+
+
 async def deliveries(kith: RunningKith) -> list[tuple[int, str]]:
     assert kith.server.store is not None
     return [(d.attempts, state) for d, state in
@@ -189,7 +214,8 @@ async def test_internal_bind_delivers_and_later_binds_send_nothing(
     assert "invites" not in again
     plain = await mail_kith.bind("someone@example.com", "@someone:hs.test")
     assert "invites" not in plain
-    await asyncio.sleep(0.3)
+    await settled(mail_kith, [(1, DONE)])
+    await nothing_more_is_sent(mail_kith, homeserver)
     assert len(homeserver.received) == 1
 
 
@@ -220,7 +246,7 @@ async def test_errors_are_retried_and_delivered_once(
     assert len(homeserver.received) == 3
     assert homeserver.delivered == [signed]
     await settled(mail_kith, [(3, DONE)])
-    await asyncio.sleep(1.5)
+    await nothing_more_is_sent(mail_kith, homeserver)
     assert len(homeserver.received) == 3
     assert (onbind_outcomes("retry"), onbind_outcomes("delivered")) == (retries + 2, delivered + 1)
 
@@ -237,13 +263,7 @@ async def test_delivery_survives_a_restart_while_the_homeserver_is_down(
     sections = {**mail_config(smtp),
                 "http": {"federation.test_overrides": f"hs.test={homeserver.url}"}}
 
-    async def start() -> RunningKith:
-        config = load_config(str(write_config(directory, sections)), env={})
-        server = KithServer(config)
-        await server.start()
-        return RunningKith(config, server, aiohttp.ClientSession(), homeserver)
-
-    first = await start()
+    first = await start_kith(directory, sections, homeserver)
     try:
         alice = await first.register("alice")
         await invite(first, alice)
@@ -251,19 +271,17 @@ async def test_delivery_survives_a_restart_while_the_homeserver_is_down(
         signed = await first.bind("bob@example.com", BOB)
         await settled(first, [(1, PENDING)])  # the first attempt met a closed port
     finally:
-        await first.http.close()
-        await first.server.stop()
+        await stop_kith(first)
 
     await homeserver.start()
-    second = await start()
+    second = await start_kith(directory, sections, homeserver)
     try:
         await wait_for("the onbind after the restart", lambda: homeserver.delivered)
         assert homeserver.delivered == [signed]
         await settled(second, [(2, DONE)])
         assert len(homeserver.received) == 1
     finally:
-        await second.http.close()
-        await second.server.stop()
+        await stop_kith(second)
 
 
 async def test_gives_up_after_the_configured_time(
@@ -284,7 +302,7 @@ async def test_gives_up_after_the_configured_time(
     attempts = len(homeserver.received)
     assert attempts >= 2
     await settled(kith, [(attempts, GAVE_UP)])
-    await asyncio.sleep(1.2)
+    await nothing_more_is_sent(kith, homeserver)
     assert len(homeserver.received) == attempts
     assert onbind_outcomes("gave_up") == gave_up + 1
 
@@ -310,31 +328,45 @@ async def test_two_deliverers_send_each_row_once(
                                      "mxid": f"@user{n}:hs.test"})
     await asyncio.gather(*(other.deliver_due() for other in others))
     await wait_for("ten onbinds", lambda: len(homeserver.delivered) == 10)
-    await asyncio.sleep(0.3)
+    await settled(mail_kith, [(1, DONE)] * 10)
+    await asyncio.gather(*(other.deliver_due() for other in others))
+    await nothing_more_is_sent(mail_kith, homeserver)
     assert len(homeserver.received) == 10
     assert sorted(b["mxid"] for b in homeserver.delivered) == sorted(
         f"@user{n}:hs.test" for n in range(10))
 
 
-async def test_invites_for_an_address_bound_meanwhile_are_swept(
-        mail_kith: RunningKith, homeserver: OnbindHomeserver) -> None:
-    """A bind that raced the store-invite (or crashed before queuing) is caught up."""
-    server = mail_kith.server
-    assert server.services is not None and server.store is not None
-    alice = await mail_kith.register("alice")
-    token = await invite(mail_kith, alice)
-    # Bind behind the invite service's back: the association only.
-    bindings = server.services.bindings
-    saved, bindings._onbind = bindings._onbind, None
+async def test_an_invitee_bound_without_onbind_is_caught_up_at_start(
+        tmp_path: Path, smtp: SmtpSink, homeserver: OnbindHomeserver) -> None:
+    """A bind that stopped after storing the association and before queuing the onbind
+    (a crash) is caught up by the sweep at the next start."""
+    sections = {**mail_config(smtp),
+                "http": {"federation.test_overrides": f"hs.test={homeserver.url}"}}
+    first = await start_kith(tmp_path, sections, homeserver)
     try:
-        await mail_kith.bind("bob@example.com", BOB)
+        alice = await first.register("alice")
+        token = await invite(first, alice)
+        assert first.server.services is not None
+        pepper = first.server.services.lookup.pepper
     finally:
-        bindings._onbind = saved
-    assert await server.store.invites.has_pending("email", "bob@example.com")
-    assert await bindings.deliver_pending_invites() == 1
-    await wait_for("the swept onbind", lambda: homeserver.delivered)
-    await check_onbind_body(mail_kith, homeserver.delivered[0], "bob@example.com", BOB,
-                            [token])
+        await stop_kith(first)
+    store = await Store.open(first.config.db)
+    try:
+        now = int(time.time() * 1000)
+        await store.associations.write([AssociationRow(
+            source="local", medium="email", address="bob@example.com", mxid=BOB, ts=now,
+            not_before=now, not_after=now + 3600_000,
+            lookup_hash=lookup_hash("email", "bob@example.com", pepper))])
+        assert await store.invites.has_pending("email", "bob@example.com")
+    finally:
+        await store.close()
+    second = await start_kith(tmp_path, sections, homeserver)
+    try:
+        await wait_for("the swept onbind", lambda: homeserver.delivered)
+        await check_onbind_body(second, homeserver.delivered[0], "bob@example.com", BOB,
+                                [token])
+    finally:
+        await stop_kith(second)
 
 
 async def test_a_delivery_cut_short_by_a_stop_is_sent_after_restart(
@@ -347,35 +379,27 @@ async def test_a_delivery_cut_short_by_a_stop_is_sent_after_restart(
                 "http": {"federation.test_overrides": f"hs.test={homeserver.url}",
                          "federation.timeout": 20}}
 
-    async def start() -> RunningKith:
-        config = load_config(str(write_config(directory, sections)), env={})
-        server = KithServer(config)
-        await server.start()
-        return RunningKith(config, server, aiohttp.ClientSession(), homeserver)
-
     release = homeserver.hang = asyncio.Event()
-    first = await start()
+    first = await start_kith(directory, sections, homeserver)
     try:
         alice = await first.register("alice")
         await invite(first, alice)
         signed = await first.bind("bob@example.com", BOB)
         await wait_for("the first request", lambda: homeserver.received)
     finally:
-        await first.http.close()
-        await first.server.stop()
+        await stop_kith(first)
     homeserver.hang = None
     release.set()
 
     started = time.monotonic()
-    second = await start()
+    second = await start_kith(directory, sections, homeserver)
     try:
         await wait_for("the onbind after the restart", lambda: homeserver.delivered)
         assert time.monotonic() - started < 10  # not the 70 s lease
         assert homeserver.delivered == [signed]
         await settled(second, [(1, DONE)])
     finally:
-        await second.http.close()
-        await second.server.stop()
+        await stop_kith(second)
 
 
 
@@ -402,7 +426,15 @@ async def test_worker_processes_deliver_each_onbind_once(
             signed = await kith.bind(f"user{n}@example.com", f"@user{n}:hs.test")
             assert len(signed["invites"]) == 1, signed
         await wait_for("eight onbinds", lambda: len(homeserver.delivered) == 8)
-        await asyncio.sleep(1.0)
+        # Every delivery has its outcome in the shared store: no worker sends again.
+        store = await Store.open(config.db)
+        try:
+            deadline = time.monotonic() + 10
+            while [state for _, state in await store.invites.deliveries()] != [DONE] * 8:
+                assert time.monotonic() < deadline, await store.invites.deliveries()
+                await asyncio.sleep(0.05)
+        finally:
+            await store.close()
         assert len(homeserver.received) == 8
         assert sorted(b["mxid"] for b in homeserver.delivered) == sorted(
             f"@user{n}:hs.test" for n in range(8))

@@ -54,6 +54,10 @@ class RateLimiter:
         """Buckets held in memory (some may have drained since the last sweep)."""
         return len(self._buckets)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether a bucket for `key` is held in memory."""
+        return key in self._buckets
+
     def hit(self, key: str) -> None:
         """Count one request for `key`, or raise RateLimited (counting nothing)."""
         now = self.clock()

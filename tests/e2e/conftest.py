@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,12 @@ class TlsKith:
              token: str | None = None) -> tuple[int, Any]:
         return call(method, f"https://{self.server_name}/_matrix/identity/v2{path}", body,
                     token=token, context=self.context)
+
+    def onbind_queue(self) -> str:
+        """What `kith onbind` shows the operator: one line per queued delivery."""
+        return subprocess.run(
+            [sys.executable, "-m", "kith", "--config", self.config.path, "onbind"],
+            capture_output=True, text=True, timeout=60, check=True).stdout
 
 
 @pytest.fixture(scope="module")
