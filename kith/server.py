@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from kith.tls import ClientTls
 log = logging.getLogger(__name__)
 
 INDEX_FOLLOW_INTERVAL_S = 1.0
+PURGE_INTERVAL_S = 600.0  # expired sessions, as often as Sydent purges them
 
 
 # A validation request waits at most this long for the SMTP server or SMS provider.
@@ -215,6 +216,20 @@ def metrics_app() -> web.Application:
     return app
 
 
+async def periodically(interval_s: float, what: str,
+                       job: Callable[[], Awaitable[int]]) -> None:
+    """Run `job` now and every `interval_s`; a failure is logged and tried next time."""
+    while True:
+        try:
+            done = await job()
+        except Exception:
+            log.warning("%s failed; trying again in %.0f s", what, interval_s, exc_info=True)
+        else:
+            if done:
+                log.info("%s: %d", what, done)
+        await asyncio.sleep(interval_s)
+
+
 @dataclass
 class KithServer:
     """One running kith: its store, services and listeners."""
@@ -241,6 +256,9 @@ class KithServer:
         if self.services.ldap_sync is not None and (
                 self.counters is None or self.counters.claim(SharedCounters.LDAP_SYNC)):
             self.tasks.append(asyncio.create_task(self.services.ldap_sync.run()))
+        self.tasks.append(asyncio.create_task(periodically(
+            PURGE_INTERVAL_S, "purging expired validation sessions",
+            self.services.validation.purge_expired), name="kith-purge"))
         if self.services.onbind is not None:
             self.tasks.append(asyncio.create_task(
                 self.services.onbind.run(self.services.bindings.deliver_pending_invites),

@@ -253,6 +253,11 @@ class ValidationService:
             raise no_valid_session()
         return session
 
+    async def purge_expired(self) -> int:
+        """Delete the sessions no one can use any more (expired); how many went."""
+        return await self._store.sessions.delete_older_than(
+            self._clock() - SESSION_LIFETIME_MS)
+
     def _expired(self, session: ValidationSessionRow) -> bool:
         return self._clock() - session.mtime > SESSION_LIFETIME_MS
 

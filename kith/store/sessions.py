@@ -94,9 +94,11 @@ class ValidationSessionStore:
             await conn.execute(update(sessions).where(sessions.c.id == sid).values(
                 failed_attempts=sessions.c.failed_attempts + 1))
 
-    async def delete_older_than(self, mtime: int) -> None:
+    async def delete_older_than(self, mtime: int) -> int:
+        """Delete the sessions last touched before `mtime`; how many went."""
         async with self._db.engine.begin() as conn:
-            await conn.execute(delete(sessions).where(sessions.c.mtime < mtime))
+            result = await conn.execute(delete(sessions).where(sessions.c.mtime < mtime))
+        return int(result.rowcount)
 
     async def insert_many(self, rows: list[ValidationSessionRow]) -> None:
         """Add sessions whose id or (medium, address, client_secret) is not taken yet."""

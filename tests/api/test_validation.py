@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -23,8 +24,11 @@ SECRET = "monkeys_are_GREAT"
 
 @pytest.fixture
 async def mail_kith(kith_factory: KithFactory, smtp: SmtpSink) -> RunningKith:
-    return await kith_factory(  # type: ignore[no-any-return]
-        {"email": {"email.smtphost": "127.0.0.1", "email.smtpport": smtp.port}})
+    return await kith_factory(mail_sections(smtp))  # type: ignore[no-any-return]
+
+
+def mail_sections(smtp: SmtpSink) -> dict[str, dict[str, Any]]:
+    return {"email": {"email.smtphost": "127.0.0.1", "email.smtpport": smtp.port}}
 
 
 async def call(kith: RunningKith, token: str | None, method: str, path: str,
@@ -172,6 +176,35 @@ async def test_expired_session(mail_kith: RunningKith, smtp: SmtpSink) -> None:
     status, body = await call(mail_kith, token, "POST", "/3pid/bind", {
         "sid": sid, "client_secret": SECRET, "mxid": "@alice:hs.test"})
     assert (status, body["errcode"]) == (400, "M_SESSION_EXPIRED")
+
+
+async def test_expired_sessions_are_purged(kith_factory: KithFactory,
+                                           smtp: SmtpSink) -> None:
+    """At start and every 10 minutes, sessions expired for good are deleted."""
+    kith = await kith_factory(mail_sections(smtp))
+    token = await kith.register("alice")
+    old_sid = (await request_email(kith, token))[1]["sid"]
+    fresh_sid = (await request_email(kith, token, secret="fresh-secret"))[1]["sid"]
+    store = kith.server.store
+    assert store is not None and kith.server.services is not None
+    await store.sessions.touch(int(old_sid), int(time.time() * 1000) - SESSION_LIFETIME_MS - 1)
+    assert await kith.server.services.validation.purge_expired() == 1
+    assert await store.sessions.get(int(old_sid)) is None
+    assert await store.sessions.get(int(fresh_sid)) is not None
+    status, body = await validated(kith, token, old_sid)
+    assert (status, body["errcode"]) == (404, "M_NO_VALID_SESSION")
+    # A start purges what expired while kith was stopped.
+    status, body = await validated(kith, token, fresh_sid, secret="fresh-secret")
+    assert (status, body["errcode"]) == (400, "M_SESSION_NOT_VALIDATED")
+    await store.sessions.touch(int(fresh_sid), 0)
+    await kith.server.stop()
+    restarted = await kith_factory(mail_sections(smtp))  # the same directory and store
+    status, body = await validated(restarted, token, fresh_sid, secret="fresh-secret")
+    deadline = time.monotonic() + 10
+    while body["errcode"] != "M_NO_VALID_SESSION" and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        status, body = await validated(restarted, token, fresh_sid, secret="fresh-secret")
+    assert (status, body["errcode"]) == (404, "M_NO_VALID_SESSION")
 
 
 async def test_smtp_down_then_retry(mail_kith: RunningKith, smtp: SmtpSink) -> None:

@@ -16,6 +16,7 @@ from kith.config import DbConfig
 from kith.store import AssociationRow, Store
 from kith.store.database import MIGRATIONS
 from kith.store.schema import server_state
+from kith.store.sessions import ValidationSessionRow
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 TABLES = {"threepid_associations", "accounts", "account_tokens", "accepted_terms_urls",
@@ -364,3 +365,18 @@ async def test_a_follower_misses_no_write_of_concurrent_writers(db_config: DbCon
     finally:
         for store in [*writers, follower]:
             await store.close()
+
+
+async def test_sessions_older_than_a_time_are_deleted(store: Store) -> None:
+    def session(n: int, mtime: int) -> ValidationSessionRow:
+        return ValidationSessionRow(
+            id=100 + n, medium="email", address=f"user{n}@example.com", client_secret="s",
+            validated_at=None, mtime=mtime, next_link=None, send_attempt=1,
+            token="t" * 32, failed_attempts=0)
+
+    old = [await store.sessions.create(session(n, 1000 + n)) for n in range(3)]
+    kept = await store.sessions.create(session(3, 5000))
+    assert await store.sessions.delete_older_than(5000) == 3
+    assert [await store.sessions.get(row.id) for row in old] == [None] * 3
+    assert await store.sessions.get(kept.id) == kept
+    assert await store.sessions.delete_older_than(5000) == 0
