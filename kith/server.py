@@ -97,6 +97,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
                            lease_s=2 * config.http.federation_timeout_s + 30,
                            changes=counters.counter(SharedCounters.INVITES)
                            if counters else None)
+    validation = validation_service(config, store, templates)
     return Services(
         keys=keys,
         terms=terms_source,
@@ -107,10 +108,10 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         index=index,
         lookup=lookup_service,
         bindings=BindingService(store, index, keys, pepper, lookup=lookup_service,
-                                onbind=onbind),
+                                onbind=onbind, validation=validation),
         homeserver_auth=HomeserverAuthenticator(
             ServerKeyFetcher(federation), (keys.server_name, *config.general.server_aliases)),
-        validation=validation_service(config, store, templates),
+        validation=validation,
         templates=templates,
         ldap_sync=LdapSync(directory, store, index, pepper) if directory else None,
         invites=invite_service(config, store, keys, lookup_service, templates, onbind),

@@ -14,10 +14,7 @@ from kith.api.http import (
     services_of,
 )
 from kith.api.validate import query_params
-from kith.errors import M_UNAUTHORIZED, MatrixError
-from kith.services import Services
 from kith.services.accounts import Account
-from kith.services.bindings import check_mxid, check_threepid
 
 V2 = "/_matrix/identity/v2"
 
@@ -40,10 +37,6 @@ class UnbindRequest(msgspec.Struct):
     client_secret: str | None = None
 
 
-def forbidden(message: str) -> MatrixError:
-    return MatrixError(403, M_UNAUTHORIZED, message)
-
-
 async def get_validated_3pid(request: web.Request) -> web.Response:
     await caller(request)
     sid, client_secret = query_params(request, "sid", "client_secret")
@@ -55,13 +48,8 @@ async def get_validated_3pid(request: web.Request) -> web.Response:
 async def bind(request: web.Request) -> web.Response:
     account = await caller(request)
     body = await json_body(request, BindRequest)
-    # v1 (no account) binds to any mxid, as r0.3.0 did; v2 only to the caller's own.
-    if account is not None and body.mxid != account.user_id:
-        raise forbidden("This user is prohibited from binding to the mxid")
-    validated = await services_of(request).validation.get_validated(
-        str(body.sid), body.client_secret)
-    signed = await services_of(request).bindings.bind(
-        validated.medium, validated.address, body.mxid)
+    signed = await services_of(request).bindings.bind_validated(
+        user_id_of(account), str(body.sid), body.client_secret, body.mxid)
     return json_response(signed)
 
 
@@ -70,49 +58,29 @@ def is_homeserver_signed(request: web.Request) -> bool:
     return scheme.lower() == "x-matrix"
 
 
-async def authorise_homeserver_unbind(request: web.Request, raw_body: bytes,
-                                      body: UnbindRequest) -> None:
-    """The one place where an `Authorization: X-Matrix` unbind is checked: signed by the
-    homeserver of `body.mxid`, over exactly this method, path and body."""
-    homeservers = services_of(request).homeserver_auth
-    origin = await homeservers.verify(
-        request.headers["Authorization"], method=request.method, uri=request.raw_path,
-        content=msgspec.json.decode(raw_body))
-    check_mxid(body.mxid)
-    homeservers.require_owner(origin, body.mxid)
-
-
-async def authorise_session_unbind(services: Services, request: web.Request,
-                                   account: Account | None, body: UnbindRequest) -> None:
-    """The caller owns `body.mxid` (v2) and a validated session for exactly that 3PID."""
-    if account is not None and body.mxid != account.user_id:
-        raise forbidden("This user is prohibited from unbinding the mxid")
-    if body.sid is None or body.client_secret is None:
-        raise forbidden("Unbinding needs the sid and client_secret of a validated session")
-    address = check_threepid(body.threepid.medium, body.threepid.address)
-    try:
-        validated = await services_of(request).validation.get_validated(str(body.sid),
-                                                               body.client_secret)
-    except MatrixError as exc:
-        if exc.status >= 500:
-            raise
-        raise forbidden(f"No validated session for this 3PID: {exc.message}") from None
-    if (validated.medium, validated.address) != (body.threepid.medium, address):
-        raise forbidden("The session did not validate this 3PID")
-
-
 async def unbind(request: web.Request) -> web.Response:
+    """Authorised by the homeserver's X-Matrix signature over exactly this method, path
+    and body, or by the caller's validated session for the 3PID."""
     services = services_of(request)
     if is_homeserver_signed(request):
         raw = await read_body(request)
         body = decode_json(raw, UnbindRequest)
-        await authorise_homeserver_unbind(request, raw, body)
+        origin = await services.homeserver_auth.verify(
+            request.headers["Authorization"], method=request.method, uri=request.raw_path,
+            content=msgspec.json.decode(raw))
+        await services.bindings.unbind_for_homeserver(
+            origin, body.mxid, body.threepid.medium, body.threepid.address)
     else:
         account = await caller(request)
         body = await json_body(request, UnbindRequest)
-        await authorise_session_unbind(services, request, account, body)
-    await services.bindings.unbind(body.threepid.medium, body.threepid.address, body.mxid)
+        await services.bindings.unbind_validated(
+            user_id_of(account), body.mxid, body.threepid.medium, body.threepid.address,
+            None if body.sid is None else str(body.sid), body.client_secret)
     return json_response({})
+
+
+def user_id_of(account: Account | None) -> str | None:
+    return None if account is None else account.user_id
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str = V2, *, bind_route: bool = True) -> None:

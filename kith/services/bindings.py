@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, MatrixError
+from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, M_UNAUTHORIZED, MatrixError
 from kith.metrics import BINDS, UNBINDS
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
-from kith.services.threepid import MEDIUMS, is_valid_mxid, lookup_hash, normalise_address
+from kith.services.threepid import (
+    MEDIUMS,
+    is_valid_mxid,
+    lookup_hash,
+    mxid_server_name,
+    normalise_address,
+    now_ms,
+)
+from kith.services.validation import ValidationService
 from kith.sources.config import LDAP
 from kith.store import AssociationRow, Store
 
 LOCAL = "local"
 # Associations are valid for a century (as Sydent): they last until unbound.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def check_threepid(medium: str, address: str) -> str:
@@ -32,6 +35,10 @@ def check_threepid(medium: str, address: str) -> str:
     if normalised is None:
         raise MatrixError(400, M_INVALID_PARAM, f"Invalid {medium} address")
     return normalised
+
+
+def forbidden(message: str) -> MatrixError:
+    return MatrixError(403, M_FORBIDDEN, message)
 
 
 def check_mxid(mxid: str) -> None:
@@ -56,8 +63,10 @@ class BindingService:
         clock: Callable[[], int] = now_ms,
         lookup: LookupService | None = None,
         onbind: OnbindService | None = None,
+        validation: ValidationService | None = None,
     ) -> None:
         self._lookup = lookup
+        self._validation = validation
         self._onbind = onbind
         self._store = store
         self._index = index
@@ -88,6 +97,53 @@ class BindingService:
             if with_invites is not None:
                 return with_invites
         return self._keys.sign(association)
+
+    # ------------------------------------------------ who may bind and unbind what
+
+    async def bind_validated(self, requester: str | None, sid: str, client_secret: str,
+                             mxid: str) -> dict[str, Any]:
+        """Bind what session `sid` validated to `mxid`: on v2 (`requester` is the caller's
+        user ID) only to the caller's own ID; on v1 (None) to any, as r0.3.0 did."""
+        if requester is not None and mxid != requester:
+            raise MatrixError(403, M_UNAUTHORIZED,
+                              "This user is prohibited from binding to the mxid")
+        validated = await self._validated_sessions.get_validated(sid, client_secret)
+        return await self.bind(validated.medium, validated.address, mxid)
+
+    async def unbind_validated(self, requester: str | None, mxid: str, medium: str,
+                               address: str, sid: str | None,
+                               client_secret: str | None) -> None:
+        """Unbind for a caller who owns `mxid` (v2) and holds a validated session for
+        exactly this 3PID."""
+        if requester is not None and mxid != requester:
+            raise forbidden("This user is prohibited from unbinding the mxid")
+        if sid is None or client_secret is None:
+            raise forbidden("Unbinding needs the sid and client_secret of a validated session")
+        address = check_threepid(medium, address)
+        try:
+            validated = await self._validated_sessions.get_validated(sid, client_secret)
+        except MatrixError as exc:
+            if exc.status >= 500:
+                raise
+            raise forbidden(f"No validated session for this 3PID: {exc.message}") from None
+        if (validated.medium, validated.address) != (medium, address):
+            raise forbidden("The session did not validate this 3PID")
+        await self.unbind(medium, address, mxid)
+
+    async def unbind_for_homeserver(self, origin: str, mxid: str, medium: str,
+                                    address: str) -> None:
+        """Unbind at the request of homeserver `origin` (its signature checked already),
+        which may act only for its own users."""
+        check_mxid(mxid)
+        if mxid_server_name(mxid) != origin:
+            raise forbidden("Origin server name does not match the mxid's server")
+        await self.unbind(medium, address, mxid)
+
+    @property
+    def _validated_sessions(self) -> ValidationService:
+        if self._validation is None:
+            raise RuntimeError("BindingService was built without validation sessions")
+        return self._validation
 
     async def signed_association(self, medium: str, address: str,
                                  mxid: str) -> dict[str, Any]:

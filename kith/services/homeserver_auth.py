@@ -6,7 +6,7 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
-from kith.errors import M_UNAUTHORIZED, MatrixError, unauthorized
+from kith.errors import unauthorized
 from kith.federation.keys import ServerKeyFetcher
 from kith.federation.xmatrix import (
     InvalidXMatrixHeader,
@@ -14,7 +14,6 @@ from kith.federation.xmatrix import (
     parse_x_matrix,
     verify_x_matrix_request,
 )
-from kith.services.threepid import mxid_server_name
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +42,3 @@ class HomeserverAuthenticator:
             log.info("refused an X-Matrix request: %s", exc.reason)
             raise unauthorized(f"X-Matrix signature not accepted: {exc.reason}") from None
 
-    @staticmethod
-    def require_owner(origin: str, mxid: str) -> None:
-        """A homeserver may act only for its own users."""
-        if mxid_server_name(mxid) != origin:
-            raise MatrixError(403, M_UNAUTHORIZED,
-                              "Origin server name does not match the mxid's server")

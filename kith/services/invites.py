@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import secrets
 import string
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,7 @@ from kith.errors import (
 from kith.services.keys import ServerKeys
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
-from kith.services.threepid import is_valid_mxid, normalise_address
+from kith.services.threepid import is_valid_mxid, normalise_address, now_ms
 from kith.store import InviteTokenRow, Store
 
 log = logging.getLogger(__name__)
@@ -48,10 +47,6 @@ TOKEN_LENGTH = 128
 V2_PREFIX = "/_matrix/identity/v2"
 V1_PREFIX = "/_matrix/identity/api/v1"
 EPHEMERAL_KEY_ID = "0"
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def new_invite_token() -> str:

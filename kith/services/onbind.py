@@ -26,7 +26,7 @@ from kith.federation.errors import FederationError, HomeserverUnreachable
 from kith.metrics import ONBIND_DELIVERIES
 from kith.services.coherence import ChangeCounter
 from kith.services.keys import ServerKeys
-from kith.services.threepid import mxid_server_name
+from kith.services.threepid import mxid_server_name, now_ms
 from kith.store import DeliveryReport, InviteTokenRow, OnbindDelivery, Store
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,6 @@ MAX_CONCURRENT_SENDS = 8
 # Finished deliveries are kept this long (what was sent when), then forgotten.
 KEEP_FINISHED_MS = 30 * 24 * 60 * 60 * 1000
 CLAIM_BATCH = 64
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def backoff_s(attempts: int, base_s: float = BACKOFF_BASE_S,

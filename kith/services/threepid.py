@@ -6,11 +6,17 @@ import hashlib
 import re
 import secrets
 import string
+import time
 from base64 import urlsafe_b64encode
 
 from kith.federation.discovery import is_valid_server_name
 
 MEDIUMS = ("email", "msisdn")
+
+
+def now_ms() -> int:
+    """Milliseconds since the epoch: the unit of every timestamp Matrix and kith store."""
+    return int(time.time() * 1000)
 
 # Historical user IDs allow any printable ASCII but ':'; the localpart may be empty
 # of nothing else.  Total length at most 255.

@@ -39,8 +39,7 @@ from kith.errors import (
     M_TOKEN_INCORRECT,
     MatrixError,
 )
-from kith.services.bindings import now_ms
-from kith.services.threepid import normalise_address
+from kith.services.threepid import normalise_address, now_ms
 from kith.store import Store, ValidationSessionRow
 
 log = logging.getLogger(__name__)

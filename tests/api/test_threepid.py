@@ -106,7 +106,7 @@ async def test_unbind_needs_a_validated_session_for_that_threepid(
     ]
     for body in refused:
         status, answer = await call(mail_kith, token, "POST", "/3pid/unbind", body)
-        assert (status, answer["errcode"]) == (403, "M_UNAUTHORIZED"), body
+        assert (status, answer["errcode"]) == (403, "M_FORBIDDEN"), body
     assert await sha256_lookup(mail_kith, token, "alice@example.com") == {
         lookup_key(await pepper(mail_kith, token), "alice@example.com"): ALICE}
     assert (await call(mail_kith, token, "POST", "/3pid/unbind", unbind_body(sid)))[0] == 200

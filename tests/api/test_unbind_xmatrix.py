@@ -137,7 +137,7 @@ async def test_refused_signatures(kith_with_homeservers: RunningKith,
     assert await unbind(elsewhere) == (401, "M_UNAUTHORIZED")
     assert await unbind(wrong_body) == (401, "M_UNAUTHORIZED")
     assert await unbind(impostor) == (401, "M_UNAUTHORIZED")
-    assert await unbind(not_its_user) == (403, "M_UNAUTHORIZED")
+    assert await unbind(not_its_user) == (403, "M_FORBIDDEN")
     # The same forms from an older homeserver (no destination in the header).
     assert await unbind(signed_unbind(hs, BODY, "elsewhere.test")) == (401, "M_UNAUTHORIZED")
     assert await unbind(signed_unbind(other, BODY, "kith.test", origin="hs.test")) == (
