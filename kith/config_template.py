@@ -3,8 +3,8 @@ and the two ways kith writes the file.
 
 One table serves two purposes: the loader takes its built-in defaults from it, and
 `render_default_config` turns it into the commented file written at first start, so
-the documentation cannot drift from the defaults.  Later, kith only ever edits the
-signing key line (`with_signing_key`), leaving the operator's comments alone.
+the documentation cannot drift from the defaults.  Later, kith only ever edits single
+lines (`with_option`), leaving every other line and comment of the operator's alone.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 import stat
 import tempfile
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from configparser import ConfigParser
 from dataclasses import dataclass
 
@@ -287,10 +287,17 @@ _LINE = re.compile(r"[^\n]*\n|[^\n]+$")
 
 
 def with_signing_key(text: str, key_text: str) -> str:
-    """`text` with `[crypto] ed25519.signingkey = key_text`; every other line kept.
+    """`text` with `[crypto] ed25519.signingkey = key_text`; every other line kept."""
+    return with_option(text, "crypto", "ed25519.signingkey", key_text)
+
+
+def with_option(text: str, section: str, key: str, value: str,
+                comment: Sequence[str] = ()) -> str:
+    """`text` with `[section] key = value`, preceded by `comment` lines (without their
+    `# `); every other line kept.
 
     Replaces the key's line (and any continuation lines), else adds it under the
-    [crypto] header, else appends a [crypto] section.  Lines are classified the way
+    section's header, else appends the section.  Lines are classified the way
     configparser reads them: comments and blank lines skipped, deeper-indented lines
     continue the previous value.
     """
@@ -298,7 +305,7 @@ def with_signing_key(text: str, key_text: str) -> str:
     lines = _LINE.findall(text)
     if lines and not lines[-1].endswith("\n"):
         lines[-1] += newline
-    section: str | None = None
+    current: str | None = None
     header_at: int | None = None
     key_at: int | None = None
     key_end = 0
@@ -316,21 +323,22 @@ def with_signing_key(text: str, key_text: str) -> str:
         header = ConfigParser.SECTCRE.match(stripped)
         option = None if header else ConfigParser.OPTCRE.match(stripped)
         if header:
-            section = header.group("header")
-            header_at = i if section == "crypto" else header_at
+            current = header.group("header")
+            header_at = i if current == section else header_at
         in_value = option is not None
-        in_key = bool(option and section == "crypto"
-                      and option.group("option").rstrip().lower() == "ed25519.signingkey")
+        in_key = bool(option and current == section
+                      and option.group("option").rstrip().lower() == key.lower())
         if in_key:
             key_at, key_end = i, i + 1
-    entry = f"ed25519.signingkey = {key_text}{newline}"
+    entry = [("# " + line if line else "#") + newline for line in comment]
+    entry.append(f"{key} = {value}{newline}")
     if key_at is not None:
         indent_text = lines[key_at][: len(lines[key_at]) - len(lines[key_at].lstrip())]
-        lines[key_at:key_end] = [indent_text + entry]
+        lines[key_at:key_end] = [indent_text + line for line in entry]
     elif header_at is not None:
-        lines.insert(header_at + 1, entry)
+        lines[header_at + 1:header_at + 1] = entry
     else:
-        lines += [newline, f"[crypto]{newline}", entry]
+        lines += [newline, f"[{section}]{newline}", *entry]
     return "".join(lines)
 
 
