@@ -1,4 +1,7 @@
-"""The `kith` command: serve (default), generate-config, check-config, bind, unbind."""
+"""The `kith` command: serve (default), generate-config, check-config, bind, unbind.
+
+Every command that opens the store first makes sure the database is one kith may use,
+and takes over a Sydent database the configuration names (`_prepared`)."""
 
 from __future__ import annotations
 
@@ -41,12 +44,21 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         uvloop.run(coro)
 
 
+def _prepared(config: KithConfig) -> KithConfig:
+    """`config` to open the store with, once the database it names is one kith can use:
+    a Sydent database is taken over first (before any worker starts)."""
+    from kith.services.sydent_takeover import prepare_database
+
+    return prepare_database(config, _run)
+
+
 def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
     from kith.server import ListenError, run_workers, serve, write_pidfile
 
     _setup_logging(config)
     for key in config.ignored_keys:
         log.warning("config key %s is not used by kith; ignoring it", key)
+    config = _prepared(config)
     write_pidfile(config.general.pidfile_path)
     workers = args.workers or config.general.workers
     if workers > 1:
@@ -104,8 +116,8 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
 
     from kith.config import parse_signing_key
     from kith.config_template import with_signing_key, write_atomically
-    from kith.services.sydent_import import import_sydent_db
-    from kith.store import Store
+    from kith.services.sydent_import import IMPORTED_SYDENT_DB, import_sydent_db
+    from kith.store import Store, sqlite_path
 
     sydent_conf = Path(args.sydent_config).resolve()
     parser = configparser.RawConfigParser()
@@ -118,6 +130,10 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
     peer_urls = {section.removeprefix("peer."): url
                  for section in parser.sections() if section.startswith("peer.")
                  if (url := parser.get(section, "base_replication_url", fallback="").strip())}
+    config = _prepared(config)
+    store_file = sqlite_path(config.db)
+    same_file = (not args.sydent_db and store_file is not None and sydent_db.exists()
+                 and Path(store_file).exists() and sydent_db.samefile(store_file))
 
     if key_text:
         key = parse_signing_key(key_text)
@@ -135,8 +151,16 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
               f"{config.general.server_name!r}: set [general] server.name = {sydent_name}")
 
     async def run() -> None:
+        nonlocal sydent_db
         store = await Store.open(config.db)
         try:
+            if same_file:  # a sydent.conf kith took over names kith's database now
+                imported = await store.state.get(IMPORTED_SYDENT_DB)
+                if imported is None:
+                    raise ValueError("it is kith's own database, not Sydent's")
+                sydent_db = Path(imported)
+                print(f"{sydent_conf} names kith's database now: importing again from "
+                      f"{sydent_db}, the Sydent database kith took over")
             report = await import_sydent_db(store, str(sydent_db),
                                             sydent_name or config.general.server_name,
                                             int(time.time() * 1000), peer_urls)
@@ -161,6 +185,7 @@ def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
     from kith.server import build_services
     from kith.store import Store
 
+    config = _prepared(config)
     result: list[Any] = []
 
     async def main() -> None:
@@ -283,3 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A database kith cannot use.  (kith.store is imported only by the commands that
+        # open it: the others, healthcheck above all, start faster without it.)
+        store = sys.modules.get("kith.store.database")
+        if store is not None and isinstance(exc, store.StoreError):
+            print(f"kith: {exc}", file=sys.stderr)
+            return 1
+        raise

@@ -4,7 +4,8 @@ and the two ways kith writes the file.
 One table serves two purposes: the loader takes its built-in defaults from it, and
 `render_default_config` turns it into the commented file written at first start, so
 the documentation cannot drift from the defaults.  Later, kith only ever edits single
-lines (`with_option`), leaving every other line and comment of the operator's alone.
+lines (`with_option`): the signing key it generates, and `[db] db.file` when it takes
+over a Sydent database; every other line and comment of the operator's stays.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
     )),
     ("db", "Storage.", (
         KeySpec("db.file", "sydent.db",
-                "SQLite database file. First start: $SYDENT_DB_PATH."),
+                "SQLite database file. First start: $SYDENT_DB_PATH. If it is Sydent's "
+                "database, kith leaves it unchanged, imports it into kith.db beside it, "
+                "and sets this key to that file."),
         KeySpec("db.url", "",
                 "kith: SQLAlchemy URL of the database, e.g. "
                 "postgresql://kith:secret@localhost/kith. Set: db.file is not used."),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from kith.services.accounts import hash_token
 from kith.services.bindings import LOCAL
-from kith.services.threepid import lookup_hash, normalise_address
+from kith.services.threepid import lookup_hash, new_pepper, normalise_address
 from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow
 from kith.store.sydent_db import SydentData, read_sydent_db
@@ -30,6 +30,11 @@ class ImportReport:
 
     def lines(self) -> list[str]:
         return [f"{what}: {count}" for what, count in self.imported.items()] + self.notes
+
+
+# Server state naming the Sydent database imported last (absolute path), so that
+# `import-sydent` on a sydent.conf that kith took over still finds Sydent's file.
+IMPORTED_SYDENT_DB = "imported_sydent_db"
 
 
 async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
@@ -49,15 +54,18 @@ async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
         report.notes.append(
             f"not imported: {data.peer_associations} associations replicated from peers "
             "(kith does not replicate yet; they come back when replication is set up)")
+    await store.state.set(IMPORTED_SYDENT_DB, data.path)
     return report
 
 
 async def _take_pepper(store: Store, data: SydentData, report: ImportReport) -> str:
     """Sydent's pepper becomes ours, so that clients' cached peppers stay valid."""
-    current = await store.state.get("lookup_pepper")
-    if data.pepper is None or data.pepper == current:
+    if data.pepper is None:  # a Sydent that never started: keep (or make) ours
         report.imported["lookup pepper"] = 0
-        assert current is not None
+        return await store.state.get_or_create("lookup_pepper", new_pepper())
+    current = await store.state.get("lookup_pepper")
+    if data.pepper == current:
+        report.imported["lookup pepper"] = 0
         return current
     await store.state.set("lookup_pepper", data.pepper)
     rows = await store.associations.live_threepids()

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from kith.config import DbConfig
 from kith.store.accounts import AccountRow, AccountStore
 from kith.store.associations import AssociationRow, AssociationStore, IndexChange
-from kith.store.database import Database
+from kith.store.database import (
+    Database,
+    DatabaseKind,
+    StoreError,
+    inspect_sqlite,
+    sqlite_path,
+)
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
 from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "DeliveryReport", "IndexChange", "InviteTokenRow",
-           "OnbindDelivery", "ReplicationPeerRow", "Store", "ValidationSessionRow"]
+__all__ = ["AccountRow", "AssociationRow", "DatabaseKind", "DeliveryReport", "IndexChange",
+           "InviteTokenRow", "OnbindDelivery", "ReplicationPeerRow", "Store", "StoreError",
+           "ValidationSessionRow", "inspect_sqlite", "sqlite_path"]
 
 
 class Store:
@@ -31,6 +39,15 @@ class Store:
 
     @classmethod
     async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:
+        """Open and migrate kith's database; a `StoreError` (and nothing written) if it is
+        one kith must not write into, such as Sydent's (see `kith.services.sydent_takeover`
+        for taking that over)."""
+        path = sqlite_path(config)
+        if path is not None and await asyncio.to_thread(inspect_sqlite, path) \
+                is DatabaseKind.SYDENT:
+            raise StoreError(f"{path}: is Sydent's database; kith takes it over when it "
+                             "starts on it (`kith serve`), or imports it with `kith "
+                             "import-sydent`, and never writes into it")
         db = Database.open(config, process_lock)
         await db.migrate()
         return cls(db)

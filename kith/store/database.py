@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+import sqlite3
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
 
 from kith.config import DbConfig
+from kith.store.sydent_db import SYDENT_TABLES, sydent_schema_problem
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +35,118 @@ MIGRATION_LOCK_KEY = 0x6B697468
 WRITE_LOCK_KEY = 0x6B697477
 # PostgreSQL advisory lock held by the one instance that syncs the directory ("kitl").
 LDAP_SYNC_LOCK_KEY = 0x6B69746C
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message names it and says why, in one line."""
+
+
+class DatabaseKind(enum.Enum):
+    NEW = "new"  # no file yet, or one without tables: kith creates its schema there
+    KITH = "kith"
+    SYDENT = "sydent"  # Sydent's database: kith takes it over and never writes into it
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_path(db: DbConfig) -> str | None:
+    """The absolute path of the SQLite file `db` names; None for another database."""
+    if not db.url:
+        return os.path.abspath(db.file)
+    url = make_url(db.url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return os.path.abspath(url.database)
+
+
+def inspect_sqlite(path: str) -> DatabaseKind:
+    """What the SQLite file at `path` is, for kith; a `StoreError` if kith cannot use it.
+
+    Reads without writing anything: the file is opened `immutable`, so SQLite takes no
+    lock and creates no journal, WAL or shared-memory file beside it.
+    """
+    folder = os.path.dirname(path)
+    if not os.path.lexists(path):
+        if not os.path.isdir(folder):
+            raise StoreError(f"{path}: its folder does not exist")
+        _require_writable(folder, path)
+        return DatabaseKind.NEW
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except IsADirectoryError:
+        raise StoreError(f"{path}: is a directory, not a database file") from None
+    except OSError as e:
+        raise StoreError(f"{path}: cannot read it: {e.strerror or e}") from None
+    if header and header != _SQLITE_HEADER:
+        raise StoreError(f"{path}: not a SQLite database")
+    tables, revisions, user_version = _read_schema(path) if header else (set(), [], 0)
+    if revisions:
+        check_revisions(path, revisions)
+        kind = DatabaseKind.KITH
+    elif SYDENT_TABLES <= tables:
+        problem = sydent_schema_problem(tables, user_version)
+        if problem:
+            raise StoreError(f"{path}: {problem}")
+        # (kith's own migration table may be there, empty: left by a kith too old to
+        # recognise Sydent's database, whose start failed.  Sydent's data is intact.)
+        return DatabaseKind.SYDENT
+    elif "alembic_version" in tables:
+        raise StoreError(f"{path}: kith's first start on it did not finish (its schema "
+                         "revision is missing); move it away and start again")
+    elif tables:
+        listed = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StoreError(f"{path}: a SQLite database that is neither kith's nor Sydent's "
+                         f"(tables: {listed})")
+    else:
+        kind = DatabaseKind.NEW
+    _require_writable(path, path)
+    _require_writable(folder, path)  # for SQLite's WAL beside the file
+    return kind
+
+
+def _read_schema(path: str) -> tuple[set[str], list[str], int]:
+    """(tables, kith's schema revisions, `PRAGMA user_version`) of a SQLite file."""
+    uri = f"file:{urllib.parse.quote(path)}?immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True)
+        try:
+            tables = {name for (name,) in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")
+                if not name.startswith("sqlite_")}
+            revisions = [r for (r,) in conn.execute("SELECT version_num FROM alembic_version")
+                         ] if "alembic_version" in tables else []
+            user_version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise StoreError(f"{path}: not a usable SQLite database: {e}") from None
+    return tables, revisions, user_version
+
+
+def _require_writable(path: str, database: str) -> None:
+    if not os.access(path, os.W_OK):
+        what = "its folder" if path != database else "it"
+        raise StoreError(f"{database}: kith cannot write {what} (permission denied)")
+
+
+@functools.cache
+def _known_revisions() -> tuple[frozenset[str], str]:
+    """(every schema revision this kith knows, its newest)."""
+    script = ScriptDirectory(str(MIGRATIONS))
+    return (frozenset(s.revision for s in script.walk_revisions()),
+            ", ".join(script.get_heads()))
+
+
+def check_revisions(where: str, revisions: Iterable[str]) -> None:
+    """Refuse a kith database whose schema is newer than the migrations of this kith."""
+    known, head = _known_revisions()
+    unknown = sorted(set(revisions) - known)
+    if unknown:
+        raise StoreError(f"{where}: a kith database of a newer schema (revision "
+                         f"{', '.join(unknown)}) than this kith knows ({head}); run a newer "
+                         "kith on it")
 
 
 def database_url(db: DbConfig) -> str:
@@ -60,6 +179,9 @@ class Database:
     def __init__(self, engine: AsyncEngine, process_lock: Any = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        # What error messages call it: the file, or the URL without its password.
+        self.name = str(engine.url.database) if self.dialect == "sqlite" else \
+            engine.url.render_as_string(hide_password=True)
         self.writer = GroupCommitWriter(engine, process_lock)
 
     @classmethod
@@ -80,6 +202,8 @@ class Database:
         """Bring the schema up to the newest migration (run at every start)."""
 
         def upgrade(connection: Connection) -> None:
+            check_revisions(self.name,
+                            MigrationContext.configure(connection).get_current_heads())
             cfg = AlembicConfig()
             cfg.set_main_option("script_location", str(MIGRATIONS))
             cfg.attributes["connection"] = connection

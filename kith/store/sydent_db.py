@@ -1,12 +1,14 @@
 """Reading an existing Sydent database (sydent.db, schema version 5), never writing it.
 
-The file (and its WAL, if any) is copied to a temporary directory and the copy is read,
-so nothing about the Sydent installation changes, even its access times' neighbours.
+The file (and its WAL or rollback journal, if any) is copied to a temporary directory and
+the copy is read, so nothing about the Sydent installation changes, even its access times'
+neighbours.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 import tempfile
@@ -14,6 +16,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# The schema version (`PRAGMA user_version`) of Sydent 2.6.1's database; a newer Sydent
+# may have changed what kith reads.
+SYDENT_SCHEMA_VERSION = 5
+# Tables only Sydent has (kith's are named differently), both there since Sydent's first
+# schema: together they tell a Sydent database from any other.
+SYDENT_TABLES = frozenset({"local_threepid_associations", "global_threepid_associations"})
+
+
+def sydent_schema_problem(tables: set[str], user_version: int) -> str | None:
+    """Why a database with these tables and `PRAGMA user_version` is not one kith can take
+    over from Sydent, or None if it is."""
+    if not SYDENT_TABLES <= tables:
+        return "not a Sydent database"
+    if user_version > SYDENT_SCHEMA_VERSION:
+        return (f"a Sydent database of a newer schema (version {user_version}) than kith "
+                f"knows ({SYDENT_SCHEMA_VERSION})")
+    return None
 
 
 @dataclass
@@ -26,6 +46,7 @@ class SydentPeer:
 
 @dataclass
 class SydentData:
+    path: str = ""  # the Sydent database read, absolute
     pepper: str | None = None
     # (medium, address, mxid, ts, not_before, not_after) of live local bindings
     local_associations: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
@@ -49,7 +70,8 @@ def _copy_of(path: str) -> Iterator[sqlite3.Connection]:
     with tempfile.TemporaryDirectory(prefix="kith-sydent-import-") as tmp:
         copy = Path(tmp) / "sydent.db"
         shutil.copyfile(path, copy)
-        for suffix in ("-wal",):
+        # A leftover rollback journal is rolled back in the copy, as SQLite would.
+        for suffix in ("-wal", "-journal"):
             if Path(path + suffix).exists():
                 shutil.copyfile(path + suffix, str(copy) + suffix)
         conn = sqlite3.connect(copy)
@@ -72,11 +94,12 @@ def read_sydent_db(path: str, server_name: str) -> SydentData:
     """Everything kith takes over from a Sydent database (blocking; run in a thread)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"no Sydent database at {path}")
-    data = SydentData()
+    data = SydentData(path=os.path.abspath(path))
     with _copy_of(path) as conn:
         tables = _tables(conn)
-        if "local_threepid_associations" not in tables:
-            raise ValueError(f"{path} is not a Sydent database")
+        problem = sydent_schema_problem(tables, conn.execute("PRAGMA user_version").fetchone()[0])
+        if problem:
+            raise ValueError(f"{path} is {problem}")
         pepper = _rows(conn, tables, "hashing_metadata",
                        "SELECT lookup_pepper FROM hashing_metadata")
         data.pepper = pepper[0][0] if pepper else None
