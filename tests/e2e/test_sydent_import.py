@@ -1,14 +1,16 @@
-"""Taking over a real Sydent 2.6.1 installation with `kith import-sydent`.
+"""Taking over a real Sydent 2.6.1 installation: with `kith import-sydent`, and by
+starting kith on Sydent's own sydent.conf.
 
 Sydent (matrix-sydent 2.6.1 from PyPI, in its own venv) runs on loopback with its own
 generated config; real data is made through its API; it is stopped; kith imports the
-installation and is started on the same sydent.conf; then the same keys and lookups must
-answer as before.
+installation, or is simply started on Sydent's sydent.conf; then the same keys and
+lookups must answer as before, and Sydent's database must be untouched.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -19,13 +21,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from kith.services.threepid import lookup_hash
 from tests.conftest import Homeserver, SmtpSink, free_port
+from tests.conftest import wait_for as wait_for_condition
+from tests.federation.conftest import TestPki
 
 pytestmark = pytest.mark.e2e
 
@@ -67,10 +72,13 @@ def sydent_python() -> str:
     return python
 
 
-def http(method: str, url: str, body: object | None = None) -> dict:
+def http(method: str, url: str, body: object | None = None,
+         token: str | None = None) -> dict:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=20) as resp:  # noqa: S310 - loopback
         return dict(json.loads(resp.read()))
 
@@ -112,6 +120,8 @@ clientapi.http.bind_address = 127.0.0.1
 clientapi.http.port = {port}
 internalapi.http.bind_address = 127.0.0.1
 internalapi.http.port = {internal}
+# The test's homeserver has a certificate from a throwaway CA.
+federation.verifycerts = False
 
 [email]
 email.smtphost = 127.0.0.1
@@ -258,3 +268,158 @@ async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int
             "token": carol_token.group(1)}) == {"success": True}
     finally:
         proc.kill(signal.SIGTERM)
+
+
+TOOK_OVER = "took over Sydent's database"
+
+
+@contextlib.asynccontextmanager
+async def tls_homeserver(pki: TestPki) -> AsyncIterator[Homeserver]:
+    """The homeserver stand-in as `127.0.0.1:<port>` over TLS, as Sydent reaches a
+    homeserver (`matrix://`, no discovery for an IP literal with a port)."""
+    port = free_port()
+    hs = Homeserver(server_name=f"127.0.0.1:{port}", url=f"https://127.0.0.1:{port}")
+    app = web.Application()
+    app.router.add_get("/_matrix/federation/v1/openid/userinfo", hs.userinfo)
+    app.router.add_post("/_matrix/federation/v1/3pid/onbind", hs.onbind)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=pki.server_context()).start()
+    try:
+        yield hs
+    finally:
+        await runner.cleanup()
+
+
+def stop_by_pidfile(pidfile: Path) -> None:
+    """SIGTERM the process named in `pidfile` (a child of this one), and wait for it."""
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while True:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"process {pid} did not stop")
+        time.sleep(0.05)
+
+
+def files(directory: Path) -> dict[str, str]:
+    return {p.name: "dir" if p.is_dir() else digest(p) for p in directory.iterdir()}
+
+
+def counts(db: Path) -> dict[str, int]:
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return {table: int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("threepid_associations", "accounts", "account_tokens",
+                              "invite_tokens", "ephemeral_public_keys",
+                              "threepid_validation_sessions")}
+
+
+def start_kith(conf: Path, log: Path, port: int) -> subprocess.Popen[bytes]:
+    """`python -m kith --config <Sydent's sydent.conf>`, run where Sydent ran."""
+    with open(log, "ab") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "kith", "--config", str(conf)],
+                                cwd=conf.parent, stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for(f"http://127.0.0.1:{port}/_matrix/identity/versions", proc, "kith")
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+async def test_kith_started_on_sydent_conf_takes_the_installation_over(
+        sydent_dir: tuple[Path, int, int], smtp: SmtpSink, pki: TestPki,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    directory, port, internal = sydent_dir
+    base, ibase = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{internal}"
+    v1, v2 = f"{base}/_matrix/identity/api/v1", f"{base}/_matrix/identity/v2"
+    logs = tmp_path_factory.mktemp("kith-logs")  # kith's stderr, away from Sydent's files
+    async with tls_homeserver(pki) as hs:
+        # Real data, made through Sydent's API: a binding, an account, an invite.
+        http("POST", f"{ibase}/_matrix/identity/internal/bind", {
+            "medium": "email", "address": "alice@example.com", "mxid": "@alice:hs.test"})
+        registered = await asyncio.to_thread(http, "POST", f"{v2}/account/register", {
+            "access_token": hs.issue("bob"), "token_type": "Bearer",
+            "matrix_server_name": hs.server_name, "expires_in": 3600})
+        token = registered["token"]
+        pepper = http("GET", f"{v2}/hash_details", token=token)["lookup_pepper"]
+        alice_hash = lookup_hash("email", "alice@example.com", pepper)
+        sydent_mappings = http("POST", f"{v2}/lookup", {
+            "algorithm": "sha256", "pepper": pepper, "addresses": [alice_hash]},
+            token=token)["mappings"]
+        assert sydent_mappings == {alice_hash: "@alice:hs.test"}
+        invite = http("POST", f"{v2}/store-invite", {
+            "medium": "email", "address": "dave@example.com", "room_id": "!room:hs.test",
+            "sender": f"@bob:{hs.server_name}"}, token=token)
+        ephemeral_key = invite["public_keys"][1]["public_key"]
+        sydent_key = http("GET", f"{v2}/pubkey/ed25519:0")["public_key"]
+        sydent_lookup = http("GET", f"{v1}/lookup?medium=email&address=alice@example.com")
+
+        stop_by_pidfile(directory / "sydent.pid")
+        conf, sydent_db = directory / "sydent.conf", directory / "sydent.db"
+        before, conf_before = files(directory), conf.read_text()
+
+        # Started on Sydent's own configuration, kith takes the installation over.
+        proc = start_kith(conf, logs / "first.log", port)
+        try:
+            after = files(directory)
+            assert after["sydent.db"] == before["sydent.db"]  # byte for byte
+            new = set(after) - set(before)
+            assert "kith.db" in new and new <= {"kith.db", "kith.db-wal", "kith.db-shm"}
+            assert {name for name in before if after[name] != before[name]} <= {
+                "sydent.conf", "sydent.pid"}  # and the pid file is kith's to write
+            assert http("GET", f"{v2}/pubkey/ed25519:0")["public_key"] == sydent_key
+            assert http("GET", f"{v1}/lookup?medium=email&address=alice@example.com")[
+                "signatures"] == sydent_lookup["signatures"]
+            # Sydent's access token, pepper and hashes still work.
+            assert http("GET", f"{v2}/account", token=token) == {
+                "user_id": f"@bob:{hs.server_name}"}
+            assert http("GET", f"{v2}/hash_details", token=token)["lookup_pepper"] == pepper
+            assert http("POST", f"{v2}/lookup", {
+                "algorithm": "sha256", "pepper": pepper, "addresses": [alice_hash]},
+                token=token)["mappings"] == sydent_mappings
+            # Sydent's invite: its key checks out, and a bind delivers it to the homeserver.
+            assert http("GET", f"{v1}/pubkey/ephemeral/isvalid?public_key={ephemeral_key}") \
+                == {"valid": True}
+            dave = f"@dave:{hs.server_name}"
+            bound = await asyncio.to_thread(
+                http, "POST", f"{ibase}/_matrix/identity/internal/bind",
+                {"medium": "email", "address": "dave@example.com", "mxid": dave})
+            assert [i["token"] for i in bound["invites"]] == [invite["token"]]
+            await wait_for_condition("the onbind", lambda: hs.onbinds, timeout_s=30)
+            assert [i["token"] for i in hs.onbinds[0]["invites"]] == [invite["token"]]
+        finally:
+            stop(proc)
+
+        # The configuration now names kith's database, saying why; all else is as it was.
+        lines = conf.read_text().splitlines()
+        at = lines.index("db.file = kith.db")
+        assert lines[at - 2].startswith("# kith took over Sydent's database sydent.db on ")
+        assert lines[at - 1] == ("# kith.db and left sydent.db unchanged (kith does not use "
+                                 "it any more).")
+        assert lines[:at - 2] + ["db.file = sydent.db"] + lines[at + 1:] == \
+            conf_before.splitlines()
+        first_log = (logs / "first.log").read_text()
+        assert first_log.count(TOOK_OVER) == 1, first_log
+        assert f"{TOOK_OVER} {sydent_db}: imported it into {directory / 'kith.db'}" in first_log
+        taken = counts(directory / "kith.db")
+        assert taken["threepid_associations"] == 2 and taken["accounts"] == 1
+        conf_taken, files_taken = conf.read_text(), files(directory)
+
+        # A second start is a normal one: nothing imported again.
+        proc = start_kith(conf, logs / "second.log", port)
+        try:
+            assert http("GET", f"{v2}/account", token=token)["user_id"] == f"@bob:{hs.server_name}"
+        finally:
+            stop(proc)
+        assert TOOK_OVER not in (logs / "second.log").read_text()
+        assert conf.read_text() == conf_taken
+        assert counts(directory / "kith.db") == taken
+        again = files(directory)
+        assert again["sydent.db"] == before["sydent.db"]
+        assert set(again) - {"kith.db-wal", "kith.db-shm"} == \
+            set(files_taken) - {"kith.db-wal", "kith.db-shm"}
