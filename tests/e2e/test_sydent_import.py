@@ -174,9 +174,14 @@ async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int
     assert http("GET", f"{v1}/pubkey/ephemeral/isvalid?public_key={ephemeral_key}") == {
         "valid": True}
     sydent_key = http("GET", f"{v1}/pubkey/ed25519:0")["public_key"]
-    sydent_lookup = http("GET", f"{v1}/lookup?medium=email&address=alice@example.com")
+    # Sydent answers lookups from its global table, which it fills from the local one in
+    # the background: once the lookup answers, the binding is in both.
+    deadline = time.monotonic() + 30
+    while not (sydent_lookup := http(
+            "GET", f"{v1}/lookup?medium=email&address=alice@example.com")).get("mxid"):
+        assert time.monotonic() < deadline, "Sydent's lookup never found alice"
+        time.sleep(0.1)
     assert sydent_lookup["mxid"] == "@alice:hs.test"
-    time.sleep(1)  # Sydent copies local bindings to its global table in the background
 
     # Stop Sydent; kith imports and starts on the same sydent.conf.
     sydent_pid = int((directory / "sydent.pid").read_text())
