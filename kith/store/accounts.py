@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import bindparam, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from kith.store.database import Database
 from kith.store.schema import accepted_terms_urls, account_tokens, accounts
@@ -18,20 +17,14 @@ class AccountRow:
     consent_version: str | None
 
 
-def _insert_ignore(db: Database, table):  # type: ignore[no-untyped-def]
-    if db.dialect == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing()
-    return sqlite.insert(table).prefix_with("OR IGNORE")
-
-
 class AccountStore:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert_account = _insert_ignore(db, accounts)
+        self._insert_account = db.insert_or_ignore(accounts)
         self._insert_token = insert(account_tokens)
         self._delete_token = delete(account_tokens).where(
             account_tokens.c.token_hash == bindparam("h"))
-        self._insert_url = _insert_ignore(db, accepted_terms_urls)
+        self._insert_url = db.insert_or_ignore(accepted_terms_urls)
         self._set_consent = update(accounts).where(
             accounts.c.user_id == bindparam("uid")).values(consent_version=bindparam("v"))
 
@@ -83,7 +76,7 @@ class AccountStore:
                     {"user_id": r.user_id, "created_ts": r.created_ts,
                      "consent_version": r.consent_version} for r in rows])
             if tokens:
-                await conn.execute(_insert_ignore(self._db, account_tokens), [
+                await conn.execute(self._db.insert_or_ignore(account_tokens), [
                     {"token_hash": h, "user_id": u, "created_ts": 0} for h, u in tokens])
             if accepted:
                 await conn.execute(self._insert_url,

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, func, select, update
 
 from kith.store.database import Database
 from kith.store.schema import threepid_associations as t
@@ -50,24 +48,9 @@ class IndexChange:
 class AssociationStore:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._upsert = self._build_upsert()
-
-    def _build_upsert(self) -> Executable:
         # A write replaces the row *and gives it a new id*: the id is the change cursor.
-        values: dict[str, Any] = {c: bindparam(c) for c in (
-            "source", "medium", "address", "mxid", "ts", "not_before", "not_after",
-            "lookup_hash")}
-        if self._db.dialect == "postgresql":
-            stmt = postgresql.insert(t).values(values)
-            return stmt.on_conflict_do_update(
-                index_elements=["source", "medium", "address"],
-                set_={
-                    "id": text("nextval(pg_get_serial_sequence('threepid_associations', 'id'))"),
-                    **{k: stmt.excluded[k] for k in (
-                        "mxid", "ts", "not_before", "not_after", "lookup_hash")},
-                },
-            )
-        return sqlite.insert(t).values(values).prefix_with("OR REPLACE")
+        self._upsert = db.replace_with_new_id(
+            t, ["source", "medium", "address"], AssociationRow.__slots__)
 
     async def write(self, rows: Sequence[AssociationRow]) -> None:
         """Store binds and tombstones durably (returns after the commit)."""

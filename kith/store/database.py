@@ -18,7 +18,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, text
+from sqlalchemy import Table, bindparam, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Executable
@@ -183,6 +184,41 @@ class Database:
         self.name = str(engine.url.database) if self.dialect == "sqlite" else \
             engine.url.render_as_string(hide_password=True)
         self.writer = GroupCommitWriter(engine, process_lock)
+
+    # The statements whose SQL differs between SQLite and PostgreSQL, written once.  Both
+    # dialects' INSERT constructs take ON CONFLICT clauses the same way.
+
+    def _insert(self, table: Table) -> postgresql.Insert | sqlite.Insert:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def insert_or_ignore(self, table: Table,
+                         conflict: Sequence[str] | None = None) -> Executable:
+        """INSERT that skips a row which conflicts with a stored one (on the unique
+        columns `conflict`, or on any unique constraint)."""
+        return self._insert(table).on_conflict_do_nothing(index_elements=conflict)
+
+    def upsert(self, table: Table, conflict: Sequence[str],
+               update: Sequence[str]) -> Executable:
+        """INSERT that, when a row with the same `conflict` columns is stored, sets its
+        `update` columns to the new row's instead."""
+        insert = self._insert(table)
+        return insert.on_conflict_do_update(
+            index_elements=conflict, set_={c: insert.excluded[c] for c in update})
+
+    def replace_with_new_id(self, table: Table, conflict: Sequence[str],
+                            columns: Sequence[str]) -> Executable:
+        """INSERT of `columns` (bound by name) that replaces the row with the same
+        `conflict` columns and gives it a new, larger `id`, for tables whose id is a change
+        cursor.  SQLite's REPLACE takes the next AUTOINCREMENT id (never one used before,
+        even by a deleted row); PostgreSQL takes the id sequence's next value."""
+        insert = self._insert(table).values({c: bindparam(c) for c in columns})
+        if self.dialect != "postgresql":
+            return insert.prefix_with("OR REPLACE")
+        next_id = text(f"nextval(pg_get_serial_sequence('{table.name}', 'id'))")
+        return insert.on_conflict_do_update(
+            index_elements=conflict,
+            set_={"id": next_id, **{c: insert.excluded[c] for c in columns
+                                    if c not in conflict}})
 
     @classmethod
     def open(cls, db: DbConfig, process_lock: Any = None) -> Database:

@@ -8,7 +8,6 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from kith.store.database import Database
 from kith.store.schema import ephemeral_public_keys as keys
@@ -140,18 +139,13 @@ class InviteStore:
         (taking over another server's; running it again adds nothing twice)."""
         async with self._db.engine.begin() as conn:
             if invites:
-                await conn.execute(self._insert_ignore(tokens, "token"), [
+                await conn.execute(self._db.insert_or_ignore(tokens, ["token"]), [
                     {name: getattr(i, name) for name in InviteTokenRow.__slots__}
                     for i in invites])
             if public_keys:
-                await conn.execute(self._insert_ignore(keys, "public_key"), [
+                await conn.execute(self._db.insert_or_ignore(keys, ["public_key"]), [
                     {"public_key": k, "verify_count": n, "persistence_ts": ts}
                     for k, n, ts in public_keys])
-
-    def _insert_ignore(self, table: Any, unique: str) -> Any:
-        if self._db.dialect == "postgresql":
-            return postgresql.insert(table).on_conflict_do_nothing(index_elements=[unique])
-        return sqlite.insert(table).prefix_with("OR IGNORE")
 
     # ----------------------------------------------------------------- ephemeral keys
 

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from kith.store.accounts import _insert_ignore
 from kith.store.database import Database
 from kith.store.schema import replication_peer_keys as peer_keys
 from kith.store.schema import replication_peers as peers
@@ -26,8 +25,8 @@ class ReplicationPeerRow:
 class ReplicationPeerStore:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert_peer = _insert_ignore(db, peers)
-        self._insert_key = _insert_ignore(db, peer_keys)
+        self._insert_peer = db.insert_or_ignore(peers)
+        self._insert_key = db.insert_or_ignore(peer_keys)
 
     async def import_peers(self, rows: list[ReplicationPeerRow]) -> None:
         """Add the peers and keys that are not there yet (idempotent; an existing peer

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql import Executable
 
 from kith.store.database import Database
 from kith.store.schema import threepid_validation_sessions as sessions
@@ -32,11 +30,7 @@ _COLUMNS = [sessions.c[name] for name in ValidationSessionRow.__slots__]
 class ValidationSessionStore:
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._insert_ignore: Executable
-        if db.dialect == "postgresql":
-            self._insert_ignore = postgresql.insert(sessions).on_conflict_do_nothing()
-        else:
-            self._insert_ignore = sqlite.insert(sessions).prefix_with("OR IGNORE")
+        self._insert_ignore = db.insert_or_ignore(sessions)
 
     async def get(self, sid: int) -> ValidationSessionRow | None:
         async with self._db.engine.connect() as conn:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Executable, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 
 from kith.store.database import Database
 from kith.store.schema import server_state
@@ -21,24 +20,14 @@ class ServerStateStore:
 
     async def get_or_create(self, name: str, value: str) -> str:
         """The stored value, or `value` stored now if there is none (first writer wins)."""
-        stmt: Executable
-        if self._db.dialect == "postgresql":
-            stmt = postgresql.insert(server_state).on_conflict_do_nothing()
-        else:
-            stmt = sqlite.insert(server_state).prefix_with("OR IGNORE")
         async with self._db.engine.begin() as conn:
-            await conn.execute(stmt, {"name": name, "value": value})
+            await conn.execute(self._db.insert_or_ignore(server_state),
+                               {"name": name, "value": value})
         stored = await self.get(name)
         assert stored is not None
         return stored
 
     async def set(self, name: str, value: str) -> None:
-        stmt: Executable
-        if self._db.dialect == "postgresql":
-            ins = postgresql.insert(server_state)
-            stmt = ins.on_conflict_do_update(index_elements=["name"],
-                                             set_={"value": ins.excluded.value})
-        else:
-            stmt = sqlite.insert(server_state).prefix_with("OR REPLACE")
         async with self._db.engine.begin() as conn:
-            await conn.execute(stmt, {"name": name, "value": value})
+            await conn.execute(self._db.upsert(server_state, ["name"], ["value"]),
+                               {"name": name, "value": value})
