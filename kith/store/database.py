@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import fcntl
 import functools
 import logging
 import os
@@ -245,12 +246,27 @@ class Database:
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
 
-        async with self.engine.begin() as conn:
+        # Instances or workers starting together on one database migrate in turn.
+        async with self._file_lock(), self.engine.begin() as conn:
             if self.dialect == "postgresql":
-                # Instances or workers starting together on one database migrate in turn.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                    {"key": MIGRATION_LOCK_KEY})
             await conn.run_sync(upgrade)
+
+    @contextlib.asynccontextmanager
+    async def _file_lock(self) -> AsyncIterator[None]:
+        """On SQLite, an exclusive flock(2) on the database file: it does not touch
+        SQLite's own (POSIX record) locks, and goes with the process if it dies."""
+        path = self.engine.url.database
+        if self.dialect != "sqlite" or not path or path == ":memory:":
+            yield
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # lets the lock go
 
     async def try_hold(self, key: int) -> HeldLock | None:
         """Hold the lock `key` until released, unless another process holds it: on

@@ -317,11 +317,7 @@ asyncio.run(main())
 
 
 async def test_processes_starting_together_on_a_fresh_database_all_migrate(
-        request: pytest.FixtureRequest, db_config: DbConfig) -> None:
-    if db_config.url == "":
-        request.applymarker(pytest.mark.xfail(
-            reason="SQLite: concurrent first migrations race (table already exists)",
-            strict=False))
+        db_config: DbConfig) -> None:
     start_at = str(time.time() + 2.5)  # after every interpreter has imported kith
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-c", OPEN_AT, db_config.file, db_config.url, start_at,
