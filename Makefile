@@ -32,13 +32,20 @@ SYNAPSE_STAMP  = $(SYNAPSE_VENV)/.installed-$(shell cat $(SYNAPSE_LOCK) | sha256
 SYDENT_VENV   := .venv-sydent
 SYDENT_LOCK   := requirements-sydent.lock
 SYDENT_STAMP   = $(SYDENT_VENV)/.installed-$(shell cat $(SYDENT_LOCK) | sha256sum | cut -c1-16)
+# matrix-js-sdk (the SDK behind Element) and the node 22 it needs, for the Element tests
+# (tests/e2e): installed by `npm ci` from tests/e2e/js/package-lock.json.
+JS_DIR   := tests/e2e/js
+JS_STAMP  = $(JS_DIR)/node_modules/.installed-$(shell cat $(JS_DIR)/package.json \
+	$(JS_DIR)/package-lock.json | sha256sum | cut -c1-16)
+NPM      ?= npm
 
-.PHONY: run test lint lock install install-test install-synapse install-sydent clean
+.PHONY: run test lint lock install install-test install-synapse install-sydent install-js \
+	clean
 
 run: install
 	exec $(PY) -m kith
 
-test: install-test install-synapse install-sydent
+test: install-test install-synapse install-sydent install-js
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Both linters run even when the first one complains; either failing fails the target.
@@ -86,6 +93,18 @@ install-sydent:
 		touch "$(SYDENT_STAMP)"; \
 	fi
 
+# npm may run on an older node (Debian 12 has 18) and would warn that the SDK wants
+# node >= 22: that is the node this step installs, and the one the tests run the SDK with.
+install-js:
+	@if [ ! -f "$(JS_STAMP)" ]; then \
+		set -e; \
+		command -v $(NPM) >/dev/null || { \
+			echo "npm not found: on Debian, apt-get install npm" >&2; exit 1; }; \
+		echo "installing $(JS_DIR)/package-lock.json into $(JS_DIR)/node_modules"; \
+		(cd $(JS_DIR) && $(NPM) ci --no-audit --no-fund --loglevel=error); \
+		touch "$(JS_STAMP)"; \
+	fi
+
 $(PY):
 	@$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 		echo "cannot create $(VENV): on Debian, apt-get install python3-venv" >&2; exit 1; }
@@ -98,4 +117,4 @@ lock: $(PY)
 	$(PIP_COMPILE) --constraint $(TEST_LOCK) --output-file $(RUN_LOCK) pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(SYDENT_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(SYDENT_VENV) $(JS_DIR)/node_modules build *.egg-info .pytest_cache .mypy_cache .ruff_cache
