@@ -12,7 +12,6 @@ marked) on its own.
 from __future__ import annotations
 
 import re
-import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +21,11 @@ import pytest
 
 from kith.services.threepid import lookup_hash
 from tests.conftest import SmtpSink
-from tests.e2e.conftest import TlsKith, kith_log
+from tests.e2e.conftest import TlsKith, kith_log, poll
 from tests.e2e.synapse import MatrixUser, Synapse, call
 
 pytestmark = pytest.mark.e2e
 
-POLL_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -43,17 +41,6 @@ class Story:
 @pytest.fixture(scope="module")
 def story(synapse: Synapse, tls_kith: TlsKith, e2e_smtp: SmtpSink) -> Story:
     return Story(synapse, tls_kith, e2e_smtp)
-
-
-def poll(what: str, check: Callable[[], Any], timeout_s: float = POLL_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.25)
 
 
 def kith_account(story: Story, localpart: str) -> str:
