@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import subprocess
@@ -34,10 +35,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0,
                    poll_s: float = 0.05) -> Any:
-    """Poll `check` every `poll_s` until it returns something true, and return that."""
+    """Poll `check` (a function or a coroutine function) every `poll_s` until it returns
+    something true, and return that."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if time.monotonic() > deadline:

@@ -3,9 +3,10 @@
 Through the current v2 API only: GET /hash_details (the pepper is cached), hash the
 addresses with it (or send them in plain text when only `none` is offered), POST
 /lookup with the configured access token.  The whole exchange is bounded by the
-timeout; after `breaker_failures` failures in a row the upstream is skipped for
-`breaker_cooldown` seconds.  Answers, positive and negative, are cached.  Only allowed
-mediums and email domains leave the server; they are counted, never logged.
+timeout; after `breaker_failures` failures in a row the upstream is asked once per
+`breaker_cooldown` seconds only, until it answers again.  Answers, positive and
+negative, are cached.  Only allowed mediums and email domains leave the server; they
+are counted, never logged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from kith.breaker import CircuitBreaker
 from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
 from kith.services.threepid import is_valid_mxid, lookup_hash
 from kith.sources.config import ProxyConfig
@@ -50,8 +52,9 @@ class UpstreamIdentityServer:
         self._session: aiohttp.ClientSession | None = None
         self._hash_details: tuple[tuple[str, ...], str] | None = None  # (algorithms, pepper)
         self._cache: dict[Threepid, tuple[float, str | None]] = {}
-        self._failures = 0
-        self._open_until = 0.0
+        self._breaker = CircuitBreaker(
+            f"upstream identity server {config.identity}", threshold=config.breaker_failures,
+            cooldown_s=config.breaker_cooldown_s, clock=clock, logger=log)
         self._terms_logged = False
         self.forwarded = 0  # addresses sent upstream
         self.requests = 0
@@ -78,7 +81,7 @@ class UpstreamIdentityServer:
                     found[threepid] = cached[1]
             else:
                 ask.append(threepid)
-        if not ask or now < self._open_until:
+        if not ask or not self._breaker.allow():
             return found
         try:
             async with asyncio.timeout(self.config.timeout_s):
@@ -86,7 +89,7 @@ class UpstreamIdentityServer:
         except (UpstreamError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             self._failed(exc)
             return found
-        self._failures = 0
+        self._breaker.succeeded()
         self._remember(ask, answers)
         found.update(answers)
         return found
@@ -97,19 +100,12 @@ class UpstreamIdentityServer:
             self._session = None
 
     def _failed(self, exc: BaseException) -> None:
-        self._failures += 1
-        opened = self._failures >= self.config.breaker_failures
-        if opened:
-            self._open_until = self._clock() + self.config.breaker_cooldown_s
-            self._failures = 0
-        if isinstance(exc, TermsNotSigned):
-            return  # said once, loudly, where it was found
         reason = str(exc) or type(exc).__name__
-        if opened:
-            log.warning("upstream identity server %s failed %d times in a row (%s); not "
-                        "asking it for %.0f s", self.config.identity,
-                        self.config.breaker_failures, reason, self.config.breaker_cooldown_s)
-        else:
+        was_open = self._breaker.is_open
+        opened = self._breaker.failed(reason)
+        # Terms are said once, loudly, where they were found; the breaker says when it
+        # opens; while it is open, failed trials are expected.
+        if not (isinstance(exc, TermsNotSigned) or opened or was_open):
             log.warning("upstream identity server %s: %s", self.config.identity, reason)
 
     def _remember(self, asked: list[Threepid], answers: dict[Threepid, str]) -> None:

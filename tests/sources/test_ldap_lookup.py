@@ -195,11 +195,8 @@ async def test_dead_directory_falls_back_to_the_synced_copy(
 async def test_kith_syncs_at_start(kith_factory: KithFactory, slapd: Slapd) -> None:
     kith: RunningKith = await kith_factory({"ldap": slapd.ldap_section()})
     token = await kith.register("alice")
-    for _ in range(100):  # (wait_for polls plain functions; this check is a coroutine)
-        if await hashed(kith, token, ("email", "carol@example.org")):
-            break
-        await asyncio.sleep(0.05)
-    assert await hashed(kith, token, ("email", "carol@example.org")) == {
+    assert await wait_for("the sync at start", lambda: hashed(
+        kith, token, ("email", "carol@example.org"))) == {
         "carol@example.org": "@carol:hs.test"}
 
 

@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from kith.sources.upstream import UpstreamIdentityServer
-from tests.conftest import KithFactory, RunningKith, free_port, serving
+from tests.conftest import KithFactory, RunningKith, free_port, serving, wait_for
 
 
 def upstream_of(kith: RunningKith) -> UpstreamIdentityServer:
@@ -155,3 +155,31 @@ async def test_terms_not_signed_is_one_clear_log_line(
     terms_lines = [r for r in caplog.records if r.name == "kith.sources.upstream"]
     assert len(terms_lines) == 1 and terms_lines[0].levelname == "ERROR"
     assert "far0@example.org" not in caplog.text and "far1@example.org" not in caplog.text
+
+
+async def test_an_open_breaker_lets_one_trial_per_cooldown_through(
+        kith_factory: KithFactory) -> None:
+    up = {"now": False}
+
+    async def answer(request: web.Request) -> web.Response:
+        if not up["now"]:
+            return web.json_response({"errcode": "M_UNKNOWN", "error": "down"}, status=500)
+        if request.path.endswith("/hash_details"):
+            return web.json_response({"algorithms": ["none"], "lookup_pepper": "p"})
+        body = await request.json()
+        return web.json_response({"mappings": {a: "@far:hs.test" for a in body["addresses"]}})
+
+    async with fake_upstream(answer) as url:
+        kith, token = await proxied_kith(kith_factory, url, breaker_failures=1,
+                                         breaker_cooldown=2)
+        client = upstream_of(kith)
+        assert await kith.lookup(token, "none", ["far@example.org email"]) == {}
+        requests = client.requests
+        assert await kith.lookup(token, "none", ["far@example.org email"]) == {}
+        assert client.requests == requests  # open: not asked
+        up["now"] = True
+        assert await wait_for("a trial to find the upstream answering", lambda: kith.lookup(
+            token, "none", ["far@example.org email"]), timeout_s=15) == {
+            "far@example.org email": "@far:hs.test"}
+        assert await kith.lookup(token, "none", ["other@example.org email"]) == {
+            "other@example.org email": "@far:hs.test"}  # closed: every lookup goes again
