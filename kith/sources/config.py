@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import phonenumbers
+
 from kith.config import ConfigError, KithConfig, unreadable
 
 MEDIUMS = ("email", "msisdn")  # as kith.services.threepid (not imported: no cycle)
@@ -61,6 +63,8 @@ class LdapConfig:
     full_sync_interval_s: float = 3600.0
     changed_attr: str = "modifyTimestamp"
     preset: str = "openldap"
+    # ISO 3166 alpha-2 region of national numbers ("07700 900123"); "": none are read.
+    msisdn_default_region: str = ""
 
     @property
     def attributes(self) -> tuple[str, ...]:
@@ -217,7 +221,16 @@ def ldap_config(keys: _Keys, env: Mapping[str, str]) -> LdapConfig | None:
         full_sync_interval_s=keys.seconds("full_sync_interval", 3600.0),
         changed_attr=keys.text("changed_attr") or preset.changed_attr,
         preset=preset_name,
+        msisdn_default_region=_region(keys, "msisdn_default_region"),
     )
+
+
+def _region(keys: _Keys, key: str) -> str:
+    region = keys.text(key).upper()
+    if region and region not in phonenumbers.SUPPORTED_REGIONS:
+        raise keys.error(key, f"{keys.text(key)!r} is not an ISO 3166 alpha-2 region code "
+                              "with a telephone numbering plan (e.g. GB, US, DE)")
+    return region
 
 
 def _bind_password(keys: _Keys, env: Mapping[str, str]) -> str:

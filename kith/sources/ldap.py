@@ -23,13 +23,13 @@ from functools import partial
 from typing import Any, TypeVar
 
 import ldap3
-import phonenumbers
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
 from kith.services.threepid import is_valid_mxid, normalise_address
 from kith.sources.config import LdapConfig
 from kith.sources.errors import LdapError
+from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,6 @@ class DirectoryEntry:
     mxid: str
     threepids: tuple[Threepid, ...]
     changed: str  # the change attribute's raw value ("" when absent)
-
-
-def normalise_msisdn(value: str) -> str | None:
-    """E.164 digits of a directory phone number, or None if it is not international."""
-    if value.startswith("+") and value[1:].isdigit():  # already E.164: skip the parser
-        return normalise_address("msisdn", value)
-    try:
-        number = phonenumbers.parse(value, None)
-    except phonenumbers.NumberParseException:
-        return None
-    if not phonenumbers.is_possible_number(number):
-        return None
-    digits = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    return normalise_address("msisdn", digits)
 
 
 def normalise_email(value: str) -> str | None:
@@ -127,7 +113,7 @@ class LdapDirectory:
         for medium, address in chunk:
             values = [address]
             if medium == "msisdn":
-                values.append("+" + address)
+                values = directory_forms(address, self.config.msisdn_default_region)
             for attr in self.config.attrs_for(medium):
                 terms += [f"({attr}={escape_filter_chars(v)})" for v in values]
         return self._and_filter(f"(|{''.join(terms)})")
@@ -271,7 +257,8 @@ class LdapDirectory:
                         threepids[("email", email)] = None
             for attr in cfg.msisdn:
                 for value in _values(raw, attr):
-                    if (msisdn := normalise_msisdn(value)) is not None:
+                    msisdn = normalise_msisdn(value, cfg.msisdn_default_region)
+                    if msisdn is not None:
                         threepids[("msisdn", msisdn)] = None
             changed = _values(raw, cfg.changed_attr)
             yield DirectoryEntry(str(item.get("dn", "")), mxid, tuple(threepids),

@@ -42,6 +42,14 @@ def test_active_directory_preset() -> None:
     assert config.email == ("mail",) and config.msisdn == ("telephoneNumber", "mobile")
 
 
+def test_default_region() -> None:
+    base = {"uri": "ldap://x", "base": "dc=x"}
+    config = parse_ldap_section(base, env={})
+    assert config is not None and config.msisdn_default_region == ""
+    config = parse_ldap_section({**base, "msisdn_default_region": " gb "}, env={})
+    assert config is not None and config.msisdn_default_region == "GB"
+
+
 def test_bind_password_from_file_or_environment(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
@@ -63,6 +71,13 @@ def test_bind_password_from_file_or_environment(tmp_path: Path) -> None:
     ({"uri": "ldap://x", "base": "dc=x", "preset": "novell"}, "[ldap] preset:"),
     ({"uri": "ldap://x", "base": "dc=x", "ca_file": "/nonexistent"}, "[ldap] ca_file:"),
     ({"uri": "ldap://x", "base": "dc=x", "pool_size": "0"}, "[ldap] pool_size:"),
+    ({"uri": "ldap://x", "base": "dc=x", "msisdn_default_region": "UK"},
+     "[ldap] msisdn_default_region: 'UK' is not an ISO 3166 alpha-2 region code"),
+    ({"uri": "ldap://x", "base": "dc=x", "msisdn_default_region": "+44"},
+     "[ldap] msisdn_default_region: '+44' is not"),
+    ({"uri": "ldap://x", "base": "dc=x", "msisdn_default_region": "GBR"},
+     "[ldap] msisdn_default_region: 'GBR' is not"),
+    ({"msisdn_default_region": "GB"}, "[ldap] uri: is required: msisdn_default_region set"),
 ])
 def test_bad_ldap_section_is_one_line(items: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -7,9 +7,43 @@ from typing import Any
 import pytest
 
 from kith.sources.config import LdapConfig, parse_ldap_section
-from kith.sources.ldap import LdapDirectory, LdapError, normalise_msisdn
+from kith.sources.ldap import LdapDirectory, LdapError
+from kith.sources.ldap_numbers import normalise_msisdn
 from tests.federation.conftest import TestPki
-from tests.sources.conftest import Slapd
+from tests.sources.conftest import SUFFIX, Slapd
+
+# Phone numbers as directories hold them: Matrix's own form, national forms, and an
+# international one with the trunk prefix in parentheses.
+NUMBERS = f"""\
+dn: uid=dave,ou=people,{SUFFIX}
+objectClass: inetOrgPerson
+uid: dave
+cn: Dave
+sn: D
+telephoneNumber: 447700900123
+
+dn: uid=erin,ou=people,{SUFFIX}
+objectClass: inetOrgPerson
+uid: erin
+cn: Erin
+sn: E
+mobile: 07700 900456
+
+dn: uid=frank,ou=people,{SUFFIX}
+objectClass: inetOrgPerson
+uid: frank
+cn: Frank
+sn: F
+telephoneNumber: (0)7700-900789
+mobile: +44 (0)7700 900321
+"""
+NUMBER_OWNERS = {
+    ("msisdn", "447700900123"): "@dave:hs.test",
+    ("msisdn", "447700900456"): "@erin:hs.test",
+    ("msisdn", "447700900789"): "@frank:hs.test",
+    ("msisdn", "447700900321"): "@frank:hs.test",
+    ("msisdn", "442079460999"): "@carol:hs.test",  # "020 7946 0999"
+}
 
 
 def ldap_config(slapd: Slapd, **extra: Any) -> LdapConfig:
@@ -106,6 +140,33 @@ async def test_entries_skip_non_e164_numbers(directory: LdapDirectory) -> None:
                                          ("email", "shared@example.org")}
     assert normalise_msisdn("020 7946 0999") is None
     assert normalise_msisdn("+44 (0)20 7946 0000") == "442079460000"
+
+
+async def test_matrix_form_and_national_numbers_are_found_live(slapd: Slapd) -> None:
+    """Each form is matched by the search itself (one search), not by a sync."""
+    slapd.modify("ldapadd", NUMBERS)
+    d = LdapDirectory(ldap_config(slapd, msisdn_default_region="GB"))
+    try:
+        assert await d.lookup(NUMBER_OWNERS) == NUMBER_OWNERS
+        assert d.searches == 1
+        by_mxid = {e.mxid: set(e.threepids) for e in await d.entries()}
+        for threepid, mxid in NUMBER_OWNERS.items():
+            assert threepid in by_mxid[mxid]
+    finally:
+        await d.close()
+
+
+async def test_without_a_default_region_national_numbers_are_skipped(slapd: Slapd) -> None:
+    slapd.modify("ldapadd", NUMBERS)
+    d = LdapDirectory(ldap_config(slapd))
+    try:
+        international = {t: m for t, m in NUMBER_OWNERS.items()
+                         if t[1] in ("447700900123", "447700900321")}
+        assert await d.lookup(NUMBER_OWNERS) == international
+        synced = {t for e in await d.entries() for t in e.threepids if t[0] == "msisdn"}
+        assert synced & set(NUMBER_OWNERS) == set(international)
+    finally:
+        await d.close()
 
 
 async def test_wrong_password_is_a_clear_error(slapd: Slapd) -> None:

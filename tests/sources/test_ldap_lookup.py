@@ -14,6 +14,7 @@ from kith.services.threepid import lookup_hash
 from kith.sources.ldap_sync import LdapSync
 from tests.conftest import KithFactory, RunningKith, wait_for
 from tests.sources.conftest import Slapd
+from tests.sources.test_ldap import NUMBER_OWNERS, NUMBERS
 
 PEOPLE = "ou=people,dc=kith,dc=test"
 
@@ -190,6 +191,21 @@ async def test_dead_directory_falls_back_to_the_synced_copy(
             "local@example.org email": "@local:hs.test"}
     attempts = [r for r in caplog.records if "cannot connect" in r.getMessage()]
     assert len(attempts) == 1  # then live lookups pause instead of each waiting
+
+
+async def test_matrix_form_and_national_numbers(kith_factory: KithFactory,
+                                                slapd: Slapd) -> None:
+    kith = await start(kith_factory, slapd, msisdn_default_region="GB")
+    token = await kith.register("alice")
+    slapd.modify("ldapadd", NUMBERS)  # after the sync: only a live search finds them
+    queries = {f"{address} msisdn": mxid for (_, address), mxid in NUMBER_OWNERS.items()}
+    assert await kith.lookup(token, "none", list(queries)) == queries
+    numbers = list(NUMBER_OWNERS)
+    assert await hashed(kith, token, *numbers) == {
+        "442079460999": "@carol:hs.test"}  # carol was synced; the others not yet
+    await sync_of(kith).full()
+    assert await hashed(kith, token, *numbers) == {
+        address: mxid for (_, address), mxid in NUMBER_OWNERS.items()}
 
 
 async def test_kith_syncs_at_start(kith_factory: KithFactory, slapd: Slapd) -> None:
