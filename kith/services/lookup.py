@@ -253,7 +253,8 @@ class LookupService:
         try:
             answers = await self.directory.lookup(threepids)
         except LdapError as exc:
-            log.warning("LDAP lookup failed, answering from the last sync: %s", exc)
+            # The directory says when it fails and when it answers again, not per lookup.
+            log.debug("LDAP lookup failed, answering from the last sync: %s", exc)
             return self._from_index(LDAP, threepids)
         # A search matches values as the directory stores them; the synced copy holds
         # them normalised (e.g. "+1 (415) 555-0100"), so it answers what a search missed.

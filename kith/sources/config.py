@@ -57,6 +57,10 @@ class LdapConfig:
     verify_certs: bool = True
     connect_timeout_s: float = 5.0
     search_timeout_s: float = 10.0
+    # A live lookup waits this long for the directory, then answers without it.
+    lookup_timeout_s: float = 3.0
+    # After a failure the directory is probed once per cool-down until it answers.
+    breaker_cooldown_s: float = 10.0
     pool_size: int = 4
     cache_ttl_s: float = 60.0
     sync_interval_s: float = 60.0
@@ -215,6 +219,8 @@ def ldap_config(keys: _Keys, env: Mapping[str, str]) -> LdapConfig | None:
         verify_certs=keys.flag("verify_certs", True),
         connect_timeout_s=keys.seconds("connect_timeout", 5.0),
         search_timeout_s=keys.seconds("search_timeout", 10.0),
+        lookup_timeout_s=keys.seconds("lookup_timeout", 3.0),
+        breaker_cooldown_s=keys.seconds("breaker_cooldown", 10.0),
         pool_size=keys.integer("pool_size", 4),
         cache_ttl_s=keys.seconds("cache_ttl", 60.0),
         sync_interval_s=keys.seconds("sync_interval", 60.0),

@@ -5,6 +5,12 @@ connection), never on the event loop.  Every value put into a filter is escaped
 (RFC 4515), the operator's `filter` is ANDed onto every search, StartTLS really runs and
 a failure is an error (never a fall back to plaintext), and plain-text lookups put all
 the addresses of a request into one OR-filter per chunk.
+
+A live lookup waits `lookup_timeout` at most, and the thread doing it gives up at the
+same moment (its socket times out), so a hung directory neither holds a request nor
+ties up the pool for long.  The first failure opens a circuit breaker: lookups then
+answer without the directory at once, and a probe in the background (at most once per
+`breaker_cooldown`, and every sync) finds out when it answers again.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +34,10 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
+from kith.breaker import CircuitBreaker
 from kith.services.threepid import is_valid_mxid, normalise_address
 from kith.sources.config import LdapConfig
-from kith.sources.errors import LdapError
+from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
 
 log = logging.getLogger(__name__)
@@ -39,7 +48,6 @@ Threepid = tuple[str, str]  # (medium, normalised address)
 LOOKUP_CHUNK = 100  # addresses per OR-filter
 PAGE_SIZE = 1000  # Active Directory's default MaxPageSize
 CACHE_MAX_ENTRIES = 100_000
-DOWN_RETRY_S = 10.0  # after a failed lookup, live lookups pause this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +74,22 @@ class LdapDirectory:
         self._idle: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
         self._cache: dict[Threepid, tuple[float, str | None]] = {}
         self.searches = 0
-        self._down_until = 0.0
+        self._breaker = CircuitBreaker(f"LDAP directory {config.uri}", threshold=1,
+                                       cooldown_s=config.breaker_cooldown_s, clock=clock,
+                                       logger=log)
+        self._probes: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Jobs running in the pool's threads now (each ends by its deadline)."""
+        return self._in_flight
+
+    @property
+    def probing(self) -> bool:
+        """Whether a probe of a failed directory is under way."""
+        return bool(self._probes)
 
     # ------------------------------------------------------------------ lookups
 
@@ -82,17 +105,17 @@ class LdapDirectory:
                     found[threepid] = cached[1]
             elif threepid[0] in ("email", "msisdn") and self.config.attrs_for(threepid[0]):
                 missing.append(threepid)
-        if missing and now < self._down_until:
-            raise LdapError(f"LDAP {self.config.uri} failed recently; retrying later")
+        if not missing:
+            return found
+        if self._breaker.is_open:
+            if not self._probes and self._breaker.allow():  # one probe at a time
+                self._probe_soon()
+            raise LdapUnavailable(f"LDAP {self.config.uri} failed and has not answered since")
+        deadline = time.monotonic() + self.config.lookup_timeout_s
         for start in range(0, len(missing), LOOKUP_CHUNK):
             chunk = missing[start:start + LOOKUP_CHUNK]
             filter_ = self._lookup_filter(chunk)
-            try:
-                entries = await self._run(partial(self._search_sync, filter_=filter_))
-            except LdapError:
-                # Lookups do not each wait for a dead directory's timeout.
-                self._down_until = self._clock() + DOWN_RETRY_S
-                raise
+            entries = await self._run(partial(self._search_sync, filter_=filter_), deadline)
             answers = pick_owners(entries, set(chunk))
             self._remember(chunk, answers)
             found.update(answers)
@@ -131,7 +154,8 @@ class LdapDirectory:
             changed = f"({self.config.changed_attr}>={escape_filter_chars(changed_since)})"
             clause = f"(&{changed}{clause})"
         filter_ = self._and_filter(clause)
-        return await self._run(lambda conn: self._paged_search_sync(conn, filter_))
+        # No bound on the whole sync (a big directory takes a while); each read has one.
+        return await self._run(lambda conn: self._paged_search_sync(conn, filter_), None)
 
     def changed_cursor(self, changed: str, margin_s: float) -> str:
         """A change-attribute value `margin_s` before `changed` (generalized time)."""
@@ -142,11 +166,17 @@ class LdapDirectory:
     # ------------------------------------------------------------------ plumbing
 
     async def check(self) -> None:
-        """Open (and give back) one connection: fails if the directory is unusable."""
-        await self._run(lambda conn: None)
+        """Search the base entry: fails unless the directory answers within the lookup
+        timeout.  A success closes the breaker."""
+        await self._run(self._probe_sync, time.monotonic() + self.config.lookup_timeout_s)
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, True)
+        for probe in list(self._probes):
+            probe.cancel()
+        await asyncio.gather(*self._probes, return_exceptions=True)
+        # Threads still in ldap3 calls end at their socket timeouts; queued jobs are
+        # dropped.
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
         while True:
             try:
                 conn = self._idle.get_nowait()
@@ -154,24 +184,68 @@ class LdapDirectory:
                 return
             _quietly_unbind(conn)
 
-    async def _run(self, job: Callable[[ldap3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._with_connection, job)
+    def _probe_soon(self) -> None:
+        async def probe() -> None:
+            with contextlib.suppress(LdapError):  # the breaker has the outcome
+                await self.check()
 
-    def _with_connection(self, job: Callable[[ldap3.Connection], T]) -> T:
-        """Run `job` on a pooled connection; a stale one is replaced once."""
+        task = asyncio.create_task(probe(), name="kith-ldap-probe")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
+
+    async def _run(self, job: Callable[[ldap3.Connection], T], deadline: float | None) -> T:
+        """Run `job` on a pooled connection in the pool's thread, by `deadline`
+        (time.monotonic(); None: each read waits search_timeout), telling the breaker
+        whether the directory answered."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._executor, self._in_thread, job, deadline)
+        try:
+            if deadline is None:
+                result = await work
+            else:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    result = await work
+        except TimeoutError:
+            # The thread gives up at its socket timeout (or never starts the job).
+            error = LdapError(f"LDAP {self.config.uri}: no answer within "
+                              f"{self.config.lookup_timeout_s:g} s")
+            self._breaker.failed(str(error))
+            raise error from None
+        except LdapError as exc:
+            self._breaker.failed(str(exc))
+            raise
+        self._breaker.succeeded()
+        return result
+
+    def _in_thread(self, job: Callable[[ldap3.Connection], T], deadline: float | None) -> T:
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._with_connection(job, deadline)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _with_connection(self, job: Callable[[ldap3.Connection], T],
+                         deadline: float | None) -> T:
+        """Run `job` on a pooled connection; a stale one is replaced once, in time."""
         for attempt in (1, 2):
+            wait_s = self._wait_s(deadline)  # before taking a connection: time may be up
             fresh = False
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
-                conn = self._connect()
+                conn = self._connect(wait_s)
                 fresh = True
             try:
+                _set_read_timeout(conn, self._wait_s(deadline))
                 result = job(conn)
             except LDAPException as exc:
                 _quietly_unbind(conn)
-                if fresh or attempt == 2:
+                # A pooled connection the server dropped fails at once: replace it.  A
+                # timeout is the directory's, not the connection's: asking again would
+                # only wait again.
+                if fresh or attempt == 2 or isinstance(exc, TimeoutError):
                     raise LdapError(f"LDAP {self.config.uri}: {exc}") from exc
                 continue
             except BaseException:
@@ -181,7 +255,17 @@ class LdapDirectory:
             return result
         raise AssertionError("unreachable")
 
-    def _connect(self) -> ldap3.Connection:
+    def _wait_s(self, deadline: float | None) -> float:
+        """How long one read may wait: search_timeout, or what is left until `deadline`."""
+        if deadline is None:
+            return self.config.search_timeout_s
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise LdapError(f"LDAP {self.config.uri}: no answer within "
+                            f"{self.config.lookup_timeout_s:g} s")
+        return min(left, self.config.search_timeout_s)
+
+    def _connect(self, wait_s: float) -> ldap3.Connection:
         cfg = self.config
         uri = cfg.uri
         use_ssl = uri.lower().startswith("ldaps://")
@@ -196,13 +280,16 @@ class LdapDirectory:
             )
         try:
             server = ldap3.Server(uri, use_ssl=use_ssl, tls=tls, get_info=ldap3.NONE,
-                                  connect_timeout=cfg.connect_timeout_s)
+                                  connect_timeout=min(cfg.connect_timeout_s, wait_s))
+            # ldap3 wants whole seconds here (the TLS handshake); reads after it are
+            # bounded to the fraction by _set_read_timeout.
             conn = ldap3.Connection(
                 server, user=cfg.bind_dn or None, password=cfg.bind_pw or None,
                 auto_bind=ldap3.AUTO_BIND_NONE, read_only=True, auto_referrals=False,
-                receive_timeout=int(max(1, cfg.search_timeout_s)), raise_exceptions=False,
+                receive_timeout=math.ceil(wait_s), raise_exceptions=False,
             )
             conn.open()
+            _set_read_timeout(conn, wait_s)
             if cfg.startls and not conn.start_tls():
                 _quietly_unbind(conn)
                 raise LdapError(f"LDAP {uri}: StartTLS failed: {_describe(conn)}")
@@ -216,6 +303,12 @@ class LdapDirectory:
         except LDAPException as exc:
             raise LdapError(f"LDAP {uri}: cannot connect: {exc}") from exc
         return conn
+
+    def _probe_sync(self, conn: ldap3.Connection) -> None:
+        ok = conn.search(self.config.base, "(objectClass=*)", search_scope=ldap3.BASE,
+                         attributes=[], time_limit=int(max(1, self.config.lookup_timeout_s)))
+        if not ok:
+            raise LdapError(f"LDAP search of {self.config.base} failed: {_describe(conn)}")
 
     def _search_sync(self, conn: ldap3.Connection, filter_: str) -> list[DirectoryEntry]:
         self.searches += 1
@@ -299,6 +392,11 @@ def _values(raw: dict[str, Any], attr: str) -> list[str]:
 def _describe(conn: ldap3.Connection) -> str:
     result = conn.result or {}
     return str(result.get("description") or result.get("message") or "no answer")
+
+
+def _set_read_timeout(conn: ldap3.Connection, wait_s: float) -> None:
+    if conn.socket is not None:
+        conn.socket.settimeout(wait_s)
 
 
 def _quietly_unbind(conn: ldap3.Connection) -> None:

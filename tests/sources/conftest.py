@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -118,6 +119,22 @@ class Slapd:
                 time.sleep(0.05)
         raise RuntimeError("slapd did not start")
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """slapd stopped by SIGSTOP: connections stay open and nothing answers."""
+        pid = self.pid
+        assert pid, "slapd is not running"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 15
+            while not _all_threads_stopped(pid):  # a running thread may still answer
+                if time.monotonic() > deadline:
+                    raise RuntimeError("slapd did not stop")
+                time.sleep(0.01)
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
     def stop(self) -> None:
         if not self.pid:
             return
@@ -135,6 +152,15 @@ class Slapd:
                 break
             time.sleep(0.02)
         self.pid = 0
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that just ended
+            # The state follows the command name, which is in parentheses.
+            states.append((task / "stat").read_text().rpartition(")")[2].split()[0])
+    return bool(states) and all(state in ("T", "t") for state in states)
 
 
 def write_slapd_conf(directory: Path, certs: TestPki | None) -> None:

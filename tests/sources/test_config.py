@@ -42,12 +42,17 @@ def test_active_directory_preset() -> None:
     assert config.email == ("mail",) and config.msisdn == ("telephoneNumber", "mobile")
 
 
-def test_default_region() -> None:
+def test_timeouts_breaker_and_default_region() -> None:
     base = {"uri": "ldap://x", "base": "dc=x"}
     config = parse_ldap_section(base, env={})
-    assert config is not None and config.msisdn_default_region == ""
-    config = parse_ldap_section({**base, "msisdn_default_region": " gb "}, env={})
-    assert config is not None and config.msisdn_default_region == "GB"
+    assert config is not None
+    assert (config.lookup_timeout_s, config.breaker_cooldown_s) == (3.0, 10.0)
+    assert config.msisdn_default_region == ""
+    config = parse_ldap_section({**base, "lookup_timeout": "1.5", "breaker_cooldown": "30",
+                                 "msisdn_default_region": " gb "}, env={})
+    assert config is not None
+    assert (config.lookup_timeout_s, config.breaker_cooldown_s) == (1.5, 30.0)
+    assert config.msisdn_default_region == "GB"
 
 
 def test_bind_password_from_file_or_environment(tmp_path: Path) -> None:
@@ -71,6 +76,11 @@ def test_bind_password_from_file_or_environment(tmp_path: Path) -> None:
     ({"uri": "ldap://x", "base": "dc=x", "preset": "novell"}, "[ldap] preset:"),
     ({"uri": "ldap://x", "base": "dc=x", "ca_file": "/nonexistent"}, "[ldap] ca_file:"),
     ({"uri": "ldap://x", "base": "dc=x", "pool_size": "0"}, "[ldap] pool_size:"),
+    ({"uri": "ldap://x", "base": "dc=x", "lookup_timeout": "0"}, "[ldap] lookup_timeout: '0'"),
+    ({"uri": "ldap://x", "base": "dc=x", "lookup_timeout": "soon"},
+     "[ldap] lookup_timeout: 'soon' is not a positive number of seconds"),
+    ({"uri": "ldap://x", "base": "dc=x", "breaker_cooldown": "-1"},
+     "[ldap] breaker_cooldown: '-1' is not a positive number of seconds"),
     ({"uri": "ldap://x", "base": "dc=x", "msisdn_default_region": "UK"},
      "[ldap] msisdn_default_region: 'UK' is not an ISO 3166 alpha-2 region code"),
     ({"uri": "ldap://x", "base": "dc=x", "msisdn_default_region": "+44"},

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from kith.sources.config import LdapConfig, parse_ldap_section
+from kith.sources.errors import LdapUnavailable
 from kith.sources.ldap import LdapDirectory, LdapError
 from kith.sources.ldap_numbers import normalise_msisdn
+from tests.conftest import wait_for
 from tests.federation.conftest import TestPki
 from tests.sources.conftest import SUFFIX, Slapd
 
@@ -184,6 +188,37 @@ async def test_dead_directory_is_an_error_not_a_hang(slapd: Slapd) -> None:
     try:
         with pytest.raises(LdapError):
             await d.lookup([("email", "alice@example.org")])
+    finally:
+        await d.close()
+
+
+async def test_a_hung_directory_costs_one_timeout_then_nothing(slapd: Slapd) -> None:
+    d = LdapDirectory(ldap_config(slapd, pool_size=2, lookup_timeout=1,
+                                  breaker_cooldown=3600))
+    try:
+        assert await d.entries()  # a pooled connection, made by a sync (search_timeout)
+        with slapd.paused():
+            # More lookups at once than threads: none waits past the timeout.
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(d.lookup([("email", f"user{i}@example.org")]) for i in range(10)),
+                return_exceptions=True)
+            assert time.monotonic() - started < 6
+            assert all(isinstance(r, LdapError) for r in results), results
+            # The breaker is open: no waiting at all.
+            started = time.monotonic()
+            with pytest.raises(LdapUnavailable):
+                await d.lookup([("email", "carol@example.org")])
+            assert time.monotonic() - started < 0.5
+            # The pool's threads gave up with the lookups, though the directory still
+            # hangs (a sync's connection would wait search_timeout, 5 s).
+            await wait_for("the threads to give up", lambda: d.calls_in_flight == 0,
+                           timeout_s=3)
+            with pytest.raises(LdapError):
+                await d.check()  # the probe fails too, within the timeout
+        await d.check()  # answering again: the breaker closes
+        assert await d.lookup([("email", "carol@example.org")]) == {
+            ("email", "carol@example.org"): "@carol:hs.test"}
     finally:
         await d.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -206,6 +207,45 @@ async def test_matrix_form_and_national_numbers(kith_factory: KithFactory,
     await sync_of(kith).full()
     assert await hashed(kith, token, *numbers) == {
         address: mxid for (_, address), mxid in NUMBER_OWNERS.items()}
+
+
+async def test_a_hung_directory_does_not_hang_lookups(
+        kith_factory: KithFactory, slapd: Slapd, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kith.sources.ldap")
+    kith = await start(kith_factory, slapd, lookup_timeout=2, breaker_cooldown=0.2)
+    token = await kith.register("alice")
+    await kith.bind("local@example.org", "@local:hs.test")
+    expected = {"local@example.org email": "@local:hs.test",
+                "carol@example.org email": "@carol:hs.test"}  # carol: from the sync
+    with slapd.paused():
+        started = time.monotonic()
+        assert await kith.lookup(token, "none", list(expected)) == expected
+        assert time.monotonic() - started < 10
+        # Later lookups do not wait, while probes (one at a time) keep failing.
+        directory = kith.server.services.lookup.directory  # type: ignore[union-attr]
+        probed = False
+        probing_until = time.monotonic() + 3
+        while time.monotonic() < probing_until:
+            started = time.monotonic()
+            assert await kith.lookup(token, "none", list(expected)) == expected
+            assert time.monotonic() - started < 1
+            probed = probed or directory.probing
+            await asyncio.sleep(0.05)
+        assert probed
+    slapd.modify("ldapadd", f"""dn: uid=erin,{PEOPLE}
+objectClass: inetOrgPerson
+uid: erin
+cn: Erin
+sn: E
+mail: erin@example.org
+""")
+    # Not synced yet: only a live search can answer it, once a probe found LDAP again.
+    await wait_for("LDAP answers again", lambda: kith.lookup(
+        token, "none", ["erin@example.org email"]), timeout_s=20)
+    breaker_lines = [r.getMessage() for r in caplog.records
+                     if r.name == "kith.sources.ldap" and r.levelno >= logging.INFO]
+    assert len([m for m in breaker_lines if "not asked again" in m]) == 1, breaker_lines
+    assert len([m for m in breaker_lines if "answers again" in m]) == 1, breaker_lines
 
 
 async def test_kith_syncs_at_start(kith_factory: KithFactory, slapd: Slapd) -> None:
