@@ -52,7 +52,7 @@ test: install-test install-synapse install-sydent install-js
 lint: install-test
 	@status=0; \
 	echo "ruff check ."; $(VENV)/bin/ruff check . || status=1; \
-	echo "mypy --strict kith"; $(VENV)/bin/mypy --strict kith || status=1; \
+	echo "mypy --strict kith tests"; $(VENV)/bin/mypy --strict kith tests || status=1; \
 	exit $$status
 
 install: $(PY)

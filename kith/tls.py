@@ -3,7 +3,9 @@
 Synapse calls an identity server only as `https://<id_server>`, so a small deployment can
 serve TLS itself instead of running a reverse proxy.  The `SSLContext` is built once and
 kept: on SIGHUP the certificate chain is loaded again into the same context, so the
-listener stays up and new handshakes use the new certificate.
+listener stays up and new handshakes use the new certificate.  The new files are tried on
+a scratch context in a thread first; the live context is then loaded on the event loop,
+where the handshakes run, so none sees the new certificate with the old key.
 """
 
 from __future__ import annotations
@@ -50,17 +52,20 @@ class ClientTls:
     def _load(self) -> None:
         self.context.load_cert_chain(self.certfile, self.keyfile or None)
 
-    def _check_then_load(self) -> None:
+    def _check(self) -> None:
         # A half-failed load_cert_chain can leave the new certificate with the old key:
         # try the files on a scratch context first, so the live one changes only if they work.
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
             self.certfile, self.keyfile or None)
-        self._load()
 
     async def reload(self) -> bool:
         """Load the files again; on failure keep serving the old certificate."""
         try:
-            await asyncio.to_thread(self._check_then_load)
+            await asyncio.to_thread(self._check)
+            # Between loading the chain and the key, a handshake would pair the new
+            # certificate with the old key: load them where no handshake can run in
+            # between.  The files were just read, so this costs the loop next to nothing.
+            self._load()
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate not reloaded, keeping the old one: %s: %s",
                       self.certfile, _describe(exc))

@@ -245,6 +245,15 @@ class KithProcess:
                 time.sleep(0.05)
         raise TimeoutError("kith did not start listening")
 
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the running process, without waiting for anything."""
+        assert self.proc is not None, "not started"
+        self.proc.send_signal(sig)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -252,8 +261,11 @@ class KithProcess:
         self.proc = None
 
 
+KithProcessFactory = Callable[[Path], KithProcess]
+
+
 @pytest.fixture
-def kith_process() -> Iterator[Callable[[Path], KithProcess]]:
+def kith_process() -> Iterator[KithProcessFactory]:
     processes: list[KithProcess] = []
 
     def make(config_path: Path) -> KithProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kith.config import load_config
 from kith.store import InviteTokenRow, Store
-from tests.conftest import free_port, write_config
+from tests.conftest import KithProcessFactory, free_port, write_config
 
 
 def kith(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -44,7 +44,8 @@ def test_wrong_value_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
                       "'abc' is not a port number (1-65535)"]
 
 
-def test_port_in_use_is_one_clear_line(tmp_path: Path, kith_process) -> None:
+def test_port_in_use_is_one_clear_line(tmp_path: Path,
+                                       kith_process: KithProcessFactory) -> None:
     path = write_config(tmp_path, {})
     config = load_config(str(path), env={})
     first = kith_process(path)
@@ -63,7 +64,7 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path, kith_process) -> None:
         first.kill(signal.SIGTERM)
 
 
-def test_healthcheck(tmp_path: Path, kith_process) -> None:
+def test_healthcheck(tmp_path: Path, kith_process: KithProcessFactory) -> None:
     path = write_config(tmp_path, {})
     config = load_config(str(path), env={})
     assert kith("--config", str(path), "healthcheck", cwd=tmp_path).returncode == 1

@@ -17,7 +17,7 @@ import pytest
 
 from kith.config import ConfigError, load_config
 from kith.server import KithServer
-from tests.conftest import write_config
+from tests.conftest import KithProcessFactory, write_config
 from tests.federation.conftest import TestPki, _openssl
 from tests.test_cli import kith as run_kith
 
@@ -91,7 +91,7 @@ async def test_client_api_over_tls_verified_with_the_ca(tmp_path: Path, pki: Tes
 
 
 def test_sighup_swaps_the_certificate_and_keeps_it_if_the_new_one_is_bad(
-        tmp_path: Path, pki: TestPki, kith_process) -> None:
+        tmp_path: Path, pki: TestPki, kith_process: KithProcessFactory) -> None:
     path = tls_config(tmp_path, pki)
     config = load_config(str(path), env={})
     port = config.http.client_port
@@ -104,7 +104,7 @@ def test_sighup_swaps_the_certificate_and_keeps_it_if_the_new_one_is_bad(
     new_cert, new_key = reissue(pki, tmp_path)
     shutil.copy(new_key, tmp_path / "tls.key")
     shutil.copy(new_cert, tmp_path / "tls.pem")
-    proc.proc.send_signal(signal.SIGHUP)
+    proc.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     while served_fingerprint(port, pki.ca_file) != fingerprint_of(new_cert):
         assert time.monotonic() < deadline, "SIGHUP did not swap the certificate"
@@ -112,13 +112,13 @@ def test_sighup_swaps_the_certificate_and_keeps_it_if_the_new_one_is_bad(
 
     # A key that does not match the certificate: logged, and the working pair stays.
     shutil.copy(pki.key_file, tmp_path / "tls.key")
-    proc.proc.send_signal(signal.SIGHUP)
+    proc.signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
     log = tmp_path / "kith.log"
     while "TLS certificate not reloaded" not in log.read_text():
         assert time.monotonic() < deadline, "no error logged for the bad key"
         time.sleep(0.05)
-    assert proc.proc.poll() is None
+    assert proc.running
     assert served_fingerprint(port, pki.ca_file) == fingerprint_of(new_cert)
     proc.kill(signal.SIGTERM)
 

@@ -11,10 +11,11 @@ import aiohttp
 from kith.config import load_config
 from kith.services.threepid import lookup_hash
 from kith.store import Store
-from tests.conftest import wait_for, write_config
+from tests.conftest import KithProcessFactory, wait_for, write_config
 
 
-async def test_acknowledged_binds_survive_sigkill(tmp_path: Path, kith_process) -> None:
+async def test_acknowledged_binds_survive_sigkill(tmp_path: Path,
+                                                  kith_process: KithProcessFactory) -> None:
     path = write_config(tmp_path, {})
     config = load_config(str(path), env={})
     proc = kith_process(path)

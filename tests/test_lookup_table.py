@@ -28,7 +28,7 @@ def tables() -> list[MakeTable]:
 @pytest.mark.parametrize("make", tables())
 def test_random_binds_and_unbinds_match_a_dict(make: MakeTable) -> None:
     rng = random.Random(7)
-    table, model = make(), {}
+    table, model = make(), dict[str, str]()
     for step in range(6000):
         key = h(rng.randrange(1500))
         mxid = None if rng.random() < 0.25 else f"@u{rng.randrange(10**6)}:example.org"

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -282,7 +283,8 @@ def _truncated(path: Path) -> None:
     (_directory, "is a directory, not a database file"),
     (_truncated, "not a usable SQLite database"),
 ])
-def test_an_unusable_database_stops_kith_with_one_line(tmp_path: Path, make, problem) -> None:
+def test_an_unusable_database_stops_kith_with_one_line(
+        tmp_path: Path, make: Callable[[Path], None], problem: str) -> None:
     db = tmp_path / "data.db"
     make(db)
     conf = configured(tmp_path, {"db": {"db.file": db}})

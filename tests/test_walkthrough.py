@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
-from tests.conftest import SmtpSink, free_port
+from tests.conftest import KithProcessFactory, SmtpSink, free_port
 
 WALKTHROUGH = """\
 curl -XPOST 'http://localhost:8090/_matrix/identity/api/v1/validate/email/requestToken' -H "Content-Type: application/json" -d '{"email": "alice@example.com", "client_secret": "abcd", "send_attempt": 1}'
@@ -42,7 +43,7 @@ def set_key(text: str, key: str, value: object) -> str:
     return pattern.sub(f"{key} = {value}", text, count=1)
 
 
-def curl(command: str, port: int, internal_port: int) -> dict:
+def curl(command: str, port: int, internal_port: int) -> dict[str, Any]:
     argv = shlex.split(command.replace("localhost:8090", f"localhost:{port}")
                        .replace("localhost:8091", f"localhost:{internal_port}"))
     out = subprocess.run([*argv, "-sS", "--max-time", "20"], capture_output=True,
@@ -51,7 +52,7 @@ def curl(command: str, port: int, internal_port: int) -> dict:
 
 
 async def test_sydent_readme_walkthrough(tmp_path: Path, smtp: SmtpSink,
-                                         kith_process) -> None:
+                                         kith_process: KithProcessFactory) -> None:
     if shutil.which("curl") is None:
         if os.environ.get("CI"):
             pytest.fail("curl is not installed (.ci/run installs it)")

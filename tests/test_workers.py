@@ -10,12 +10,13 @@ from aiohttp import web
 
 from kith.config import load_config
 from kith.services.threepid import lookup_hash
-from tests.conftest import serving, write_config
+from tests.conftest import KithProcessFactory, serving, write_config
 
 V2 = "/_matrix/identity/v2"
 
 
-async def test_workers_share_binds_and_logouts(tmp_path: Path, kith_process) -> None:
+async def test_workers_share_binds_and_logouts(tmp_path: Path,
+                                               kith_process: KithProcessFactory) -> None:
     async def userinfo(request: web.Request) -> web.Response:
         return web.json_response({"sub": request.query["access_token"]})
 
@@ -25,7 +26,8 @@ async def test_workers_share_binds_and_logouts(tmp_path: Path, kith_process) -> 
         await check_workers(tmp_path, hs_url, kith_process)
 
 
-async def check_workers(tmp_path: Path, hs_url: str, kith_process) -> None:
+async def check_workers(tmp_path: Path, hs_url: str,
+                        kith_process: KithProcessFactory) -> None:
     path = write_config(tmp_path, {
         "general": {"workers": 2},
         "http": {"federation.test_overrides": f"hs.test={hs_url}"}})

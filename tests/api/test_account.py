@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from aiohttp import web
 
-from tests.conftest import KithFactory, RunningKith, free_port, serving
+from tests.conftest import Homeserver, KithFactory, RunningKith, free_port, serving
 
 V2 = "/_matrix/identity/v2"
 
 
-async def register(kith: RunningKith, body: object) -> tuple[int, dict]:
+async def register(kith: RunningKith, body: object) -> tuple[int, dict[str, Any]]:
     async with kith.http.post(f"{kith.base}{V2}/account/register", json=body) as resp:
         return resp.status, await resp.json()
 
@@ -126,7 +127,8 @@ async def test_homeserver_that_hangs_times_out(kith: RunningKith) -> None:
     assert time.monotonic() - started < 6  # federation.timeout = 2 in tests
 
 
-async def test_redirect_is_not_followed(kith_factory: KithFactory, homeserver) -> None:
+async def test_redirect_is_not_followed(kith_factory: KithFactory,
+                                       homeserver: Homeserver) -> None:
     async def redirect(request: web.Request) -> web.Response:
         raise web.HTTPFound(homeserver.url + request.path_qs)
 

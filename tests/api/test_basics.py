@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
 from signedjson.key import decode_verify_key_bytes
 from unpaddedbase64 import decode_base64
@@ -11,7 +14,8 @@ from tests.conftest import RunningKith
 V2 = "/_matrix/identity/v2"
 
 
-async def get(kith: RunningKith, path: str, **kw: object) -> tuple[int, dict, dict]:
+async def get(kith: RunningKith, path: str,
+              **kw: object) -> tuple[int, dict[str, Any], dict[str, str]]:
     async with kith.http.get(kith.base + path, **kw) as resp:  # type: ignore[arg-type]
         assert resp.headers["Content-Type"] == "application/json"
         return resp.status, await resp.json(), dict(resp.headers)
@@ -104,7 +108,7 @@ async def test_oversized_body_is_refused_with_413(kith: RunningKith) -> None:
 
 
 async def test_oversized_chunked_body_is_refused_with_413(kith: RunningKith) -> None:
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(100):
             yield b"x" * 10240
 

@@ -253,7 +253,7 @@ async def test_store_invite_needs_a_token(mail_kith: RunningKith) -> None:
     ({"medium": "email", "address": "b@example.com", "room_id": ROOM}, "M_MISSING_PARAMS"),
     ({"medium": "email", "address": "b@example.com", "sender": ALICE}, "M_MISSING_PARAMS"),
     ({"address": "b@example.com", "room_id": ROOM, "sender": ALICE}, "M_MISSING_PARAMS"),
-    (invite_body(address=5), "M_INVALID_PARAM"),
+    ({**invite_body(), "address": 5}, "M_INVALID_PARAM"),
     (invite_body(room_id=None), "M_INVALID_PARAM"),
     (invite_body(room_name=["x"]), "M_INVALID_PARAM"),
     (invite_body(address="not an address"), "M_INVALID_EMAIL"),

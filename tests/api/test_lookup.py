@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kith.services.threepid import lookup_hash
@@ -19,14 +21,14 @@ def test_hashes_match_the_spec_examples() -> None:
         "nlo35_T5fzSGZzJApqu8lgIudJvmOQtDaHtr-I4rU7I"
 
 
-async def hash_details(kith: RunningKith, token: str) -> dict:
+async def hash_details(kith: RunningKith, token: str) -> dict[str, Any]:
     async with kith.http.get(f"{kith.base}{V2}/hash_details",
                              headers={"Authorization": f"Bearer {token}"}) as resp:
         assert resp.status == 200
         return dict(await resp.json())
 
 
-async def lookup(kith: RunningKith, token: str, body: object) -> tuple[int, dict]:
+async def lookup(kith: RunningKith, token: str, body: object) -> tuple[int, dict[str, Any]]:
     async with kith.http.post(f"{kith.base}{V2}/lookup", json=body,
                               headers={"Authorization": f"Bearer {token}"}) as resp:
         assert resp.headers["Content-Type"] == "application/json"

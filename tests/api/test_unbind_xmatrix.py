@@ -148,7 +148,7 @@ async def test_refused_signatures(kith_with_homeservers: RunningKith,
 
 
 async def test_unknown_origin_server_is_refused_quickly(kith_with_homeservers: RunningKith,
-                                                        key_servers) -> None:
+                                                        key_servers: object) -> None:
     kith = kith_with_homeservers
     stranger = KeyServer("stranger.test", generate_signing_key("x"))
     body = {"mxid": "@s:stranger.test", "threepid": BODY["threepid"]}

@@ -78,7 +78,8 @@ async def test_v1_bind_off_without_v1_associations(kith_factory: KithFactory) ->
     ({}, "M_MISSING_PARAMS"), ({"medium": "email"}, "M_MISSING_PARAMS"),
     ({"address": "a@b.c"}, "M_MISSING_PARAMS"),
 ])
-async def test_v1_lookup_bad_queries(kith: RunningKith, params: dict, errcode: str) -> None:
+async def test_v1_lookup_bad_queries(kith: RunningKith, params: dict[str, str],
+                                     errcode: str) -> None:
     async with kith.http.get(f"{kith.base}{V1}/lookup", params=params) as r:
         assert (r.status, (await r.json())["errcode"]) == (400, errcode)
 

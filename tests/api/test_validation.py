@@ -514,7 +514,8 @@ async def test_msisdn_validation_flow_with_twilio(kith_factory: KithFactory,
     assert status == 200 and signed["medium"] == "msisdn"
     assert signed["address"] == "14155550123" and signed["mxid"] == "@alice:hs.test"
     # Twilio refusing the number: a clear error, and a later attempt still works.
-    twilio.status, twilio.answer = 400, {"code": 21211, "message": "Invalid 'To' number"}
+    twilio.status = 400
+    twilio.answer = {"code": "21211", "message": "Invalid 'To' number"}
     status, answer = await call(kith, token, "POST", "/validate/msisdn/requestToken",
                                 {**request, "send_attempt": 2})
     assert (status, answer["errcode"]) == (500, "M_SEND_ERROR")

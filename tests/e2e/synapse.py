@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,7 +190,7 @@ class MatrixUser:
         return call(method, f"{self.synapse.client_url}{path}", body, token=self.access_token)
 
     def openid_token(self) -> dict[str, Any]:
-        user = urllib.request.quote(self.user_id)
+        user = urllib.parse.quote(self.user_id)
         status, body = self.call(
             "POST", f"/_matrix/client/v3/user/{user}/openid/request_token", {})
         assert status == 200, body

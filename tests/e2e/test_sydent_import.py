@@ -23,12 +23,13 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from kith.services.threepid import lookup_hash
-from tests.conftest import Homeserver, SmtpSink, free_port
+from tests.conftest import Homeserver, KithProcessFactory, SmtpSink, free_port
 from tests.conftest import wait_for as wait_for_condition
 from tests.federation.conftest import TestPki
 
@@ -73,7 +74,7 @@ def sydent_python() -> str:
 
 
 def http(method: str, url: str, body: object | None = None,
-         token: str | None = None) -> dict:
+         token: str | None = None) -> dict[str, Any]:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"}
     if token:
@@ -145,7 +146,7 @@ email.smtpport = {smtp.port}
 
 async def test_kith_takes_over_a_sydent_installation(sydent_dir: tuple[Path, int, int],
                                                smtp: SmtpSink, homeserver: Homeserver,
-                                               kith_process) -> None:
+                                               kith_process: KithProcessFactory) -> None:
     directory, port, internal = sydent_dir
     base, ibase = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{internal}"
     v1 = f"{base}/_matrix/identity/api/v1"

@@ -9,12 +9,13 @@ of the client but the server name and the signing key.
 
 import json
 import sys
+from typing import Any
 
 from signedjson.key import decode_signing_key_base64
 from synapse.http.matrixfederationclient import MatrixFederationHttpClient
 
 
-def headers_for(request: dict) -> str:
+def headers_for(request: dict[str, Any]) -> str:
     client = MatrixFederationHttpClient.__new__(MatrixFederationHttpClient)
     client.server_name = request["origin"]
     client.signing_key = decode_signing_key_base64(
@@ -31,7 +32,7 @@ def headers_for(request: dict) -> str:
         content=request.get("content"),
         destination_is=encoded("destination_is"),
     )
-    return header.decode("ascii")
+    return str(header.decode("ascii"))
 
 
 json.dump([headers_for(r) for r in json.load(sys.stdin)], sys.stdout)

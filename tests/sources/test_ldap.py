@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from kith.sources.config import LdapConfig, parse_ldap_section
-from kith.sources.errors import LdapUnavailable
-from kith.sources.ldap import LdapDirectory, LdapError
+from kith.sources.errors import LdapError, LdapUnavailable
+from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_numbers import normalise_msisdn
 from tests.conftest import wait_for
 from tests.federation.conftest import TestPki

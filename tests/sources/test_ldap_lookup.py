@@ -222,7 +222,9 @@ async def test_a_hung_directory_does_not_hang_lookups(
         assert await kith.lookup(token, "none", list(expected)) == expected
         assert time.monotonic() - started < 10
         # Later lookups do not wait, while probes (one at a time) keep failing.
-        directory = kith.server.services.lookup.directory  # type: ignore[union-attr]
+        assert kith.server.services is not None
+        directory = kith.server.services.lookup.directory
+        assert directory is not None
         probed = False
         probing_until = time.monotonic() + 3
         while time.monotonic() < probing_until:
