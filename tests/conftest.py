@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -49,10 +50,37 @@ async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0,
         await asyncio.sleep(poll_s)
 
 
+def _ephemeral_ports_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_FIRST_PORT, _PAST_LAST_PORT = 10000, _ephemeral_ports_start()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on, for a server a test starts later.
+
+    Chosen below the kernel's ephemeral range: outgoing connections take their local
+    ports there, so a port found free in that range may be taken before the server
+    binds it.  Never the same port twice in one test run."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(_FIRST_PORT, _PAST_LAST_PORT)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port found")
 
 
 def write_config(directory: Path, sections: dict[str, dict[str, Any]]) -> Path:

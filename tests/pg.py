@@ -21,7 +21,6 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 SUPERUSER = "kith"
 START_TIMEOUT_S = 60
@@ -84,12 +85,6 @@ def _run_as_user() -> str | None:
     return "kith-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class PostgresCluster:
     """One running postmaster owned by this test session."""
@@ -112,7 +107,7 @@ class PostgresCluster:
                                  "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"),
                        check=True, capture_output=True, timeout=120)
         for attempt in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
                        f"-c unix_socket_directories={self.datadir} "
                        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "

@@ -19,8 +19,9 @@ from kith.delivery.email import (
     validation_link,
 )
 from kith.delivery.templates import PACKAGED_TEMPLATES, Templates
+from tests.conftest import free_port
 
-from .conftest import SmtpFactory, TestPki, email_config, free_port
+from .conftest import SmtpFactory, TestPki, email_config
 
 TO = "alice@example.org"
 TOKEN = "AbCdEfGhIjKlMnOpQrStUvWxYz012345"

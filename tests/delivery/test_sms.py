@@ -25,8 +25,7 @@ from kith.delivery.sms import (
     sms_provider_from_config,
 )
 from kith.errors import M_DESTINATION_REJECTED, MatrixError
-
-from .conftest import free_port
+from tests.conftest import free_port
 
 UK = "447700900123"  # digit sum 45
 US = "12025550123"  # digit sum 21
