@@ -69,12 +69,50 @@ def _parse(ip: str | IPAddress) -> IPAddress | None:
         return None
 
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet is translated to:
+# IPv4-compatible (deprecated), SIIT's IPv4-translated, and NAT64's well-known prefix.
+_LAST_32_BITS_ARE_IPV4 = tuple(ipaddress.ip_network(cidr) for cidr in (
+    "::/96", "::ffff:0:0:0/96", "64:ff9b::/96"))
+# NAT64's local-use prefix (RFC 8215): where in it an IPv4 address sits depends on the
+# prefix length the network chose (RFC 6052), so every layout is considered.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_RFC6052_PREFIX_LENGTHS = (32, 40, 48, 56, 64, 96)
+
+
+def embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a connection to `addr` may reach or reveal: IPv4-mapped,
+    IPv4-compatible, IPv4-translated, NAT64 (well-known and local-use prefixes), 6to4,
+    and both ends of Teredo."""
+    found: list[ipaddress.IPv4Address] = []
+    if addr.ipv4_mapped is not None:
+        found.append(addr.ipv4_mapped)
+    if any(addr in net for net in _LAST_32_BITS_ARE_IPV4):
+        found.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    if addr in _LOCAL_NAT64:
+        found += [_rfc6052_ipv4(addr, length) for length in _RFC6052_PREFIX_LENGTHS]
+    if addr.sixtofour is not None:
+        found.append(addr.sixtofour)
+    if addr.teredo is not None:
+        found += addr.teredo
+    return found
+
+
+def _rfc6052_ipv4(addr: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address embedded after a `prefix_length` NAT64 prefix (RFC 6052 §2.2):
+    bits 64-71 are reserved and skipped."""
+    octets = addr.packed
+    start = prefix_length // 8
+    embedded = [i for i in range(start, 16) if i != 8][:4]
+    return ipaddress.IPv4Address(bytes(octets[i] for i in embedded))
+
+
 class OutboundAddressPolicy:
     """Whitelist beats blacklist; an empty blacklist means DEFAULT_BLACKLIST.
 
-    IPv4-mapped IPv6 addresses are judged as the IPv4 address they reach, and
-    6to4 addresses also by their embedded IPv4 address.  0.0.0.0 and :: are
-    always refused: connecting to them reaches the local host.
+    An IPv6 address that carries an IPv4 address (mapped, NAT64, 6to4, Teredo, ...; see
+    `embedded_ipv4`) is allowed only if that IPv4 address is too; an IPv4-mapped one is
+    judged as the IPv4 address alone.  0.0.0.0 and :: are always refused: connecting to
+    them reaches the local host.
     """
 
     def __init__(
@@ -87,17 +125,16 @@ class OutboundAddressPolicy:
         addr = _parse(ip)
         if addr is None:
             return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
+        if isinstance(addr, ipaddress.IPv4Address):
+            return self._allows(addr)
+        if addr.ipv4_mapped is not None:
+            return self._allows(addr.ipv4_mapped)
+        return self._allows(addr) and all(self._allows(v4) for v4 in embedded_ipv4(addr))
+
+    def _allows(self, addr: IPAddress) -> bool:
         if addr.is_unspecified:
             return False
-        if _contains(self.whitelist, addr):
-            return True
-        if _contains(self.blacklist, addr):
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.sixtofour is not None:
-            return self.is_allowed(addr.sixtofour)
-        return True
+        return _contains(self.whitelist, addr) or not _contains(self.blacklist, addr)
 
 
 def _contains(networks: Iterable[IPNetwork], addr: IPAddress) -> bool:

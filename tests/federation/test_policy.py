@@ -47,6 +47,14 @@ REFUSED_BY_DEFAULT = [
     "::127.0.0.1",  # IPv4-compatible
     "2002:7f00:1::1",
     "2002:0a00:0001::",  # 6to4 of 127.0.0.1 / 10.0.0.1
+    "64:ff9b::7f00:1",
+    "64:ff9b::a9fe:a9fe",  # NAT64 (well-known prefix) of 127.0.0.1 / 169.254.169.254
+    "64:ff9b::10.0.0.1",
+    "64:ff9b:1:7f00:0:100::",  # local-use NAT64 (RFC 8215) of 127.0.0.1, /48 layout
+    "64:ff9b:1::808:808",  # local-use NAT64 is refused whatever it embeds
+    "::ffff:0:7f00:1",  # IPv4-translated (SIIT) 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo: client 127.0.0.1
+    "2001:0:a00:1:8000:63bf:3fff:fdd2",  # Teredo: server 10.0.0.1
 ]
 ALLOWED_BY_DEFAULT = [
     "8.8.8.8",
@@ -57,6 +65,8 @@ ALLOWED_BY_DEFAULT = [
     "2001:4860:4860::8888",
     "::ffff:8.8.8.8",
     "2002:0808:0808::1",
+    "64:ff9b::808:808",  # NAT64 of 8.8.8.8
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo: server 65.54.227.120, client 8.8.8.8
 ]
 
 
@@ -86,6 +96,20 @@ def test_unspecified_addresses_are_refused_even_if_whitelisted(ip: str) -> None:
     )
     assert not policy.is_allowed(ip)
     assert policy.is_allowed("10.0.0.1")
+
+
+def test_embedded_ipv4_is_judged_by_the_operators_lists_too() -> None:
+    policy = OutboundAddressPolicy(blacklist=nets("8.8.8.0/24"))
+    assert not policy.is_allowed("64:ff9b::808:808")
+    assert not policy.is_allowed("2002:808:808::1")
+    whitelisted = OutboundAddressPolicy(whitelist=nets("10.0.0.0/8"))
+    assert whitelisted.is_allowed("64:ff9b::a00:1")
+    assert not whitelisted.is_allowed("64:ff9b::7f00:1")
+    assert not whitelisted.is_allowed("64:ff9b::")  # NAT64 of 0.0.0.0
+    # Local-use NAT64 under a list that does not name its prefix: every RFC 6052 layout.
+    loopback_only = OutboundAddressPolicy(blacklist=nets("127.0.0.0/8"))
+    assert not loopback_only.is_allowed("64:ff9b:1:7f00:0:100::")
+    assert loopback_only.is_allowed("64:ff9b::808:808")
 
 
 def test_configured_blacklist_replaces_the_default() -> None:
