@@ -77,8 +77,10 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         if message.startswith("Expected `object`") and "at `$" not in message:
             raise MatrixError(400, M_BAD_JSON, "The request body must be a JSON object") from exc
         raise MatrixError(400, M_INVALID_PARAM, f"Invalid parameter: {message}") from exc
-    except msgspec.DecodeError as exc:
-        raise MatrixError(400, M_NOT_JSON, "The request body is not valid JSON") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise MatrixError(400, M_NOT_JSON, "The request body is not valid UTF-8 JSON") from exc
+    except RecursionError:
+        raise MatrixError(400, M_BAD_JSON, "The request body is nested too deeply") from None
 
 
 async def json_body(request: web.Request, type_: type[T]) -> T:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 from aiohttp import web
 
@@ -67,7 +69,7 @@ async def unbind(request: web.Request) -> web.Response:
         body = decode_json(raw, UnbindRequest)
         origin = await services.homeserver_auth.verify(
             request.headers["Authorization"], method=request.method, uri=request.raw_path,
-            content=msgspec.json.decode(raw))
+            content=decode_json(raw, dict[str, Any]))
         await services.bindings.unbind_for_homeserver(
             origin, body.mxid, body.threepid.medium, body.threepid.address)
     else:

@@ -182,7 +182,7 @@ async def verify_x_matrix_request(
             verify_signed_json(request, auth.origin, verify_key)
         except SignatureVerifyException:
             continue
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             raise XMatrixVerificationError("request content cannot be canonicalised") from None
         return auth.origin
     raise XMatrixVerificationError(f"bad X-Matrix signature from {auth.origin}")

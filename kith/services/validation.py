@@ -51,7 +51,8 @@ MSISDN_TOKEN_LENGTH = 6
 V2_PREFIX = "/_matrix/identity/v2"
 
 _CLIENT_SECRET = re.compile(r"^[0-9a-zA-Z.=_-]{1,255}$")
-_SID = re.compile(r"^[0-9]{1,19}$")
+_SID = re.compile(r"[0-9]{1,19}")
+MAX_SID = 2**63 - 1  # sids are positive 63-bit integers (new_sid)
 _ALPHANUMERICS = string.ascii_letters + string.digits
 
 
@@ -83,7 +84,7 @@ def new_token(medium: str) -> str:
 
 def new_sid() -> int:
     """A random positive 63-bit id: sids are not sequential, so not guessable."""
-    return 1 + secrets.randbelow(2**63 - 1)
+    return 1 + secrets.randbelow(MAX_SID)
 
 
 def parse_msisdn(country: str, phone_number: str) -> tuple[str, str]:
@@ -244,7 +245,7 @@ class ValidationService:
     async def _session(self, sid: str, client_secret: str) -> ValidationSessionRow:
         """The session `sid` if `client_secret` is its secret, else 404."""
         check_client_secret(client_secret)
-        if not _SID.match(sid):
+        if not _SID.fullmatch(sid) or int(sid) > MAX_SID:
             raise no_valid_session()
         session = await self._store.sessions.get(int(sid))
         if session is None or not hmac.compare_digest(session.client_secret.encode(),
