@@ -9,7 +9,9 @@ import logging
 import math
 import re
 import socket
+from collections.abc import Iterable
 from configparser import ConfigParser
+from urllib.parse import urlsplit
 
 from signedjson.key import (
     decode_signing_key_base64,
@@ -75,13 +77,19 @@ def signing_key_text(key: SigningKey) -> str:
     return f"{key.alg} {key.version} {encode_signing_key_base64(key)}"
 
 
-
 class Section:
-    """Typed reads of one section; every error names the section and key."""
+    """Typed reads of one section; every error names the section and key.
 
-    def __init__(self, parser: ConfigParser, name: str) -> None:
+    `blank_is_default`: an empty `key =` means the key's default for the typed reads
+    (flag, integer, number, seconds), as in kith's own sections; Sydent's sections
+    refuse it, as Sydent does.
+    """
+
+    def __init__(self, parser: ConfigParser, name: str, *,
+                 blank_is_default: bool = False) -> None:
         self.parser = parser
         self.name = name
+        self.blank_is_default = blank_is_default
 
     def error(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"[{self.name}] {key}: {problem}")
@@ -97,18 +105,40 @@ class Section:
         except configparser.InterpolationError:
             raise self.error(key, "write a literal % as %%") from None
 
+    def given(self) -> list[str]:
+        """The keys set to a non-empty value, sorted."""
+        if not self.parser.has_section(self.name):
+            return []
+        return sorted(key for key in self.parser.options(self.name) if self.get(key, raw=True))
+
     def text(self, key: str, default: str = "", *, raw: bool = False) -> str:
         value = self.get(key, raw=raw)
         return default if value is None else value
 
-    def csv(self, key: str) -> tuple[str, ...]:
-        return tuple(item.strip() for item in self.text(key).split(",") if item.strip())
+    def csv(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A comma-separated list; `default` only when the key is not set at all."""
+        value = self.get(key)
+        if value is None:
+            return default
+        return tuple(item.strip() for item in value.split(",") if item.strip())
 
     def lines(self, key: str) -> tuple[str, ...]:
         return tuple(line.strip() for line in self.text(key).splitlines() if line.strip())
 
-    def integer(self, key: str, minimum: int, default: int | None = None) -> int:
+    def one_of(self, key: str, value: str, choices: Iterable[str]) -> str:
+        if value not in choices:
+            raise self.error(key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def choice(self, key: str, choices: Iterable[str], default: str = "") -> str:
+        return self.one_of(key, self.text(key, default), choices)
+
+    def _typed(self, key: str) -> str | None:
         value = self.get(key)
+        return None if value == "" and self.blank_is_default else value
+
+    def integer(self, key: str, minimum: int, default: int | None = None) -> int:
+        value = self._typed(key)
         if value is None and default is not None:
             return default
         try:
@@ -119,9 +149,9 @@ class Section:
             raise self.error(key, f"{value!r} is less than {minimum}")
         return number
 
-    def number(self, key: str, default: float | None = None) -> float:
-        """A positive number of seconds or hertz."""
-        value = self.get(key)
+    def number(self, key: str, default: float | None = None, *, unit: str = "") -> float:
+        """A positive number (of `unit`s: seconds, ...)."""
+        value = self._typed(key)
         if value is None and default is not None:
             return default
         try:
@@ -129,8 +159,12 @@ class Section:
         except ValueError:
             number = math.nan
         if not (math.isfinite(number) and number > 0):
-            raise self.error(key, f"{value!r} is not a positive number")
+            of_unit = f" of {unit}" if unit else ""
+            raise self.error(key, f"{value!r} is not a positive number{of_unit}")
         return number
+
+    def seconds(self, key: str, default: float | None = None) -> float:
+        return self.number(key, default, unit="seconds")
 
     def port(self, key: str) -> int:
         value = self.text(key)
@@ -144,7 +178,7 @@ class Section:
 
     def flag(self, key: str, default: bool) -> bool:
         """Sydent's booleans: [general] is true only for `true`; elsewhere yes/no too."""
-        value = self.get(key)
+        value = self._typed(key)
         if value is None:
             return default
         if self.name == "general":
@@ -152,6 +186,19 @@ class Section:
         if value.lower() not in ConfigParser.BOOLEAN_STATES:
             raise self.error(key, f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
         return ConfigParser.BOOLEAN_STATES[value.lower()]
+
+    def url(self, key: str, schemes: Iterable[str], what: str) -> str:
+        """A URL with one of `schemes` and a host, or "" when not set; else `what` it
+        is not (e.g. "an ldap:// or ldaps:// URI")."""
+        value = self.text(key)
+        try:
+            parts = urlsplit(value)
+            good = parts.scheme.lower() in schemes and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed [IPv6 address
+            good = False
+        if value and not good:
+            raise self.error(key, f"{value!r} is not {what}")
+        return value
 
     def readable_file(self, key: str) -> str:
         path = self.text(key)
@@ -168,9 +215,7 @@ class Section:
 
 
 def general(s: Section) -> GeneralConfig:
-    level = s.text("log.level")
-    if level.upper() not in _LOG_LEVELS:
-        raise s.error("log.level", f"{level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    level = s.one_of("log.level", s.text("log.level").upper(), _LOG_LEVELS)
     server_name = s.text("server.name")
     if not server_name:
         server_name = socket.gethostname()
@@ -183,7 +228,7 @@ def general(s: Section) -> GeneralConfig:
         server_name=server_name,
         server_aliases=tuple(s.csv("server.aliases")),
         log_path=s.text("log.path"),
-        log_level=level.upper(),
+        log_level=level,
         pidfile_path=s.text("pidfile.path"),
         terms_path=s.readable_file("terms.path"),
         address_lookup_limit=s.integer("address_lookup_limit", 1),
@@ -199,8 +244,8 @@ def general(s: Section) -> GeneralConfig:
         prometheus_addr=s.text("prometheus_addr", GeneralConfig.prometheus_addr),
         allow_query_access_token=s.flag("access_token.query_param", True),
         workers=s.integer("workers", 1),
-        onbind_give_up_after_s=s.number("onbind.give_up_after",
-                                        GeneralConfig.onbind_give_up_after_s),
+        onbind_give_up_after_s=s.seconds("onbind.give_up_after",
+                                         GeneralConfig.onbind_give_up_after_s),
     )
 
 
@@ -228,7 +273,7 @@ def http(s: Section) -> HttpConfig:
         client_http_base=s.text("client_http_base"),
         verify_response_template=s.text("verify_response_template"),
         max_body_bytes=s.integer("client.max_body_bytes", 1),
-        federation_timeout_s=s.number("federation.timeout"),
+        federation_timeout_s=s.seconds("federation.timeout"),
         federation_test_overrides=_test_overrides(s, "federation.test_overrides"),
         federation_ca_file=s.readable_file("federation.cafile"),
         replication_certfile=s.readable_file("replication.https.certfile"),
@@ -286,9 +331,7 @@ def email(s: Section) -> EmailConfig:
 
 
 def sms(s: Section) -> SmsConfig:
-    provider = s.text("provider")
-    if provider not in _SMS_PROVIDERS:
-        raise s.error("provider", f"{provider!r} is not one of {', '.join(_SMS_PROVIDERS)}")
+    provider = s.choice("provider", _SMS_PROVIDERS)
     originators: list[tuple[str, Pairs]] = []
     rules: list[tuple[str, str]] = []
     for key in s.parser.options("sms"):  # with [DEFAULT]'s
