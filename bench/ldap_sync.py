@@ -17,10 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kith.config import DbConfig
+from kith.config import DbConfig, parse_ldap_section
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.threepid import lookup_hash
-from kith.sources.config import parse_ldap_section
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_sync import LdapSync
 from kith.store import AssociationRow, Store

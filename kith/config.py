@@ -4,8 +4,9 @@ kith reads the same file as Sydent, the same way (configparser, `%%` for a liter
 `%`, Sydent's [DEFAULT] rule, env vars as defaults), so an existing sydent.conf works
 unchanged.  A wrong value stops startup with a one-line `ConfigError` naming the key.
 The documented keys and defaults live in `kith.config_template`, the reads of each
-section in `kith.config_sections`, the resulting types in `kith.config_model` (all
-importable from here).
+section in `kith.config_sections` (Sydent's) and `kith.config_sources` ([ldap] and
+[proxy], kith's own), the resulting types in `kith.config_model` (all importable from
+here).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from configparser import ConfigParser
 from signedjson.key import generate_signing_key
 
 from kith import config_sections as sections
+from kith import config_sources
 from kith.config_model import (
+    DEFAULT_PRECEDENCE,
+    LDAP,
+    LOCAL,
+    MEDIUMS,
+    UPSTREAM,
     ConfigError,
     CryptoConfig,
     DbConfig,
@@ -28,10 +35,14 @@ from kith.config_model import (
     HttpConfig,
     IPNetwork,
     KithConfig,
+    LdapConfig,
+    ProxyConfig,
     SmsConfig,
+    SourcesConfig,
     unreadable,
 )
 from kith.config_sections import SIGNING_KEY, Pairs, parse_signing_key
+from kith.config_sources import BIND_PW_ENV, parse_ldap_section, parse_proxy_section
 from kith.config_template import (
     builtin_defaults,
     known_keys,
@@ -41,8 +52,10 @@ from kith.config_template import (
 )
 
 __all__ = [
+    "BIND_PW_ENV", "DEFAULT_PRECEDENCE", "LDAP", "LOCAL", "MEDIUMS", "UPSTREAM",
     "ConfigError", "CryptoConfig", "DbConfig", "EmailConfig", "GeneralConfig", "HttpConfig",
-    "IPNetwork", "KithConfig", "SmsConfig", "default_config_text", "load_config",
+    "IPNetwork", "KithConfig", "LdapConfig", "ProxyConfig", "SmsConfig", "SourcesConfig",
+    "default_config_text", "load_config", "parse_ldap_section", "parse_proxy_section",
     "parse_signing_key", "unreadable",
 ]
 
@@ -55,14 +68,15 @@ _ENV_DEFAULTS = (
     ("SYDENT_DB_PATH", "db", "db.file"),
 )
 _SMS_PATTERNS = ("originators.", "smsrule.")
-_LATER_SECTIONS = frozenset({"ldap", "proxy"})  # parsed by their own modules
 
 
 def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -> KithConfig:
     """Read the config file (`path`, else $SYDENT_CONF, else ./sydent.conf).
 
     A missing file is created with every default, documented.  A missing signing key
-    is generated, and an old hex one converted, and saved back into the file.
+    is generated, and an old hex one converted, and saved back into the file.  `env`
+    (default: the process's) gives the first start's defaults and [ldap]'s
+    $KITH_LDAP_BIND_PW.
     """
     env = os.environ if env is None else env
     path = path or env.get("SYDENT_CONF") or "sydent.conf"
@@ -74,9 +88,8 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     parser = ConfigParser()
     parser.read_dict(defaults)  # named sections first: Sydent's [DEFAULT] rule
     _parse(path, text, parser)
-    layout = _parse(path, text, ConfigParser(interpolation=None, strict=False,
-                                             default_section="\0 none"))
-    ignored, peers, extra = _layout(layout, defaults)
+    as_written = _parse(path, text, config_sources.as_written_parser())
+    ignored, peers = _layout(as_written, defaults)
     crypto, save_key = sections.crypto(sections.Section(parser, "crypto"))
     config = KithConfig(
         path=path,
@@ -86,9 +99,9 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         email=sections.email(sections.Section(parser, "email")),
         sms=sections.sms(sections.Section(parser, "sms")),
         crypto=crypto,
+        sources=config_sources.sources(as_written, env),
         ignored_keys=ignored,
         peers=peers,
-        extra_sections=extra,
     )
     if save_key:
         _save(path, with_signing_key(text, crypto.signing_key))
@@ -147,9 +160,9 @@ def _parse(path: str, text: str, parser: ConfigParser) -> ConfigParser:
 
 
 def _layout(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[
-    tuple[str, ...], tuple[tuple[str, Pairs], ...], tuple[tuple[str, Pairs], ...]
+    tuple[str, ...], tuple[tuple[str, Pairs], ...]
 ]:
-    """Sort the sections as written: (ignored keys, peers, extra sections)."""
+    """Sort the sections as written: (ignored keys, peers)."""
     known = known_keys()
 
     def is_known(section: str, key: str) -> bool:
@@ -157,11 +170,10 @@ def _layout(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[
 
     def default_applies(key: str) -> bool:  # see load_config: only where no built-in default
         return any(is_known(s, key) and key not in defaults[s] and not layout.has_option(s, key)
-                   for s in known)
+                   for s in known if s not in config_sources.AS_WRITTEN)
 
     ignored: list[str] = []
     peers: list[tuple[str, Pairs]] = []
-    extra: list[tuple[str, Pairs]] = []
     for section in layout.sections():
         items = tuple(layout.items(section))
         if section == configparser.DEFAULTSECT:
@@ -171,9 +183,7 @@ def _layout(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[
         elif section.startswith("peer."):
             peers.append((section.removeprefix("peer."), items))
         else:
-            extra.append((section, items))
-            if section not in _LATER_SECTIONS:
-                ignored.append(f"{section}.*")
-    return tuple(ignored), tuple(peers), tuple(extra)
+            ignored.append(f"{section}.*")
+    return tuple(ignored), tuple(peers)
 
 

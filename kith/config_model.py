@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+MEDIUMS = ("email", "msisdn")  # the 3PID mediums kith serves
+
+# The sources of an answer (`precedence` in [ldap] and [proxy], the `source` of a stored
+# association), in the default order of precedence.
+LDAP, LOCAL, UPSTREAM = "ldap", "local", "upstream"
+DEFAULT_PRECEDENCE = (LDAP, LOCAL, UPSTREAM)
+
 
 def unreadable(path: str) -> str | None:
     """Why the file at `path` cannot be read, or None if it can (or no path is set)."""
@@ -142,6 +149,68 @@ class CryptoConfig:
 
 
 @dataclass(frozen=True)
+class LdapConfig:
+    """[ldap]: a directory (OpenLDAP, Active Directory) as a trusted identity source."""
+    uri: str
+    base: str
+    email: tuple[str, ...]
+    msisdn: tuple[str, ...]
+    id_attr: str
+    hs_name: str = ""
+    startls: bool = False
+    bind_dn: str = ""
+    bind_pw: str = ""
+    filter: str = ""
+    ca_file: str = ""
+    verify_certs: bool = True
+    connect_timeout_s: float = 5.0
+    search_timeout_s: float = 10.0
+    # A live lookup waits this long for the directory, then answers without it.
+    lookup_timeout_s: float = 3.0
+    # After a failure the directory is probed once per cool-down until it answers.
+    breaker_cooldown_s: float = 10.0
+    pool_size: int = 4
+    cache_ttl_s: float = 60.0
+    sync_interval_s: float = 60.0
+    full_sync_interval_s: float = 3600.0
+    changed_attr: str = "modifyTimestamp"
+    preset: str = "openldap"
+    # ISO 3166 alpha-2 region of national numbers ("07700 900123"); "": none are read.
+    msisdn_default_region: str = ""
+
+    @property
+    def attributes(self) -> tuple[str, ...]:
+        """Every attribute a search must return."""
+        return (self.id_attr, *self.email, *self.msisdn)
+
+    def attrs_for(self, medium: str) -> tuple[str, ...]:
+        return self.email if medium == "email" else self.msisdn
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """[proxy]: the upstream identity server asked for addresses no local source maps."""
+    identity: str
+    access_token: str = ""
+    timeout_s: float = 5.0
+    cache_ttl_s: float = 300.0
+    negative_cache_ttl_s: float = 60.0
+    mediums: tuple[str, ...] = MEDIUMS
+    # Empty: every email domain may be forwarded.
+    email_domains: tuple[str, ...] = ()
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SourcesConfig:
+    """The identity sources besides kith's own bindings; None: that source is off."""
+    ldap: LdapConfig | None = None
+    proxy: ProxyConfig | None = None
+    precedence: tuple[str, ...] = DEFAULT_PRECEDENCE
+
+
+@dataclass(frozen=True)
 class KithConfig:
     path: str
     general: GeneralConfig
@@ -150,15 +219,10 @@ class KithConfig:
     email: EmailConfig = field(default_factory=EmailConfig)
     sms: SmsConfig = field(default_factory=SmsConfig)
     crypto: CryptoConfig = field(default_factory=CryptoConfig)
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
     # Keys present in the file that kith does not understand, "section.key"
     # ("section.*" for a whole unknown section).
     ignored_keys: tuple[str, ...] = ()
     # [peer.<name>] sections as written: ((name, ((key, value), ...)), ...).
     peers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-    # Other sections kith does not model here ([ldap], [proxy], unknown ones), as
-    # written (no interpolation, no [DEFAULT] keys): ((section, ((key, value), ...)), ...).
-    extra_sections: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
-
-
-# --------------------------------------------------------------------------- loading
 

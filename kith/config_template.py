@@ -230,6 +230,86 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "secret and keep it: peers and homeservers know its public half. "
                 "Empty: a new key is generated and saved here."),
     )),
+    ("ldap", "kith: an LDAP directory (OpenLDAP, Active Directory) as a trusted source "
+             "of 3PID to Matrix ID mappings; off until uri is set. See docs/ldap.md.", (
+        KeySpec("uri", None, "ldap://host[:port] or ldaps://host[:port] of the directory.",
+                "ldaps://ldap.example.org"),
+        KeySpec("startls", None,
+                "Upgrade an ldap:// connection with StartTLS, or fail. Default: false.",
+                "true"),
+        KeySpec("base", None, "Search base DN (required with uri).", "dc=example,dc=org"),
+        KeySpec("preset", None,
+                "openldap or active_directory: the defaults of email, msisdn, id_attr and "
+                "changed_attr. Default: openldap.", "active_directory"),
+        KeySpec("email", None,
+                "Comma-separated attributes holding email addresses. Default: the "
+                "preset's (mail).", "mail, mailPrimaryAddress"),
+        KeySpec("msisdn", None,
+                "Comma-separated attributes holding phone numbers. Default: the preset's "
+                "(telephoneNumber, mobile).", "mobile"),
+        KeySpec("msisdn_default_region", None,
+                "ISO 3166 alpha-2 region of national phone numbers (07700 900123). "
+                "Default: none; national numbers are skipped.", "GB"),
+        KeySpec("id_attr", None,
+                "Attribute naming the user: the Matrix ID is @<value>:<hs_name>. Default: "
+                "the preset's (uid; sAMAccountName).", "uid"),
+        KeySpec("hs_name", None,
+                "Homeserver of those Matrix IDs. Default: none; id_attr holds full "
+                "Matrix IDs.", "example.org"),
+        KeySpec("bind_dn", None, "DN to bind as. Default: anonymous.",
+                "cn=kith,dc=example,dc=org"),
+        KeySpec("bind_pw", None, "Password of bind_dn (or bind_pw_file, or "
+                "$KITH_LDAP_BIND_PW).", ""),
+        KeySpec("bind_pw_file", None, "File holding the password of bind_dn.",
+                "/etc/kith/ldap.pw"),
+        KeySpec("filter", None, "LDAP filter ANDed onto every search. Default: none.",
+                "(objectClass=person)"),
+        KeySpec("ca_file", None, "PEM CA bundle for ldaps:// and StartTLS. Default: the "
+                "system CAs.", "/etc/ssl/ldap-ca.pem"),
+        KeySpec("verify_certs", None, "Check the server's certificate and name. "
+                "Default: true.", "true"),
+        KeySpec("lookup_timeout", None,
+                "Seconds a live lookup waits for the directory before answering without "
+                "it. Default: 3.", "3"),
+        KeySpec("breaker_cooldown", None,
+                "Seconds between probes of a directory that failed. Default: 10.", "10"),
+        KeySpec("connect_timeout", None, "Seconds to connect. Default: 5.", "5"),
+        KeySpec("search_timeout", None, "Seconds a search may take. Default: 10.", "10"),
+        KeySpec("pool_size", None, "Pooled connections. Default: 4.", "4"),
+        KeySpec("cache_ttl", None,
+                "Seconds plain-text lookup answers are cached. Default: 60.", "60"),
+        KeySpec("sync_interval", None,
+                "Seconds between incremental syncs of the directory. Default: 60.", "60"),
+        KeySpec("full_sync_interval", None,
+                "Seconds between full syncs. Default: 3600.", "3600"),
+        KeySpec("changed_attr", None,
+                "Change-timestamp attribute of incremental syncs. Default: the preset's "
+                "(modifyTimestamp; whenChanged).", "modifyTimestamp"),
+        KeySpec("precedence", None,
+                "Order in which sources answer a lookup (each address by the first that "
+                "maps it); also in [proxy], the same. Default: ldap, local, upstream.",
+                "local, ldap, upstream"),
+    )),
+    ("proxy", "kith: an upstream identity server asked for the addresses no local source "
+              "maps; off until identity is set. See docs/ldap.md.", (
+        KeySpec("identity", None, "Base URL of the upstream identity server.",
+                "https://vector.im"),
+        KeySpec("access_token", None, "The upstream's access token. Default: none.", ""),
+        KeySpec("timeout", None, "Seconds one forwarded lookup may take. Default: 5.", "5"),
+        KeySpec("cache_ttl", None, "Seconds answers are cached. Default: 300.", "300"),
+        KeySpec("negative_cache_ttl", None,
+                "Seconds an address the upstream does not know is cached. Default: 60.",
+                "60"),
+        KeySpec("mediums", None, "Comma-separated mediums that may be forwarded. "
+                "Default: email, msisdn.", "email"),
+        KeySpec("email_domains", None, "Comma-separated email domains that may be "
+                "forwarded. Default: all.", "example.org"),
+        KeySpec("breaker_failures", None,
+                "Failures in a row after which the upstream is skipped. Default: 5.", "5"),
+        KeySpec("breaker_cooldown", None,
+                "Seconds between tries of a skipped upstream. Default: 30.", "30"),
+        KeySpec("precedence", None, "As in [ldap]; both must agree.", "local, ldap, upstream"),
+    )),
 )
 
 _HEADER = """\
@@ -240,11 +320,11 @@ rewrites this file only to save a newly generated or converted signing key, and
 keeps everything else, comments included.
 
 INI syntax. Section names are case-sensitive, key names are not. Write a literal
-% as %% (except in email.invite.subject and email.invite.subject_space). A value
-continues on following lines that are indented. Lines starting with # or ; are
-comments. A key set in [DEFAULT] applies to every section, but only where there
-is no built-in default (rate limits, blocklists, prometheus_*, originators.*,
-smsrule.*).
+% as %% (except in email.invite.subject, email.invite.subject_space, [ldap] and
+[proxy]). A value continues on following lines that are indented. Lines starting
+with # or ; are comments. A key set in [DEFAULT] applies to every section but
+[ldap] and [proxy], and only where there is no built-in default (rate limits,
+blocklists, prometheus_*, originators.*, smsrule.*).
 """
 
 
@@ -271,7 +351,7 @@ def render_default_config(values: Mapping[str, Mapping[str, str]]) -> str:
     """
     lines = _comment(_HEADER)
     for section, about, specs in SECTIONS:
-        lines += ["", f"[{section}]", *_comment(about)]
+        lines += ["", f"[{section}]", *_comment("\n".join(textwrap.wrap(about, 78)))]
         for spec in specs:
             lines.append("")
             doc = spec.doc
@@ -279,7 +359,7 @@ def render_default_config(values: Mapping[str, Mapping[str, str]]) -> str:
                 doc += f" Default: {spec.default or '(empty)'}."
             lines += ["# " + line for line in textwrap.wrap(doc, 78)]
             if spec.default is None:
-                lines.append(f"# {spec.key} = {spec.example}")
+                lines.append(f"# {spec.key} = {spec.example}".rstrip())
                 continue
             value = values.get(section, {}).get(spec.key.lower(), spec.default)
             lines.append(f"{spec.key} = {value}".rstrip())

@@ -27,7 +27,7 @@ from kith.api import (
     versions,
 )
 from kith.api.http import SERVICES, V1_PREFIX, new_app
-from kith.config import ConfigError, KithConfig, parse_signing_key
+from kith.config import LDAP, UPSTREAM, ConfigError, KithConfig, parse_signing_key
 from kith.delivery.email import EmailSender, EmailTemplates
 from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.sms import SmsProvider, sms_provider_from_config
@@ -47,7 +47,6 @@ from kith.services.onbind import OnbindService
 from kith.services.terms import TermsFileError, TermsSource
 from kith.services.threepid import new_pepper
 from kith.services.validation import ValidationService
-from kith.sources.config import LDAP, UPSTREAM, sources_config
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_sync import LdapSync
 from kith.sources.upstream import UpstreamIdentityServer
@@ -78,7 +77,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         terms_source = TermsSource(config.general.terms_path)
     except TermsFileError as exc:
         raise ConfigError(f"[general] terms.path: {exc}") from exc
-    sources = sources_config(config)
+    sources = config.sources
     pepper = await store.state.get_or_create("lookup_pepper", new_pepper())
     index = AssociationIndex(
         store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None,
@@ -368,7 +367,6 @@ def run_workers(config: KithConfig, workers: int,
     The parent only supervises: SIGTERM/SIGINT are passed on, and if one worker dies the
     others are stopped too, so a service manager sees the failure and restarts kith.
     """
-    sources_config(config)  # a bad [ldap] or [proxy] stops kith here, before any fork
     run(prepare_store(config))
     counters = SharedCounters()
     children: list[int] = []

@@ -9,14 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from kith.config import load_config
 from kith.store import InviteTokenRow, Store
 from tests.conftest import KithProcessFactory, free_port, write_config
 
 
-def kith(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def kith(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kith", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", **env})
 
 
 def test_help_explains_every_subcommand(tmp_path: Path) -> None:
@@ -42,6 +44,43 @@ def test_wrong_value_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("kith:")]
     assert errors == ["kith: configuration error: [http] clientapi.http.port: "
                       "'abc' is not a port number (1-65535)"]
+
+
+@pytest.mark.parametrize(("command", "sections", "error"), [
+    ("check-config", {"ldap": {"base": "dc=x"}},
+     "[ldap] uri: is required: base set without it"),
+    ("serve", {"ldap": {"base": "dc=x"}}, "[ldap] uri: is required: base set without it"),
+    ("check-config", {"ldap": {"uri": "ldap://127.0.0.1", "base": "dc=x",
+                               "msisdn_default_region": "UK"}},
+     "[ldap] msisdn_default_region: 'UK' is not an ISO 3166 alpha-2 region code with a "
+     "telephone numbering plan (e.g. GB, US, DE)"),
+    ("check-config", {"ldap": {"uri": "ldap://127.0.0.1", "base": "dc=x",
+                               "bind_dn": "cn=kith"}},
+     "[ldap] bind_dn: needs bind_pw, bind_pw_file or $KITH_LDAP_BIND_PW"),
+    ("check-config", {"proxy": {"identity": "https://upstream.example", "mediums": "fax"}},
+     "[proxy] mediums: 'fax' is not one of email, msisdn"),
+    ("check-config", {"proxy": {"precedence": "ldap, local"}},
+     "[proxy] precedence: must name ldap, local and upstream, each once"),
+])
+def test_bad_ldap_or_proxy_section_is_one_line_naming_the_key(
+        tmp_path: Path, command: str, sections: dict[str, dict[str, str]], error: str) -> None:
+    path = write_config(tmp_path, sections)
+    result = kith("--config", str(path), command, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kith:")]
+    assert errors == [f"kith: configuration error: {error}"]
+
+
+def test_check_config_accepts_ldap_and_proxy_and_lists_unknown_keys(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {
+        "ldap": {"uri": "ldap://127.0.0.1", "base": "dc=x", "bind_dn": "cn=kith",
+                 "msisdn_default_region": "GB", "colour": "blue"},
+        "proxy": {"identity": "https://upstream.example", "precedence": "local, ldap, upstream"},
+    })
+    result = kith("--config", str(path), "check-config", cwd=tmp_path, KITH_LDAP_BIND_PW="pw")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{path}: OK", "ignored: ldap.colour"]
 
 
 def test_port_in_use_is_one_clear_line(tmp_path: Path,

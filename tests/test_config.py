@@ -17,6 +17,7 @@ from kith.config import (
     HttpConfig,
     KithConfig,
     SmsConfig,
+    SourcesConfig,
     default_config_text,
     load_config,
     parse_signing_key,
@@ -64,7 +65,8 @@ def test_first_start_writes_every_default_documented(tmp_path: Path) -> None:
     assert config.email == EmailConfig(hostname=config.email.hostname)
     assert config.email.hostname
     assert config.general.server_name  # falls back to the hostname
-    assert config.ignored_keys == () and config.peers == () and config.extra_sections == ()
+    assert config.ignored_keys == () and config.peers == ()
+    assert config.sources == SourcesConfig()  # no LDAP directory, no upstream
     assert parse_signing_key(config.crypto.signing_key).alg == "ed25519"
     assert f"ed25519.signingkey = {config.crypto.signing_key}" in lines
 
@@ -319,8 +321,10 @@ email.nonsense = 1
 server.name = b.example
 [ldap]
 uri = ldap://ldap.example
+base = dc=example
 filter = (mail=%(address)s)
 [proxy]
+identity = https://upstream.example
 base_url = https://upstream.example
 [peer.other.example]
 base_replication_url = https://other.example:4434
@@ -329,14 +333,14 @@ originators.44 = alpha:Kith
 smsrule.44 = allow
 """)
     assert config.general.server_name == "a.example"  # sections are case-sensitive
-    assert config.ignored_keys == ("general.sentry_dsn", "email.email.nonsense", "General.*")
+    assert config.ignored_keys == ("general.sentry_dsn", "email.email.nonsense", "General.*",
+                                   "proxy.base_url")
     assert config.peers == (
         ("other.example", (("base_replication_url", "https://other.example:4434"),)),)
-    assert config.extra_sections == (
-        ("General", (("server.name", "b.example"),)),
-        ("ldap", (("uri", "ldap://ldap.example"), ("filter", "(mail=%(address)s)"))),
-        ("proxy", (("base_url", "https://upstream.example"),)),
-    )
+    # [ldap] and [proxy] are kith's own, read as written (no %-interpolation).
+    assert config.sources.ldap is not None and config.sources.proxy is not None
+    assert config.sources.ldap.filter == "(mail=%(address)s)"
+    assert config.sources.proxy.identity == "https://upstream.example"
 
 
 # ------------------------------------------------------------------ signing key

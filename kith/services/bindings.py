@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from kith.config import LDAP, LOCAL
 from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, M_UNAUTHORIZED, MatrixError
 from kith.metrics import BINDS, UNBINDS
 from kith.services.keys import ServerKeys
@@ -19,10 +20,8 @@ from kith.services.threepid import (
     now_ms,
 )
 from kith.services.validation import ValidationService
-from kith.sources.config import LDAP
 from kith.store import AssociationRow, Store
 
-LOCAL = "local"
 # Associations are valid for a century (as Sydent): they last until unbound.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
 

@@ -12,12 +12,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from kith.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.coherence import ChangeCounter
 from kith.services.lookup_table import LookupTable
 from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
-from kith.sources.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
 from kith.sources.errors import LdapError
 from kith.store import IndexChange, Store
 

@@ -11,8 +11,8 @@ import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kith.config import LOCAL
 from kith.services.accounts import hash_token
-from kith.services.bindings import LOCAL
 from kith.services.threepid import lookup_hash, new_pepper, normalise_address
 from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow

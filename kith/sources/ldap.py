@@ -35,8 +35,8 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
 from kith.breaker import CircuitBreaker
+from kith.config import LdapConfig
 from kith.services.threepid import is_valid_mxid, normalise_address
-from kith.sources.config import LdapConfig
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
 

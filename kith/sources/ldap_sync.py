@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kith.config import LDAP
 from kith.services.threepid import lookup_hash
-from kith.sources.config import LDAP
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, Threepid, pick_owners
 from kith.store import AssociationRow, Store
 from kith.store.database import LDAP_SYNC_LOCK_KEY, HeldLock

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from kith.breaker import CircuitBreaker
+from kith.config import ProxyConfig
 from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
 from kith.services.threepid import is_valid_mxid, lookup_hash
-from kith.sources.config import ProxyConfig
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kith.sources.config import LdapConfig, parse_ldap_section
+from kith.config import LdapConfig, parse_ldap_section
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_numbers import normalise_msisdn

@@ -1,18 +1,20 @@
-"""[ldap] and [proxy] parsing: defaults, presets, and one-line errors."""
+"""[ldap] and [proxy] reading: defaults, presets, and one-line errors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from kith.config import ConfigError, load_config
-from kith.sources.config import (
+from kith.config import (
     DEFAULT_PRECEDENCE,
+    ConfigError,
+    load_config,
     parse_ldap_section,
     parse_proxy_section,
-    sources_config,
 )
+from kith.config_template import SECTIONS
 from tests.conftest import write_config
 
 
@@ -118,24 +120,81 @@ def test_proxy_section() -> None:
 def test_sources_config_from_the_file(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"ldap": {"uri": "ldap://127.0.0.1:1", "base": "dc=x"},
                                    "proxy": {"identity": "http://127.0.0.1:2"}})
-    sources = sources_config(load_config(str(path), env={}), env={})
+    sources = load_config(str(path), env={}).sources
     assert sources.ldap is not None and sources.proxy is not None
     assert sources.precedence == DEFAULT_PRECEDENCE
     path = write_config(tmp_path, {"ldap": {"precedence": "local, upstream, ldap"}})
-    assert sources_config(load_config(str(path), env={}), env={}).precedence == (
+    assert load_config(str(path), env={}).sources.precedence == (
         "local", "upstream", "ldap")
     path = write_config(tmp_path, {"proxy": {"precedence": "local, ldap"}})
     with pytest.raises(ConfigError, match=r"^\[proxy\] precedence:"):
-        sources_config(load_config(str(path), env={}), env={})
+        load_config(str(path), env={})
 
 
-async def test_partial_section_stops_startup(tmp_path: Path) -> None:
-    from kith.server import KithServer
-
+def test_partial_section_stops_startup(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"ldap": {"base": "dc=x"}})
-    server = KithServer(load_config(str(path), env={}))
-    try:
-        with pytest.raises(ConfigError, match=r"^\[ldap\] uri: is required"):
-            await server.start()
-    finally:
-        await server.stop()
+    with pytest.raises(ConfigError, match=r"^\[ldap\] uri: is required"):
+        load_config(str(path), env={})
+
+
+def test_read_as_written_without_default_keys(tmp_path: Path) -> None:
+    path = tmp_path / "sydent.conf"
+    path.write_text("[DEFAULT]\ntimeout = 9\n"
+                    "[ldap]\nuri = ldap://x\nbase = dc=x\nbind_dn = cn=kith\n"
+                    "bind_pw = 100%%sure%\n"
+                    "[proxy]\nidentity = https://upstream.example\n")
+    config = load_config(str(path), env={})
+    assert config.sources.ldap is not None and config.sources.proxy is not None
+    assert config.sources.ldap.bind_pw == "100%%sure%"
+    assert config.sources.proxy.timeout_s == 5.0
+    assert "DEFAULT.timeout" in config.ignored_keys
+
+
+def test_bind_password_from_the_environment_load_config_is_given(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"ldap": {"uri": "ldap://x", "base": "dc=x",
+                                            "bind_dn": "cn=kith"}})
+    config = load_config(str(path), env={"KITH_LDAP_BIND_PW": "from-env"})
+    assert config.sources.ldap is not None and config.sources.ldap.bind_pw == "from-env"
+    with pytest.raises(ConfigError, match=r"^\[ldap\] bind_dn: needs bind_pw"):
+        load_config(str(path), env={})
+
+
+def test_a_blank_value_means_the_default() -> None:
+    config = parse_ldap_section({
+        "uri": "ldap://x", "base": "dc=x", "startls": "", "verify_certs": "",
+        "pool_size": "", "lookup_timeout": "", "preset": "", "id_attr": "",
+        "email": "", "msisdn": "mobile"}, env={})
+    assert config is not None
+    assert not config.startls and config.verify_certs
+    assert (config.pool_size, config.lookup_timeout_s) == (4, 3.0)
+    assert config.preset == "openldap" and config.id_attr == "uid"
+    assert config.email == () and config.msisdn == ("mobile",)  # a list is set, empty
+    proxy = parse_proxy_section({"identity": "https://x", "timeout": "", "mediums": ""})
+    assert proxy is not None and proxy.timeout_s == 5.0 and proxy.mediums == ()
+
+
+@pytest.mark.parametrize(("name", "items", "message"), [
+    ("ldap", {"uri": "ldap://[::1", "base": "dc=x"}, "[ldap] uri: 'ldap://[::1' is not an"),
+    ("ldap", {"uri": "ldap://", "base": "dc=x"}, "[ldap] uri: 'ldap://' is not an"),
+    ("proxy", {"identity": "https://[::1"}, "[proxy] identity: 'https://[::1' is not an"),
+    ("proxy", {"identity": "https://x", "breaker_failures": "0"},
+     "[proxy] breaker_failures: '0' is less than 1"),
+])
+def test_bad_url_or_number_is_one_line(name: str, items: dict[str, str],
+                                       message: str) -> None:
+    parse = parse_proxy_section if name == "proxy" else parse_ldap_section
+    with pytest.raises(ConfigError) as info:
+        parse(items)
+    assert str(info.value).startswith(message)
+    assert "\n" not in str(info.value)
+
+
+def test_docs_list_every_key_the_generated_file_documents() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "ldap.md").read_text()
+    for section, _, specs in SECTIONS:
+        if section not in ("ldap", "proxy"):
+            continue
+        table = docs.split(f"## `[{section}]`")[1].split("\n\n")[1]
+        documented = {key for row in table.splitlines()[2:]
+                      for key in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+        assert documented == {spec.key for spec in specs}, section
