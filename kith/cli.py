@@ -77,6 +77,9 @@ def cmd_generate_config(args: argparse.Namespace, config: KithConfig) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, config: KithConfig) -> int:
+    from kith.services.terms import TermsSource
+
+    TermsSource.from_config(config.general.terms_path)
     print(f"{config.path}: OK")
     for key in config.ignored_keys:
         print(f"ignored: {key}")

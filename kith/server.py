@@ -44,7 +44,7 @@ from kith.services.invites import InviteService, public_base_url
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
-from kith.services.terms import TermsFileError, TermsSource
+from kith.services.terms import TermsSource
 from kith.services.threepid import new_pepper
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
@@ -73,10 +73,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
     # The config falls back to the host name (with a warning) when server.name is empty.
     keys = ServerKeys(config.general.server_name,
                       parse_signing_key(config.crypto.signing_key))
-    try:
-        terms_source = TermsSource(config.general.terms_path)
-    except TermsFileError as exc:
-        raise ConfigError(f"[general] terms.path: {exc}") from exc
+    terms_source = TermsSource.from_config(config.general.terms_path)
     sources = config.sources
     pepper = await store.state.get_or_create("lookup_pepper", new_pepper())
     index = AssociationIndex(

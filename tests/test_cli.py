@@ -72,6 +72,18 @@ def test_bad_ldap_or_proxy_section_is_one_line_naming_the_key(
     assert errors == [f"kith: configuration error: {error}"]
 
 
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_unusable_terms_file_is_one_line(tmp_path: Path, command: str) -> None:
+    terms = tmp_path / "terms.yaml"
+    terms.write_text("master_version: '1'\ndocs: [privacy]\n")
+    path = write_config(tmp_path, {"general": {"terms.path": terms}})
+    result = kith("--config", str(path), command, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kith:")]
+    assert errors == ["kith: configuration error: [general] terms.path: needs "
+                      "`master_version` and a `docs` mapping"]
+
+
 def test_check_config_accepts_ldap_and_proxy_and_lists_unknown_keys(tmp_path: Path) -> None:
     path = write_config(tmp_path, {
         "ldap": {"uri": "ldap://127.0.0.1", "base": "dc=x", "bind_dn": "cn=kith",

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from kith.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +74,14 @@ def load_terms_file(path: str) -> Terms:
 
 class TermsSource:
     """The current terms; the file is re-read when it changes (checked once a second)."""
+
+    @classmethod
+    def from_config(cls, path: str) -> TermsSource:
+        """The terms of `[general] terms.path`; a one-line ConfigError if unusable."""
+        try:
+            return cls(path)
+        except TermsFileError as exc:
+            raise ConfigError(f"[general] terms.path: {exc}") from exc
 
     def __init__(self, path: str) -> None:
         self._path = path
