@@ -19,10 +19,10 @@ from pathlib import Path
 
 from kith.config import DbConfig, parse_ldap_section
 from kith.services.lookup import AssociationIndex, LookupService
-from kith.services.threepid import lookup_hash
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_sync import LdapSync
 from kith.store import AssociationRow, Store
+from kith.threepid import lookup_hash
 from tests.conftest import free_port
 from tests.sources.conftest import ROOT_DN, ROOT_PW, SEED, SLAPD, SUFFIX, Slapd, write_slapd_conf
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from kith.config import ConfigError, KithConfig, load_config
 from kith.errors import MatrixError
+from kith.threepid import MEDIUMS
 
 log = logging.getLogger("kith")
 
@@ -114,13 +115,13 @@ def cmd_healthcheck(args: argparse.Namespace, config: KithConfig) -> int:
 def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
     """Take over a Sydent installation; the Sydent files are only read."""
     import configparser
-    import time
     from pathlib import Path
 
     from kith.config import parse_signing_key
     from kith.config_template import with_signing_key, write_atomically
     from kith.services.sydent_import import IMPORTED_SYDENT_DB, import_sydent_db
     from kith.store import Store, sqlite_path
+    from kith.threepid import now_ms
 
     sydent_conf = Path(args.sydent_config).resolve()
     parser = configparser.RawConfigParser()
@@ -166,7 +167,7 @@ def cmd_import_sydent(args: argparse.Namespace, config: KithConfig) -> int:
                       f"{sydent_db}, the Sydent database kith took over")
             report = await import_sydent_db(store, str(sydent_db),
                                             sydent_name or config.general.server_name,
-                                            int(time.time() * 1000), peer_urls)
+                                            now_ms(), peer_urls)
         finally:
             await store.close()
         for line in report.lines():
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
-        p.add_argument("medium", choices=["email", "msisdn"])
+        p.add_argument("medium", choices=MEDIUMS)
         p.add_argument("address")
         p.add_argument("mxid")
     return parser

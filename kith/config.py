@@ -25,7 +25,6 @@ from kith.config_model import (
     DEFAULT_PRECEDENCE,
     LDAP,
     LOCAL,
-    MEDIUMS,
     UPSTREAM,
     ConfigError,
     CryptoConfig,
@@ -52,7 +51,7 @@ from kith.config_template import (
 )
 
 __all__ = [
-    "BIND_PW_ENV", "DEFAULT_PRECEDENCE", "LDAP", "LOCAL", "MEDIUMS", "UPSTREAM",
+    "BIND_PW_ENV", "DEFAULT_PRECEDENCE", "LDAP", "LOCAL", "UPSTREAM",
     "ConfigError", "CryptoConfig", "DbConfig", "EmailConfig", "GeneralConfig", "HttpConfig",
     "IPNetwork", "KithConfig", "LdapConfig", "ProxyConfig", "SmsConfig", "SourcesConfig",
     "default_config_text", "load_config", "parse_ldap_section", "parse_proxy_section",

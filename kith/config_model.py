@@ -5,9 +5,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from kith.threepid import MEDIUMS
 
-MEDIUMS = ("email", "msisdn")  # the 3PID mediums kith serves
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The sources of an answer (`precedence` in [ldap] and [proxy], the `source` of a stored
 # association), in the default order of precedence.

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 from kith.config_model import (
     DEFAULT_PRECEDENCE,
-    MEDIUMS,
     LdapConfig,
     ProxyConfig,
     SourcesConfig,
 )
 from kith.config_sections import Section
+from kith.threepid import MEDIUMS
 
 AS_WRITTEN = frozenset({"ldap", "proxy"})
 BIND_PW_ENV = "KITH_LDAP_BIND_PW"

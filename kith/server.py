@@ -45,12 +45,12 @@ from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
-from kith.services.threepid import new_pepper
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_sync import LdapSync
 from kith.sources.upstream import UpstreamIdentityServer
 from kith.store import Store
+from kith.threepid import new_pepper
 from kith.tls import ClientTls
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 
 from kith.config import load_config
-from kith.services.threepid import lookup_hash
 from kith.store import Store
+from kith.threepid import lookup_hash
 from tests.conftest import KithProcessFactory, wait_for, write_config
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import pytest
 
 from kith.services.lookup_table import ARRAY_BATCH_MIN, HASH_LENGTH, HashArrays, LookupTable
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 
 
 def h(i: int) -> str:

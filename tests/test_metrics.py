@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from kith import __version__
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -26,10 +26,10 @@ from unpaddedbase64 import decode_base64
 from kith.config import load_config
 from kith.server import KithServer
 from kith.services.onbind import OnbindService, backoff_s
-from kith.services.threepid import lookup_hash
 from kith.store import Store
 from kith.store.associations import AssociationRow
 from kith.store.invites import DONE, GAVE_UP, PENDING
+from kith.threepid import lookup_hash
 from tests.api.test_invites import mail_config, mailed_invite, store_invite
 from tests.api.test_threepid import validated_session
 from tests.api.test_validation import SECRET, call

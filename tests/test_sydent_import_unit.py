@@ -9,8 +9,8 @@ from pathlib import Path
 from kith.config import DbConfig
 from kith.services.accounts import hash_token
 from kith.services.sydent_import import import_sydent_db, peer_key_b64
-from kith.services.threepid import lookup_hash
 from kith.store import ReplicationPeerRow, Store
+from kith.threepid import lookup_hash
 
 SCHEMA = """
 CREATE TABLE local_threepid_associations (id integer primary key autoincrement,

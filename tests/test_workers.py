@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from kith.config import load_config
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.conftest import KithProcessFactory, serving, write_config
 
 V2 = "/_matrix/identity/v2"

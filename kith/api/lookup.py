@@ -7,6 +7,7 @@ from aiohttp import web
 
 from kith.api.http import authenticated, json_body, json_response, services_of
 from kith.errors import missing_params
+from kith.threepid import plain_query
 
 
 class LookupRequest(msgspec.Struct):
@@ -38,7 +39,7 @@ async def lookup_v1(request: web.Request) -> web.Response:
         raise missing_params(*[n for n, v in (("medium", medium), ("address", address))
                                if not v])
     services = services_of(request)
-    query = f"{address} {medium}"
+    query = plain_query(medium, address)
     mappings = await services.lookup.lookup("none", services.lookup.pepper, [query])
     if query not in mappings:
         return json_response({})
@@ -50,7 +51,7 @@ async def bulk_lookup_v1(request: web.Request) -> web.Response:
     """v1: [[medium, address], ...] → [[medium, address, mxid], ...] for those bound."""
     body = await json_body(request, BulkLookupRequest)
     services = services_of(request)
-    queries = [f"{address} {medium}" for medium, address in body.threepids]
+    queries = [plain_query(medium, address) for medium, address in body.threepids]
     mappings = await services.lookup.lookup("none", services.lookup.pepper, queries)
     found = [[medium, address, mappings[query]]
              for (medium, address), query in zip(body.threepids, queries, strict=True)

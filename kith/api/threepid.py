@@ -17,6 +17,7 @@ from kith.api.http import (
 )
 from kith.api.validate import query_params
 from kith.services.accounts import Account
+from kith.threepid import Threepid
 
 V2 = "/_matrix/identity/v2"
 
@@ -25,11 +26,6 @@ class BindRequest(msgspec.Struct):
     sid: str | int
     client_secret: str
     mxid: str
-
-
-class Threepid(msgspec.Struct):
-    medium: str
-    address: str
 
 
 class UnbindRequest(msgspec.Struct):

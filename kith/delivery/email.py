@@ -25,6 +25,7 @@ import aiosmtplib
 
 from kith.config import EmailConfig
 from kith.delivery.templates import INVITE_TEMPLATE, VERIFICATION_TEMPLATE, Templates
+from kith.threepid import is_plain_email, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,7 @@ def check_email_address(address: str) -> None:
 
     Raises InvalidEmailAddress.
     """
-    parsed = email.utils.parseaddr(address)[1]
-    if (not parsed or parsed != address or "@" not in address
-            or any(c in address for c in "\r\n\0<>,;\"")):
+    if not is_plain_email(address):
         raise InvalidEmailAddress("not a valid email address")
 
 
@@ -166,7 +165,7 @@ def _tls_context(cafile: str | None) -> ssl.SSLContext:
 def message_id(hostname: str) -> str:
     """`<{ms}{16 random letters}@{hostname}>`, as Sydent's."""
     letters = "".join(secrets.choice(string.ascii_letters) for _ in range(16))
-    return f"<{int(time.time() * 1000)}{letters}@{hostname}>"
+    return f"<{now_ms()}{letters}@{hostname}>"
 
 
 def common_variables(config: EmailConfig, to_address: str) -> dict[str, str]:

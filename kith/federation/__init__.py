@@ -1,12 +1,7 @@
 """Talking to homeservers: discovery, OpenID userinfo, outbound address policy."""
 
 from kith.federation.client import FederationClient
-from kith.federation.discovery import (
-    ResolvedServer,
-    is_valid_server_name,
-    parse_server_name,
-    resolve_server_name,
-)
+from kith.federation.discovery import ResolvedServer, resolve_server_name
 from kith.federation.errors import (
     FederationError,
     HomeserverUnreachable,
@@ -23,7 +18,5 @@ __all__ = [
     "OpenIdTokenRejected",
     "OutboundAddressPolicy",
     "ResolvedServer",
-    "is_valid_server_name",
-    "parse_server_name",
     "resolve_server_name",
 ]

@@ -33,7 +33,6 @@ from kith.federation.discovery import (
     WellKnownResult,
     cache_period,
     is_ip_literal,
-    is_valid_server_name,
     lookup_srv_dns,
     parse_well_known,
 )
@@ -44,6 +43,7 @@ from kith.federation.errors import (
     OpenIdTokenRejected,
 )
 from kith.federation.policy import AddressRefusedError, OutboundAddressPolicy, PolicyResolver
+from kith.threepid import is_valid_server_name
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 WELL_KNOWN_MAX_BYTES = 50 * 1024

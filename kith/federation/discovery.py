@@ -18,6 +18,8 @@ from typing import Any
 import dns.asyncresolver
 import dns.exception
 
+from kith.threepid import is_valid_server_name, parse_server_name
+
 DEFAULT_FEDERATION_PORT = 8448
 WELL_KNOWN_DEFAULT_CACHE_S = 24 * 3600.0
 WELL_KNOWN_MIN_CACHE_S = 5 * 60.0
@@ -26,51 +28,7 @@ WELL_KNOWN_ERROR_CACHE_S = 3600.0
 # Results that depended on SRV records are kept no longer than this.
 SRV_CACHE_S = 3600.0
 
-_DNS_NAME = re.compile(r"[0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*")
-_PORT = re.compile(r"[0-9]{1,5}")
 _SECONDS = re.compile(r"[0-9]{1,12}")
-
-
-def parse_server_name(server_name: str) -> tuple[str, int | None]:
-    """Split `host[:port]` into (host, port); IPv6 hosts come back unbracketed.
-
-    Raises ValueError when the name does not follow the spec's grammar.
-    """
-    host, sep, port_text = server_name, "", ""
-    if server_name.startswith("["):
-        close = server_name.find("]")
-        if close < 0:
-            raise ValueError(f"unterminated IPv6 literal in {server_name!r}")
-        host, rest = server_name[1:close], server_name[close + 1 :]
-        if rest:
-            sep, port_text = rest[:1], rest[1:]
-            if sep != ":":
-                raise ValueError(f"junk after IPv6 literal in {server_name!r}")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 literal in {server_name!r}") from None
-        if "%" in host:
-            raise ValueError(f"scoped IPv6 literal in {server_name!r}")
-    else:
-        host, sep, port_text = server_name.rpartition(":")
-        if not sep:
-            host = server_name
-        if not host or len(host) > 255 or not _DNS_NAME.fullmatch(host):
-            raise ValueError(f"invalid hostname in {server_name!r}")
-    if not sep:
-        return host, None
-    if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid port in {server_name!r}")
-    return host, int(port_text)
-
-
-def is_valid_server_name(server_name: str) -> bool:
-    try:
-        parse_server_name(server_name)
-    except ValueError:
-        return False
-    return True
 
 
 def is_ip_literal(host: str) -> bool:

@@ -16,8 +16,8 @@ from typing import Any
 from signedjson.sign import SignatureVerifyException, sign_json, verify_signed_json
 from signedjson.types import SigningKey
 
-from kith.federation.discovery import is_valid_server_name
 from kith.federation.keys import KeyFetchError, ServerKeyFetcher
+from kith.threepid import is_valid_server_name
 
 SCHEME = "x-matrix"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

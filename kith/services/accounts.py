@@ -18,12 +18,11 @@ from kith.errors import (
     invalid_param,
     unauthorized,
 )
-from kith.federation.discovery import is_valid_server_name
 from kith.federation.errors import HomeserverUnreachable, OpenIdTokenRejected
 from kith.services.coherence import ChangeCounter
 from kith.services.terms import TermsSource
-from kith.services.threepid import is_valid_mxid, mxid_server_name
 from kith.store import Store
+from kith.threepid import is_valid_mxid, is_valid_server_name, mxid_server_name, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ class AccountService:
             raise unauthorized("The OpenID token names a user of another server")
         token = "".join(secrets.choice(TOKEN_ALPHABET) for _ in range(64))
         await self._store.accounts.create_with_token(
-            user_id, hash_token(token), int(time.time() * 1000))
+            user_id, hash_token(token), now_ms())
         return token
 
     async def authenticate(self, token: str | None) -> Account:

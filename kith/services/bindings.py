@@ -6,43 +6,21 @@ from collections.abc import Callable
 from typing import Any
 
 from kith.config import LDAP, LOCAL
-from kith.errors import M_FORBIDDEN, M_INVALID_PARAM, M_UNAUTHORIZED, MatrixError
+from kith.errors import M_FORBIDDEN, M_UNAUTHORIZED, MatrixError
 from kith.metrics import BINDS, UNBINDS
 from kith.services.keys import ServerKeys
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
-from kith.services.threepid import (
-    MEDIUMS,
-    is_valid_mxid,
-    lookup_hash,
-    mxid_server_name,
-    normalise_address,
-    now_ms,
-)
 from kith.services.validation import ValidationService
 from kith.store import AssociationRow, Store
+from kith.threepid import check_mxid, check_threepid, lookup_hash, mxid_server_name, now_ms
 
 # Associations are valid for a century (as Sydent): they last until unbound.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
 
 
-def check_threepid(medium: str, address: str) -> str:
-    """The normalised address, or a 400 naming what is wrong."""
-    if medium not in MEDIUMS:
-        raise MatrixError(400, M_INVALID_PARAM, f"Unsupported medium: {medium!r}")
-    normalised = normalise_address(medium, address)
-    if normalised is None:
-        raise MatrixError(400, M_INVALID_PARAM, f"Invalid {medium} address")
-    return normalised
-
-
 def forbidden(message: str) -> MatrixError:
     return MatrixError(403, M_FORBIDDEN, message)
-
-
-def check_mxid(mxid: str) -> None:
-    if not is_valid_mxid(mxid):
-        raise MatrixError(400, M_INVALID_PARAM, "Invalid Matrix user ID")
 
 
 def association_json(medium: str, address: str, mxid: str, ts: int, not_before: int,

@@ -23,7 +23,6 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from kith.config import EmailConfig
 from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates
-from kith.delivery.email import check_email_address as check_plain_email
 from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.templates import TemplateError
 from kith.errors import (
@@ -38,8 +37,8 @@ from kith.errors import (
 from kith.services.keys import ServerKeys
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
-from kith.services.threepid import is_valid_mxid, normalise_address, now_ms
 from kith.store import InviteTokenRow, Store
+from kith.threepid import check_mxid, normalise_plain_email, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +119,12 @@ class InviteService:
         if request.medium != "email":
             raise MatrixError(400, M_UNRECOGNIZED,
                               f"Didn't understand medium '{request.medium}'")
-        address = normalise_address("email", request.address)
-        try:
-            if address is None:
-                raise ValueError("not an email address")
-            check_plain_email(address)
-        except (ValueError, EmailSendError):
-            raise MatrixError(400, M_INVALID_EMAIL, "Invalid email address") from None
+        address = normalise_plain_email(request.address)
+        if address is None:
+            raise MatrixError(400, M_INVALID_EMAIL, "Invalid email address")
         if not request.room_id.startswith("!"):
             raise MatrixError(400, M_INVALID_PARAM, "Invalid room_id")
-        if not is_valid_mxid(request.sender):
-            raise MatrixError(400, M_INVALID_PARAM, "Invalid sender")
+        check_mxid(request.sender, "sender")
         owner = await self._lookup.resolve("email", address)
         if owner is not None:
             raise MatrixError(400, M_THREEPID_IN_USE, "Binding already known",
@@ -202,8 +196,7 @@ class InviteService:
 
     async def sign_ed25519(self, mxid: str, token: str, private_key: str) -> dict[str, Any]:
         """`{mxid, sender, token}` signed with the invite's ephemeral key."""
-        if not is_valid_mxid(mxid):
-            raise MatrixError(400, M_INVALID_PARAM, "Invalid mxid")
+        check_mxid(mxid, "mxid")
         try:
             seed = decode_base64(private_key)
             if len(seed) != 32:

@@ -17,15 +17,13 @@ from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_para
 from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.coherence import ChangeCounter
 from kith.services.lookup_table import LookupTable
-from kith.services.threepid import MEDIUMS, lookup_hash, normalise_address
 from kith.sources.errors import LdapError
 from kith.store import IndexChange, Store
+from kith.threepid import Threepid, lookup_hash, normalise_address, parse_plain_query
 
 if TYPE_CHECKING:
     from kith.sources.ldap import LdapDirectory
     from kith.sources.upstream import UpstreamIdentityServer
-
-Threepid = tuple[str, str]  # (medium, normalised address)
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +189,14 @@ class LookupService:
         For store-invite (M_THREEPID_IN_USE) and bind checks: by default the upstream is
         not asked, since an address bound on another server is not in use here.
         """
-        normalised = normalise_address(medium, address) if medium in MEDIUMS else None
+        normalised = normalise_address(medium, address)
         if normalised is None:
             return None
-        address = normalised
+        threepid = Threepid(medium, normalised)
         await self.index.refresh()
-        found = await self._resolve_many([(medium, address)],
-                                         include_upstream=include_upstream, count=False)
-        return found.get((medium, address))
+        found = await self._resolve_many([threepid], include_upstream=include_upstream,
+                                         count=False)
+        return found.get(threepid)
 
     def _lookup_hashes(self, hashes: Sequence[str]) -> dict[str, str]:
         # The hot path: one dict probe per address and source, counted once per request.
@@ -266,19 +264,8 @@ class LookupService:
     def _from_index(self, source: str, threepids: list[Threepid]) -> dict[Threepid, str]:
         mxids = self.index.source(source)
         answers: dict[Threepid, str] = {}
-        for medium, address in threepids:
-            mxid = mxids.get(lookup_hash(medium, address, self.pepper))
+        for threepid in threepids:
+            mxid = mxids.get(lookup_hash(threepid.medium, threepid.address, self.pepper))
             if mxid is not None:
-                answers[(medium, address)] = mxid
+                answers[threepid] = mxid
         return answers
-
-
-def parse_plain_query(query: str) -> Threepid | None:
-    """"<address> <medium>" → (medium, normalised address), or None."""
-    address, _, medium = query.rpartition(" ")
-    if medium not in MEDIUMS:
-        return None
-    normalised = normalise_address(medium, address)
-    if normalised is None:
-        return None
-    return medium, normalised

@@ -26,8 +26,8 @@ from kith.federation.errors import FederationError, HomeserverUnreachable
 from kith.metrics import ONBIND_DELIVERIES
 from kith.services.coherence import ChangeCounter
 from kith.services.keys import ServerKeys
-from kith.services.threepid import mxid_server_name, now_ms
 from kith.store import DeliveryReport, InviteTokenRow, OnbindDelivery, Store
+from kith.threepid import mxid_server_name, now_ms
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from kith.config import LOCAL
 from kith.services.accounts import hash_token
-from kith.services.threepid import lookup_hash, new_pepper, normalise_address
 from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow
 from kith.store.sydent_db import SydentData, read_sydent_db
+from kith.threepid import lookup_hash, new_pepper, normalise_address
 
 # Sydent lets a session be validated within 24 h of its last change: older ones are over.
 SESSION_LIFETIME_MS = 24 * 60 * 60 * 1000

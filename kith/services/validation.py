@@ -19,17 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import phonenumbers
-
 from kith.config import SmsConfig
 from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates, validation_link
-from kith.delivery.email import check_email_address as check_plain_email
 from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.sms import SmsProvider, SmsSendError, check_sms_rule, country_code, sms_body
 from kith.delivery.templates import TemplateError
 from kith.errors import (
     M_EMAIL_SEND_ERROR,
-    M_INVALID_ADDRESS,
     M_INVALID_EMAIL,
     M_INVALID_PARAM,
     M_NO_VALID_SESSION,
@@ -39,8 +35,8 @@ from kith.errors import (
     M_TOKEN_INCORRECT,
     MatrixError,
 )
-from kith.services.threepid import normalise_address, now_ms
 from kith.store import Store, ValidationSessionRow
+from kith.threepid import normalise_plain_email, now_ms, parse_msisdn
 
 log = logging.getLogger(__name__)
 
@@ -87,19 +83,6 @@ def new_sid() -> int:
     return 1 + secrets.randbelow(MAX_SID)
 
 
-def parse_msisdn(country: str, phone_number: str) -> tuple[str, str]:
-    """(E.164 digits without '+', international format), or 400 M_INVALID_ADDRESS."""
-    try:
-        number = phonenumbers.parse(phone_number, country.upper() or None)
-    except phonenumbers.NumberParseException as exc:
-        raise MatrixError(400, M_INVALID_ADDRESS, "Unable to parse phone number") from exc
-    if not phonenumbers.is_valid_number(number):
-        raise MatrixError(400, M_INVALID_ADDRESS, "Not a valid phone number")
-    e164 = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
-    intl = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)
-    return e164.lstrip("+"), intl
-
-
 def no_valid_session() -> MatrixError:
     return MatrixError(404, M_NO_VALID_SESSION,
                        "No valid session was found matching that sid and client secret")
@@ -138,13 +121,9 @@ class ValidationService:
                                   requester_ip: str | None = None) -> str:
         """Create or reuse the session and mail its token when due; answers the sid."""
         check_client_secret(client_secret)
-        address = normalise_address("email", email)
-        try:
-            if address is None:
-                raise ValueError
-            check_plain_email(address)
-        except (ValueError, EmailSendError) as exc:
-            raise MatrixError(400, M_INVALID_EMAIL, "The email address is not valid") from exc
+        address = normalise_plain_email(email)
+        if address is None:
+            raise MatrixError(400, M_INVALID_EMAIL, "The email address is not valid")
         session, due = await self._session_for("email", address, client_secret,
                                                send_attempt, next_link)
         if due:

@@ -36,14 +36,13 @@ from ldap3.utils.conv import escape_filter_chars
 
 from kith.breaker import CircuitBreaker
 from kith.config import LdapConfig
-from kith.services.threepid import is_valid_mxid, normalise_address
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
+from kith.threepid import EMAIL, MEDIUMS, MSISDN, Threepid, is_valid_mxid, normalise_address
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Threepid = tuple[str, str]  # (medium, normalised address)
 
 LOOKUP_CHUNK = 100  # addresses per OR-filter
 PAGE_SIZE = 1000  # Active Directory's default MaxPageSize
@@ -61,7 +60,7 @@ class DirectoryEntry:
 def normalise_email(value: str) -> str | None:
     if value[:5].lower() == "smtp:":  # Active Directory proxyAddresses
         value = value[5:]
-    return normalise_address("email", value)
+    return normalise_address(EMAIL, value)
 
 
 class LdapDirectory:
@@ -103,7 +102,7 @@ class LdapDirectory:
             if cached is not None and cached[0] > now:
                 if cached[1] is not None:
                     found[threepid] = cached[1]
-            elif threepid[0] in ("email", "msisdn") and self.config.attrs_for(threepid[0]):
+            elif threepid.medium in MEDIUMS and self.config.attrs_for(threepid.medium):
                 missing.append(threepid)
         if not missing:
             return found
@@ -121,9 +120,6 @@ class LdapDirectory:
             found.update(answers)
         return found
 
-    async def owner(self, medium: str, address: str) -> str | None:
-        return (await self.lookup([(medium, address)])).get((medium, address))
-
     def _remember(self, chunk: Sequence[Threepid], answers: dict[Threepid, str]) -> None:
         if len(self._cache) > CACHE_MAX_ENTRIES:
             self._cache.clear()
@@ -133,11 +129,11 @@ class LdapDirectory:
 
     def _lookup_filter(self, chunk: Sequence[Threepid]) -> str:
         terms: list[str] = []
-        for medium, address in chunk:
-            values = [address]
-            if medium == "msisdn":
-                values = directory_forms(address, self.config.msisdn_default_region)
-            for attr in self.config.attrs_for(medium):
+        for threepid in chunk:
+            values = [threepid.address]
+            if threepid.medium == MSISDN:
+                values = directory_forms(threepid.address, self.config.msisdn_default_region)
+            for attr in self.config.attrs_for(threepid.medium):
                 terms += [f"({attr}={escape_filter_chars(v)})" for v in values]
         return self._and_filter(f"(|{''.join(terms)})")
 
@@ -347,12 +343,12 @@ class LdapDirectory:
             for attr in cfg.email:
                 for value in _values(raw, attr):
                     if (email := normalise_email(value)) is not None:
-                        threepids[("email", email)] = None
+                        threepids[Threepid(EMAIL, email)] = None
             for attr in cfg.msisdn:
                 for value in _values(raw, attr):
                     msisdn = normalise_msisdn(value, cfg.msisdn_default_region)
                     if msisdn is not None:
-                        threepids[("msisdn", msisdn)] = None
+                        threepids[Threepid(MSISDN, msisdn)] = None
             changed = _values(raw, cfg.changed_attr)
             yield DirectoryEntry(str(item.get("dn", "")), mxid, tuple(threepids),
                                  changed[0] if changed else "")
@@ -367,7 +363,7 @@ class LdapDirectory:
 
 def pick_owners(entries: Iterable[DirectoryEntry],
                 wanted: set[Threepid] | None = None) -> dict[Threepid, str]:
-    """(medium, address) → mxid; an address on several entries goes to the lowest DN."""
+    """3PID → mxid; an address on several entries goes to the lowest DN."""
     owners: dict[Threepid, tuple[str, str]] = {}
     for entry in entries:
         for threepid in entry.threepids:
@@ -379,7 +375,7 @@ def pick_owners(entries: Iterable[DirectoryEntry],
                 continue
             if current[1] != entry.mxid:
                 log.warning("LDAP: one %s address is on two entries (%s, %s); using the "
-                            "first by DN", threepid[0], current[0], entry.dn.lower())
+                            "first by DN", threepid.medium, current[0], entry.dn.lower())
             owners[threepid] = min(current, (entry.dn.lower(), entry.mxid))
     return {threepid: mxid for threepid, (_, mxid) in owners.items()}
 

@@ -19,7 +19,7 @@ import re
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
-from kith.services.threepid import normalise_address
+from kith.threepid import MSISDN, msisdn_from_number, normalise_address, number_from_msisdn
 
 _NOT_DIGITS = re.compile(r"\D")
 
@@ -29,7 +29,7 @@ def normalise_msisdn(value: str, default_region: str = "") -> str | None:
     value = value.strip()
     if value.startswith("+"):
         if value[1:].isdigit():  # already E.164: skip the parser
-            return normalise_address("msisdn", value)
+            return normalise_address(MSISDN, value)
         return _e164(value, None)
     first_digit = next((c for c in value if c.isdigit()), None)
     if first_digit is None:
@@ -45,11 +45,8 @@ def directory_forms(msisdn: str, default_region: str = "") -> list[str]:
     """The values a directory may hold for the E.164 digits `msisdn`, each one that
     `normalise_msisdn` reads back as `msisdn` (spaces and hyphens left out)."""
     forms = [msisdn, "+" + msisdn]
-    try:
-        number = phonenumbers.parse("+" + msisdn, None)
-    except NumberParseException:
-        return forms
-    if number.country_code is None:
+    number = number_from_msisdn(msisdn)
+    if number is None or number.country_code is None:
         return forms
     national = _NOT_DIGITS.sub("", phonenumbers.format_number(number,
                                                                PhoneNumberFormat.NATIONAL))
@@ -75,5 +72,4 @@ def _e164(value: str, region: str | None) -> str | None:
     # A number possible only locally (no area code) has no E.164 form.
     if phonenumbers.is_possible_number_with_reason(number) != ValidationResult.IS_POSSIBLE:
         return None
-    return normalise_address("msisdn", phonenumbers.format_number(number,
-                                                                  PhoneNumberFormat.E164))
+    return msisdn_from_number(number)

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kith.config import LDAP
-from kith.services.threepid import lookup_hash
-from kith.sources.ldap import DirectoryEntry, LdapDirectory, Threepid, pick_owners
+from kith.sources.ldap import DirectoryEntry, LdapDirectory, pick_owners
 from kith.store import AssociationRow, Store
 from kith.store.database import LDAP_SYNC_LOCK_KEY, HeldLock
+from kith.threepid import Threepid, lookup_hash
 
 if TYPE_CHECKING:
     from kith.services.lookup import AssociationIndex
@@ -72,7 +72,8 @@ class LdapSync:
             started = time.monotonic()
             entries = await self._directory.entries()
             wanted = pick_owners(entries)
-            self._known = {(medium, address): (mxid, hash_) for medium, address, mxid, hash_
+            self._known = {Threepid(medium, address): (mxid, hash_)
+                           for medium, address, mxid, hash_
                            in await self._store.associations.live_rows(LDAP)}
             gone = [t for t in self._known if t not in wanted]
             written, removed = await self._write(wanted.items(), gone)
@@ -151,24 +152,25 @@ class LdapSync:
                      gone: list[Threepid]) -> tuple[int, int]:
         ts = int(self._clock() * 1000)
         rows: list[AssociationRow] = []
-        for (medium, address), mxid in wanted:
-            known = self._known.get((medium, address))
+        for threepid, mxid in wanted:
+            known = self._known.get(threepid)
             if known is not None and known[0] == mxid:
                 continue
-            hash_ = known[1] if known is not None else lookup_hash(medium, address,
-                                                                   self._pepper)
-            rows.append(AssociationRow(LDAP, medium, address, mxid, ts, ts, ts + VALIDITY_MS,
-                                       hash_))
+            hash_ = known[1] if known is not None else lookup_hash(
+                threepid.medium, threepid.address, self._pepper)
+            rows.append(AssociationRow(LDAP, threepid.medium, threepid.address, mxid, ts, ts,
+                                       ts + VALIDITY_MS, hash_))
         written = len(rows)
-        for medium, address in gone:
-            _, hash_ = self._known[(medium, address)]
-            rows.append(AssociationRow(LDAP, medium, address, None, ts, ts, ts, hash_))
+        for threepid in gone:
+            _, hash_ = self._known[threepid]
+            rows.append(AssociationRow(LDAP, threepid.medium, threepid.address, None, ts, ts,
+                                       ts, hash_))
         for start in range(0, len(rows), WRITE_BATCH):
             batch = rows[start:start + WRITE_BATCH]
             await self._store.associations.write(batch)
             self._index.set_many(LDAP, [(row.lookup_hash, row.mxid) for row in batch])
             for row in batch:
-                threepid = (row.medium, row.address)
+                threepid = Threepid(row.medium, row.address)
                 if row.mxid is None:
                     self._known.pop(threepid, None)
                 else:

@@ -25,11 +25,10 @@ import aiohttp
 from kith.breaker import CircuitBreaker
 from kith.config import ProxyConfig
 from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
-from kith.services.threepid import is_valid_mxid, lookup_hash
+from kith.threepid import EMAIL, Threepid, is_valid_mxid, lookup_hash, plain_query
 
 log = logging.getLogger(__name__)
 
-Threepid = tuple[str, str]
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 CACHE_MAX_ENTRIES = 100_000
 
@@ -60,11 +59,10 @@ class UpstreamIdentityServer:
         self.requests = 0
 
     def allowed(self, threepid: Threepid) -> bool:
-        medium, address = threepid
-        if medium not in self.config.mediums:
+        if threepid.medium not in self.config.mediums:
             return False
-        if medium == "email" and self.config.email_domains:
-            return address.rpartition("@")[2] in self.config.email_domains
+        if threepid.medium == EMAIL and self.config.email_domains:
+            return threepid.address.rpartition("@")[2] in self.config.email_domains
         return True
 
     async def lookup(self, threepids: Iterable[Threepid]) -> dict[Threepid, str]:
@@ -122,10 +120,10 @@ class UpstreamIdentityServer:
             algorithms, pepper = await self._details(refresh=attempt == 2)
             if "sha256" in algorithms:
                 algorithm = "sha256"
-                keys = {lookup_hash(m, a, pepper): (m, a) for m, a in threepids}
+                keys = {lookup_hash(t.medium, t.address, pepper): t for t in threepids}
             elif "none" in algorithms:
                 algorithm = "none"
-                keys = {f"{a} {m}": (m, a) for m, a in threepids}
+                keys = {plain_query(t.medium, t.address): t for t in threepids}
             else:
                 raise UpstreamError("offers neither sha256 nor none lookups")
             self.forwarded += len(keys)

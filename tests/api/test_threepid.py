@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.api.test_validation import (
     SECRET,
     call,

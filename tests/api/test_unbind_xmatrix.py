@@ -17,7 +17,7 @@ from signedjson.sign import sign_json
 from signedjson.types import SigningKey
 
 from kith.federation.xmatrix import sign_x_matrix_header
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, free_port, serving
 from tests.peers.synapse_headers import UnbindToSign, synapse_auth_headers
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kith.services.threepid import lookup_hash
 from kith.services.validation import SESSION_LIFETIME_MS
+from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, SmtpSink, serving
 from tests.delivery import conftest as delivery_fixtures
 from tests.delivery.conftest import SmtpFactory

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.conftest import Homeserver, KithProcessFactory, SmtpSink, free_port
 from tests.conftest import wait_for as wait_for_condition
 from tests.federation.conftest import TestPki

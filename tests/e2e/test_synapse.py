@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from kith.services.threepid import lookup_hash
+from kith.threepid import lookup_hash
 from tests.conftest import SmtpSink
 from tests.e2e.conftest import TlsKith, kith_log, poll
 from tests.e2e.synapse import MatrixUser, Synapse, call

@@ -1,4 +1,4 @@
-"""Server-name parsing and the discovery rules, with fake DNS and `.well-known`."""
+"""The discovery rules, with fake DNS and `.well-known`."""
 
 from __future__ import annotations
 
@@ -18,70 +18,10 @@ from kith.federation.discovery import (
     SrvRecord,
     WellKnownResult,
     cache_period,
-    is_valid_server_name,
-    parse_server_name,
     parse_well_known,
     pick_srv_target,
     resolve_server_name,
 )
-
-
-@pytest.mark.parametrize(
-    ("name", "expected"),
-    [
-        ("example.org", ("example.org", None)),
-        ("example.org:8448", ("example.org", 8448)),
-        ("matrix-1.Example.ORG:1", ("matrix-1.Example.ORG", 1)),
-        ("localhost", ("localhost", None)),
-        ("1.2.3.4", ("1.2.3.4", None)),
-        ("127.0.0.1:8448", ("127.0.0.1", 8448)),
-        ("[::1]", ("::1", None)),
-        ("[::1]:8448", ("::1", 8448)),
-        ("[2001:db8::a:1]:65535", ("2001:db8::a:1", 65535)),
-        ("[::ffff:1.2.3.4]:443", ("::ffff:1.2.3.4", 443)),
-    ],
-)
-def test_parse_server_name(name: str, expected: tuple[str, int | None]) -> None:
-    assert parse_server_name(name) == expected
-    assert is_valid_server_name(name)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        "",
-        ":8448",
-        "example.org:",
-        "example.org:0",
-        "example.org:65536",
-        "example.org:123456",
-        "example.org:+80",
-        "example.org:8a",
-        "example.org:８０",
-        "[::1",
-        "[::1]x",
-        "[::1]:",
-        "[not-ip]:80",
-        "[1.2.3.4]",
-        "[fe80::1%eth0]:1",
-        "::1",
-        "::1:8448",
-        "exa mple.org",
-        "example..org",
-        "example.org.",
-        ".example.org",
-        "a_b.org",
-        "example.org/path",
-        "user@example.org",
-        "ex\u00e4mple.org",
-        "a" * 256,
-        "example.org:80:80",
-    ],
-)
-def test_invalid_server_names(name: str) -> None:
-    assert not is_valid_server_name(name)
-    with pytest.raises(ValueError):
-        parse_server_name(name)
 
 
 class FakeNet:

@@ -12,6 +12,7 @@ from kith.config import LdapConfig, parse_ldap_section
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap import LdapDirectory
 from kith.sources.ldap_numbers import normalise_msisdn
+from kith.threepid import Threepid
 from tests.conftest import wait_for
 from tests.federation.conftest import TestPki
 from tests.sources.conftest import SUFFIX, Slapd
@@ -42,11 +43,11 @@ telephoneNumber: (0)7700-900789
 mobile: +44 (0)7700 900321
 """
 NUMBER_OWNERS = {
-    ("msisdn", "447700900123"): "@dave:hs.test",
-    ("msisdn", "447700900456"): "@erin:hs.test",
-    ("msisdn", "447700900789"): "@frank:hs.test",
-    ("msisdn", "447700900321"): "@frank:hs.test",
-    ("msisdn", "442079460999"): "@carol:hs.test",  # "020 7946 0999"
+    Threepid("msisdn", "447700900123"): "@dave:hs.test",
+    Threepid("msisdn", "447700900456"): "@erin:hs.test",
+    Threepid("msisdn", "447700900789"): "@frank:hs.test",
+    Threepid("msisdn", "447700900321"): "@frank:hs.test",
+    Threepid("msisdn", "442079460999"): "@carol:hs.test",  # "020 7946 0999"
 }
 
 
@@ -66,17 +67,17 @@ async def directory(slapd: Slapd) -> Any:
 
 async def test_lookup_finds_every_mapped_attribute(directory: LdapDirectory) -> None:
     found = await directory.lookup([
-        ("email", "alice@example.org"), ("email", "alice.work@example.org"),
-        ("email", "alice.other@example.net"), ("msisdn", "442079460000"),
-        ("email", "bob@example.org"),
-        ("email", "nobody@example.org"), ("msisdn", "442079460999"),
+        Threepid("email", "alice@example.org"), Threepid("email", "alice.work@example.org"),
+        Threepid("email", "alice.other@example.net"), Threepid("msisdn", "442079460000"),
+        Threepid("email", "bob@example.org"),
+        Threepid("email", "nobody@example.org"), Threepid("msisdn", "442079460999"),
     ])
     assert found == {
-        ("email", "alice@example.org"): "@alice:hs.test",
-        ("email", "alice.work@example.org"): "@alice:hs.test",
-        ("email", "alice.other@example.net"): "@alice:hs.test",
-        ("msisdn", "442079460000"): "@alice:hs.test",
-        ("email", "bob@example.org"): "@bob:hs.test",
+        Threepid("email", "alice@example.org"): "@alice:hs.test",
+        Threepid("email", "alice.work@example.org"): "@alice:hs.test",
+        Threepid("email", "alice.other@example.net"): "@alice:hs.test",
+        Threepid("msisdn", "442079460000"): "@alice:hs.test",
+        Threepid("email", "bob@example.org"): "@bob:hs.test",
     }
     assert directory.searches == 1
 
@@ -85,16 +86,16 @@ async def test_formatted_numbers_are_matched_by_the_sync_not_by_a_search(
         directory: LdapDirectory) -> None:
     """telephoneNumberMatch ignores spaces and hyphens, not parentheses: a live search
     cannot find "+1 (415) 555-0100"; the synced copy (normalised) has it."""
-    assert await directory.lookup([("msisdn", "14155550100")]) == {}
+    assert await directory.lookup([Threepid("msisdn", "14155550100")]) == {}
     entries = {e.mxid: set(e.threepids) for e in await directory.entries()}
-    assert ("msisdn", "14155550100") in entries["@alice:hs.test"]
+    assert Threepid("msisdn", "14155550100") in entries["@alice:hs.test"]
 
 
 async def test_one_search_per_chunk_and_cache(directory: LdapDirectory) -> None:
-    wanted = [("email", f"user{i}@example.org") for i in range(250)]
-    wanted.append(("email", "carol@example.org"))
+    wanted = [Threepid("email", f"user{i}@example.org") for i in range(250)]
+    wanted.append(Threepid("email", "carol@example.org"))
     found = await directory.lookup(wanted)
-    assert found == {("email", "carol@example.org"): "@carol:hs.test"}
+    assert found == {Threepid("email", "carol@example.org"): "@carol:hs.test"}
     assert directory.searches == 3  # 251 addresses, chunks of 100
     assert await directory.lookup(wanted) == found
     assert directory.searches == 3  # answered from the cache, negatives included
@@ -102,8 +103,8 @@ async def test_one_search_per_chunk_and_cache(directory: LdapDirectory) -> None:
 
 async def test_address_on_two_entries_is_picked_deterministically(
         directory: LdapDirectory, caplog: pytest.LogCaptureFixture) -> None:
-    found = await directory.lookup([("email", "shared@example.org")])
-    assert found == {("email", "shared@example.org"): "@bob:hs.test"}  # lowest DN
+    found = await directory.lookup([Threepid("email", "shared@example.org")])
+    assert found == {Threepid("email", "shared@example.org"): "@bob:hs.test"}  # lowest DN
     assert "two entries" in caplog.text
     assert "shared@example.org" not in caplog.text
 
@@ -113,14 +114,16 @@ async def test_address_on_two_entries_is_picked_deterministically(
     "alice@example.org)(mail=*", "\\2a", "(", ")",
 ])
 async def test_filter_injection_finds_nothing(directory: LdapDirectory, address: str) -> None:
-    assert await directory.lookup([("email", address), ("msisdn", address)]) == {}
+    assert await directory.lookup([Threepid("email", address),
+                                   Threepid("msisdn", address)]) == {}
 
 
 async def test_filter_is_anded_onto_every_search(slapd: Slapd) -> None:
     d = LdapDirectory(ldap_config(slapd, filter="(!(uid=bob))"))
     try:
-        found = await d.lookup([("email", "bob@example.org"), ("email", "shared@example.org")])
-        assert found == {("email", "shared@example.org"): "@carol:hs.test"}
+        found = await d.lookup([Threepid("email", "bob@example.org"),
+                                Threepid("email", "shared@example.org")])
+        assert found == {Threepid("email", "shared@example.org"): "@carol:hs.test"}
         assert "@bob:hs.test" not in {e.mxid for e in await d.entries()}
     finally:
         await d.close()
@@ -131,8 +134,9 @@ async def test_full_mxid_attribute_without_hs_name(slapd: Slapd) -> None:
                  "changetype: modify\nreplace: description\ndescription: @Bob:other.test\n")
     d = LdapDirectory(ldap_config(slapd, hs_name="", id_attr="description"))
     try:
-        assert await d.lookup([("email", "bob@example.org"), ("email", "alice@example.org")]
-                              ) == {("email", "bob@example.org"): "@Bob:other.test"}
+        assert await d.lookup([Threepid("email", "bob@example.org"),
+                               Threepid("email", "alice@example.org")]
+                              ) == {Threepid("email", "bob@example.org"): "@Bob:other.test"}
     finally:
         await d.close()
 
@@ -140,8 +144,8 @@ async def test_full_mxid_attribute_without_hs_name(slapd: Slapd) -> None:
 async def test_entries_skip_non_e164_numbers(directory: LdapDirectory) -> None:
     entries = {e.mxid: set(e.threepids) for e in await directory.entries()}
     assert set(entries) == {"@alice:hs.test", "@bob:hs.test", "@carol:hs.test"}
-    assert entries["@carol:hs.test"] == {("email", "carol@example.org"),
-                                         ("email", "shared@example.org")}
+    assert entries["@carol:hs.test"] == {Threepid("email", "carol@example.org"),
+                                         Threepid("email", "shared@example.org")}
     assert normalise_msisdn("020 7946 0999") is None
     assert normalise_msisdn("+44 (0)20 7946 0000") == "442079460000"
 
@@ -165,9 +169,9 @@ async def test_without_a_default_region_national_numbers_are_skipped(slapd: Slap
     d = LdapDirectory(ldap_config(slapd))
     try:
         international = {t: m for t, m in NUMBER_OWNERS.items()
-                         if t[1] in ("447700900123", "447700900321")}
+                         if t.address in ("447700900123", "447700900321")}
         assert await d.lookup(NUMBER_OWNERS) == international
-        synced = {t for e in await d.entries() for t in e.threepids if t[0] == "msisdn"}
+        synced = {t for e in await d.entries() for t in e.threepids if t.medium == "msisdn"}
         assert synced & set(NUMBER_OWNERS) == set(international)
     finally:
         await d.close()
@@ -177,7 +181,7 @@ async def test_wrong_password_is_a_clear_error(slapd: Slapd) -> None:
     d = LdapDirectory(ldap_config(slapd, bind_pw="wrong"))
     try:
         with pytest.raises(LdapError, match="bind as cn=admin"):
-            await d.lookup([("email", "alice@example.org")])
+            await d.lookup([Threepid("email", "alice@example.org")])
     finally:
         await d.close()
 
@@ -187,7 +191,7 @@ async def test_dead_directory_is_an_error_not_a_hang(slapd: Slapd) -> None:
     d = LdapDirectory(ldap_config(slapd))
     try:
         with pytest.raises(LdapError):
-            await d.lookup([("email", "alice@example.org")])
+            await d.lookup([Threepid("email", "alice@example.org")])
     finally:
         await d.close()
 
@@ -201,14 +205,14 @@ async def test_a_hung_directory_costs_one_timeout_then_nothing(slapd: Slapd) -> 
             # More lookups at once than threads: none waits past the timeout.
             started = time.monotonic()
             results = await asyncio.gather(
-                *(d.lookup([("email", f"user{i}@example.org")]) for i in range(10)),
+                *(d.lookup([Threepid("email", f"user{i}@example.org")]) for i in range(10)),
                 return_exceptions=True)
             assert time.monotonic() - started < 6
             assert all(isinstance(r, LdapError) for r in results), results
             # The breaker is open: no waiting at all.
             started = time.monotonic()
             with pytest.raises(LdapUnavailable):
-                await d.lookup([("email", "carol@example.org")])
+                await d.lookup([Threepid("email", "carol@example.org")])
             assert time.monotonic() - started < 0.5
             # The pool's threads gave up with the lookups, though the directory still
             # hangs (a sync's connection would wait search_timeout, 5 s).
@@ -217,8 +221,8 @@ async def test_a_hung_directory_costs_one_timeout_then_nothing(slapd: Slapd) -> 
             with pytest.raises(LdapError):
                 await d.check()  # the probe fails too, within the timeout
         await d.check()  # answering again: the breaker closes
-        assert await d.lookup([("email", "carol@example.org")]) == {
-            ("email", "carol@example.org"): "@carol:hs.test"}
+        assert await d.lookup([Threepid("email", "carol@example.org")]) == {
+            Threepid("email", "carol@example.org"): "@carol:hs.test"}
     finally:
         await d.close()
 
@@ -228,8 +232,8 @@ async def test_a_hung_directory_costs_one_timeout_then_nothing(slapd: Slapd) -> 
 async def test_starttls_with_the_right_ca(slapd: Slapd, pki: TestPki) -> None:
     d = LdapDirectory(ldap_config(slapd, startls="true", ca_file=pki.ca_file))
     try:
-        assert await d.lookup([("email", "bob@example.org")]) == {
-            ("email", "bob@example.org"): "@bob:hs.test"}
+        assert await d.lookup([Threepid("email", "bob@example.org")]) == {
+            Threepid("email", "bob@example.org"): "@bob:hs.test"}
         conn = d._idle.get_nowait()
         assert conn.tls_started
         d._idle.put(conn)
@@ -240,8 +244,8 @@ async def test_starttls_with_the_right_ca(slapd: Slapd, pki: TestPki) -> None:
 async def test_ldaps_with_the_right_ca(slapd: Slapd, pki: TestPki) -> None:
     d = LdapDirectory(ldap_config(slapd, uri=slapd.ldaps_uri, ca_file=pki.ca_file))
     try:
-        assert await d.lookup([("email", "bob@example.org")]) == {
-            ("email", "bob@example.org"): "@bob:hs.test"}
+        assert await d.lookup([Threepid("email", "bob@example.org")]) == {
+            Threepid("email", "bob@example.org"): "@bob:hs.test"}
     finally:
         await d.close()
 
@@ -256,7 +260,7 @@ async def test_wrong_ca_fails_closed(slapd: Slapd, pki: TestPki, scheme: str) ->
     d = LdapDirectory(ldap_config(slapd, **extra))
     try:
         with pytest.raises(LdapError):
-            await d.lookup([("email", "bob@example.org")])
+            await d.lookup([Threepid("email", "bob@example.org")])
         assert d._idle.empty()
     finally:
         await d.close()
@@ -280,7 +284,7 @@ async def test_starttls_against_a_plain_port_fails_closed(tmp_path: Any) -> None
     d = LdapDirectory(config)
     try:
         with pytest.raises(LdapError):
-            await d.lookup([("email", "bob@example.org")])
+            await d.lookup([Threepid("email", "bob@example.org")])
     finally:
         await d.close()
         server.close()
@@ -289,11 +293,11 @@ async def test_starttls_against_a_plain_port_fails_closed(tmp_path: Any) -> None
 async def test_a_restarted_directory_is_reconnected(slapd: Slapd) -> None:
     d = LdapDirectory(ldap_config(slapd, cache_ttl=0.001))
     try:
-        assert await d.lookup([("email", "bob@example.org")])
+        assert await d.lookup([Threepid("email", "bob@example.org")])
         slapd.stop()
         slapd.start()
-        assert await d.lookup([("email", "bob@example.org")]) == {
-            ("email", "bob@example.org"): "@bob:hs.test"}
+        assert await d.lookup([Threepid("email", "bob@example.org")]) == {
+            Threepid("email", "bob@example.org"): "@bob:hs.test"}
     finally:
         await d.close()
 
@@ -305,6 +309,6 @@ async def test_a_wrong_base_is_an_error_not_an_empty_directory(slapd: Slapd) -> 
         with pytest.raises(LdapError, match="No such object|noSuchObject"):
             await d.entries()
         with pytest.raises(LdapError):
-            await d.lookup([("email", "bob@example.org")])
+            await d.lookup([Threepid("email", "bob@example.org")])
     finally:
         await d.close()

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from kith.services.coherence import SharedCounters
-from kith.services.threepid import lookup_hash
 from kith.sources.ldap_sync import LdapSync
+from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, wait_for
 from tests.sources.conftest import Slapd
 from tests.sources.test_ldap import NUMBER_OWNERS, NUMBERS
@@ -199,14 +199,14 @@ async def test_matrix_form_and_national_numbers(kith_factory: KithFactory,
     kith = await start(kith_factory, slapd, msisdn_default_region="GB")
     token = await kith.register("alice")
     slapd.modify("ldapadd", NUMBERS)  # after the sync: only a live search finds them
-    queries = {f"{address} msisdn": mxid for (_, address), mxid in NUMBER_OWNERS.items()}
+    queries = {f"{t.address} msisdn": mxid for t, mxid in NUMBER_OWNERS.items()}
     assert await kith.lookup(token, "none", list(queries)) == queries
-    numbers = list(NUMBER_OWNERS)
+    numbers = [(t.medium, t.address) for t in NUMBER_OWNERS]
     assert await hashed(kith, token, *numbers) == {
         "442079460999": "@carol:hs.test"}  # carol was synced; the others not yet
     await sync_of(kith).full()
     assert await hashed(kith, token, *numbers) == {
-        address: mxid for (_, address), mxid in NUMBER_OWNERS.items()}
+        t.address: mxid for t, mxid in NUMBER_OWNERS.items()}
 
 
 async def test_a_hung_directory_does_not_hang_lookups(

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
-import phonenumbers
 from multidict import CIMultiDictProxy
+
+from kith.threepid import is_msisdn, number_from_msisdn
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,14 @@ class SmsProvider(Protocol):
 
 
 def check_msisdn(msisdn: str) -> None:
-    if not (msisdn.isascii() and msisdn.isdigit() and 1 <= len(msisdn) <= 15):
+    if not is_msisdn(msisdn):
         raise SmsSendError("not an E.164 number (digits without '+')")
 
 
 def country_code(msisdn: str) -> str | None:
     """The number's country calling code (`"44"`), or None when it does not parse."""
-    try:
-        return str(phonenumbers.parse("+" + msisdn.removeprefix("+")).country_code)
-    except phonenumbers.NumberParseException:
-        return None
+    number = number_from_msisdn(msisdn.removeprefix("+"))
+    return None if number is None else str(number.country_code)
 
 
 @dataclass(frozen=True)
