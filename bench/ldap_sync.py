@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from kith.config import DbConfig, parse_ldap_section
+from kith.services.ldap_sync import LdapSync
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.sources.ldap import LdapDirectory
-from kith.sources.ldap_sync import LdapSync
 from kith.store import AssociationRow, Store
 from kith.threepid import lookup_hash
 from tests.conftest import free_port

@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         # A database kith cannot use.  (kith.store is imported only by the commands that
         # open it: the others, healthcheck above all, start faster without it.)
-        store = sys.modules.get("kith.store.database")
+        store = sys.modules.get("kith.store")
         if store is not None and isinstance(exc, store.StoreError):
             print(f"kith: {exc}", file=sys.stderr)
             return 1

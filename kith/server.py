@@ -42,12 +42,12 @@ from kith.services.coherence import SharedCounters
 from kith.services.homeserver_auth import HomeserverAuthenticator
 from kith.services.invites import InviteService, public_base_url
 from kith.services.keys import ServerKeys
+from kith.services.ldap_sync import LdapSync
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
-from kith.sources.ldap_sync import LdapSync
 from kith.sources.upstream import UpstreamIdentityServer
 from kith.store import Store
 from kith.threepid import new_pepper

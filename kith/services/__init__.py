@@ -17,7 +17,7 @@ from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
 
 if TYPE_CHECKING:
-    from kith.sources.ldap_sync import LdapSync
+    from kith.services.ldap_sync import LdapSync
 
 
 @dataclass

@@ -16,13 +16,14 @@ from kith.store.database import (
     sqlite_path,
 )
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
+from kith.store.locks import HeldLock, NamedLocks
 from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "DatabaseKind", "DeliveryReport", "IndexChange",
-           "InviteTokenRow", "OnbindDelivery", "ReplicationPeerRow", "Store", "StoreError",
-           "ValidationSessionRow", "inspect_sqlite", "sqlite_path"]
+__all__ = ["AccountRow", "AssociationRow", "DatabaseKind", "DeliveryReport", "HeldLock",
+           "IndexChange", "InviteTokenRow", "OnbindDelivery", "ReplicationPeerRow", "Store",
+           "StoreError", "ValidationSessionRow", "inspect_sqlite", "sqlite_path"]
 
 
 class Store:
@@ -36,6 +37,7 @@ class Store:
         self.sessions = ValidationSessionStore(db)
         self.invites = InviteStore(db)
         self.peers = ReplicationPeerStore(db)
+        self.locks = NamedLocks(db)
 
     @classmethod
     async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:

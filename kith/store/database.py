@@ -35,8 +35,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK_KEY = 0x6B697468
 # PostgreSQL advisory lock held by each group-commit transaction ("kitw").
 WRITE_LOCK_KEY = 0x6B697477
-# PostgreSQL advisory lock held by the one instance that syncs the directory ("kitl").
-LDAP_SYNC_LOCK_KEY = 0x6B69746C
 
 
 class StoreError(Exception):
@@ -268,50 +266,9 @@ class Database:
         finally:
             os.close(fd)  # lets the lock go
 
-    async def try_hold(self, key: int) -> HeldLock | None:
-        """Hold the lock `key` until released, unless another process holds it: on
-        PostgreSQL a session advisory lock on a connection of its own, so that it is let
-        go when this process dies.  A SQLite file serves one kith, whose workers agree
-        among themselves, so there the lock is always granted."""
-        if self.dialect != "postgresql":
-            return HeldLock(None, key)
-        conn = await self.engine.connect()
-        try:
-            held = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
-                                       {"key": key})).scalar()
-            await conn.commit()  # the session lock stays; the transaction must not
-        except BaseException:
-            await conn.close()
-            raise
-        if not held:
-            await conn.close()
-            return None
-        return HeldLock(conn, key)
-
     async def close(self) -> None:
         await self.writer.close()
         await self.engine.dispose()
-
-
-class HeldLock:
-    """A lock from `Database.try_hold`."""
-
-    def __init__(self, conn: AsyncConnection | None, key: int) -> None:
-        self._conn = conn
-        self._key = key
-
-    async def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            await conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key})
-            await conn.commit()
-        except Exception as exc:  # noqa: BLE001 - a lost connection holds no lock anyway
-            log.debug("releasing advisory lock %#x: %s", self._key, exc)
-        finally:
-            with contextlib.suppress(Exception):
-                await conn.close()
 
 
 class GroupCommitWriter:

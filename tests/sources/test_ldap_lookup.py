@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from kith.services.coherence import SharedCounters
-from kith.sources.ldap_sync import LdapSync
+from kith.services.ldap_sync import LdapSync
 from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith, wait_for
 from tests.sources.conftest import Slapd

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 
 from kith.config import LDAP
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, pick_owners
-from kith.store import AssociationRow, Store
-from kith.store.database import LDAP_SYNC_LOCK_KEY, HeldLock
+from kith.store import AssociationRow, HeldLock, Store
 from kith.threepid import Threepid, lookup_hash
 
 if TYPE_CHECKING:
@@ -32,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WRITE_BATCH = 5000
+# The store's lock held by the one instance that syncs for all sharing the database.
+SYNC_LOCK = "ldap-sync"
 CHANGE_MARGIN_S = 60.0
 # As local bindings: valid until the directory drops them.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
@@ -128,7 +129,7 @@ class LdapSync:
         said = False
         while True:
             try:
-                held = await self._store.db.try_hold(LDAP_SYNC_LOCK_KEY)
+                held = await self._store.locks.try_hold(SYNC_LOCK)
             except Exception as exc:  # noqa: BLE001 - a dead database must not stop kith
                 log.warning("could not take the LDAP sync lock: %s", exc)
                 held = None
