@@ -61,6 +61,7 @@ class LdapSync:
         self._lock = asyncio.Lock()
         # True while this instance is the one that syncs (see `run`).
         self.syncing = False
+        self.turns_refused = 0  # times another instance held the sync lock
 
     @property
     def last_full(self) -> float:
@@ -138,6 +139,7 @@ class LdapSync:
                     log.info("this instance now syncs the LDAP directory")
                 self.syncing = True
                 return held
+            self.turns_refused += 1
             if not said:
                 log.info("another kith instance syncs the LDAP directory into the shared "
                          "database; this one takes over if it stops")

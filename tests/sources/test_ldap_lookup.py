@@ -273,7 +273,8 @@ async def test_instances_sharing_postgresql_sync_one_at_a_time(
     first = await kith_factory(sections, name="first")
     second = await kith_factory(sections, name="second")
     await wait_for("the first to sync", lambda: sync_of(first).syncing and sync_of(first).last_full)
-    await asyncio.sleep(0.5)  # several of the second's attempts
+    await wait_for("three refused turns of the second",
+                   lambda: sync_of(second).turns_refused >= 3)
     assert not sync_of(second).syncing and not sync_of(second).last_full
     # Both answer from the rows the first one synced.
     token = await second.register("alice")
