@@ -139,7 +139,8 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "kith: extra CA bundle (PEM) trusted for homeservers' certificates."),
         KeySpec("federation.test_overrides", "",
                 "kith, for tests only: comma-separated servername=base_url pairs that "
-                "bypass homeserver discovery, e.g. hs.test:8448=http://127.0.0.1:5555."),
+                "bypass homeserver discovery, e.g. hs.test:8448=http://127.0.0.1:5555; "
+                "the name * stands for every server name not listed."),
     )),
     ("email", "Sending email.", (
         KeySpec("email.from", "Sydent Validation <noreply@{hostname}>",

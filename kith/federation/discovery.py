@@ -12,7 +12,7 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dns.asyncresolver
@@ -150,11 +150,17 @@ async def resolve_server_name(
     return resolved
 
 
+# The test override that catches every server name without an override of its own.
+ANY_SERVER = "*"
+
+
 class ServerResolver:
     """Resolution with test overrides and a bounded in-memory cache.
 
     Server names come from untrusted requests, so the cache is capped and drops
-    its oldest entries rather than growing without bound.
+    its oldest entries rather than growing without bound.  An override for `*`
+    sends every other name to one place without DNS, so tests that invent names
+    (fuzzing) never reach the network.
     """
 
     def __init__(
@@ -177,6 +183,9 @@ class ServerResolver:
         override = self._overrides.get(server_name)
         if override is not None:
             return override
+        catch_all = self._overrides.get(ANY_SERVER)
+        if catch_all is not None:
+            return replace(catch_all, host_header=server_name)
         now = self._clock()
         cached = self._cache.get(server_name)
         if cached is not None and cached[0] > now:

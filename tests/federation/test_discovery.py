@@ -245,6 +245,19 @@ async def test_resolver_overrides_skip_discovery() -> None:
     assert net.well_known_queries == [] and net.srv_queries == []
 
 
+async def test_catch_all_override_takes_every_other_name_without_dns() -> None:
+    net = FakeNet()
+    exact = ResolvedServer("127.0.0.1", 5555, "127.0.0.1", "hs.test", "http")
+    catch_all = ResolvedServer("127.0.0.1", 6666, "127.0.0.1", "*", "http")
+    servers = ServerResolver(net.fetch_well_known, net.lookup_srv,
+                             overrides={"hs.test": exact, "*": catch_all})
+    assert await servers.resolve("hs.test") is exact
+    for name in ("example.org", "fuzzed.invalid:8448", "[::1]"):
+        assert await servers.resolve(name) == ResolvedServer(
+            "127.0.0.1", 6666, "127.0.0.1", name, "http")
+    assert net.well_known_queries == [] and net.srv_queries == []
+
+
 class FakeDnsResolver:
     def __init__(self, answer: list[object] | type[Exception]) -> None:
         self.answer = answer
