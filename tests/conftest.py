@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -121,6 +122,8 @@ class Homeserver:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     onbinds: list[dict[str, Any]] = field(default_factory=list)
+    # The Host header of every userinfo request: the server name kith believed it called.
+    userinfo_hosts: list[str] = field(default_factory=list)
 
     async def onbind(self, request: web.Request) -> web.Response:
         self.onbinds.append(await request.json())
@@ -133,6 +136,7 @@ class Homeserver:
 
     async def userinfo(self, request: web.Request) -> web.Response:
         self.calls += 1
+        self.userinfo_hosts.append(request.headers.get("Host", ""))
         if self.delay_s:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), self.delay_s)
@@ -166,6 +170,36 @@ async def homeserver() -> AsyncIterator[Homeserver]:
     async with serving(app) as hs.url:
         yield hs
         hs.stopping.set()
+
+
+class OpenMarket:
+    """Loopback stand-in for OpenMarket's /sms/v4/mt: records what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status = 202
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests.append((request.headers.get("Authorization", ""),
+                              await request.json()))
+        return web.json_response({}, status=self.status,
+                                 headers={"Location": "https://om.test/mt/ticket-1"})
+
+    def last_code(self) -> str:
+        content = self.requests[-1][1]["mobileTerminate"]["message"]["content"]
+        match = re.search(r"\b([0-9]{6})\b", content)
+        assert match, content
+        return match.group(1)
+
+
+@pytest.fixture
+async def openmarket() -> AsyncIterator[OpenMarket]:
+    stub = OpenMarket()
+    app = web.Application()
+    app.router.add_post("/sms/v4/mt", stub.handle)
+    async with serving(app) as stub.url:
+        yield stub
 
 
 @dataclass

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from kith.services.validation import SESSION_LIFETIME_MS
 from kith.threepid import lookup_hash
-from tests.conftest import KithFactory, RunningKith, SmtpSink, serving
+from tests.conftest import KithFactory, OpenMarket, RunningKith, SmtpSink, serving
 from tests.delivery import conftest as delivery_fixtures
 from tests.delivery.conftest import SmtpFactory
 from tests.federation.conftest import TestPki
@@ -375,36 +375,6 @@ async def test_bad_client_secret_in_query(kith: RunningKith, token: str) -> None
 
 
 # --------------------------------------------------------------------------- msisdn
-
-
-class OpenMarket:
-    """Loopback stand-in for OpenMarket's /sms/v4/mt: records what it is asked to send."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self.requests: list[tuple[str, dict[str, Any]]] = []
-        self.status = 202
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.requests.append((request.headers.get("Authorization", ""),
-                              await request.json()))
-        return web.json_response({}, status=self.status,
-                                 headers={"Location": "https://om.test/mt/ticket-1"})
-
-    def last_code(self) -> str:
-        content = self.requests[-1][1]["mobileTerminate"]["message"]["content"]
-        match = re.search(r"\b([0-9]{6})\b", content)
-        assert match, content
-        return match.group(1)
-
-
-@pytest.fixture
-async def openmarket() -> AsyncIterator[OpenMarket]:
-    stub = OpenMarket()
-    app = web.Application()
-    app.router.add_post("/sms/v4/mt", stub.handle)
-    async with serving(app) as stub.url:
-        yield stub
 
 
 @pytest.fixture
