@@ -184,12 +184,18 @@ def number_from_msisdn(msisdn: str) -> phonenumbers.PhoneNumber | None:
 
 def parse_msisdn(country: str, phone_number: str) -> tuple[str, str]:
     """A phone number as a client gives it (ISO 3166 country, number as written) →
-    (msisdn, international format), or 400 M_INVALID_ADDRESS."""
+    (msisdn, international format), or 400 M_INVALID_ADDRESS.
+
+    A number of a possible length for its country is accepted even outside the ranges
+    phonenumbers knows to be in use (the spec's own example is in one; newly opened
+    ranges reach its metadata late): Sydent accepts any number it can parse."""
     try:
         number = phonenumbers.parse(phone_number, country.upper() or None)
     except NumberParseException as exc:
         raise MatrixError(400, M_INVALID_ADDRESS, "Unable to parse phone number") from exc
-    msisdn = msisdn_from_number(number) if phonenumbers.is_valid_number(number) else None
+    possible = (phonenumbers.is_possible_number_with_reason(number)
+                == phonenumbers.ValidationResult.IS_POSSIBLE)  # not local-only, nor too long
+    msisdn = msisdn_from_number(number) if possible else None
     if msisdn is None:
         raise MatrixError(400, M_INVALID_ADDRESS, "Not a valid phone number")
     return msisdn, phonenumbers.format_number(number, PhoneNumberFormat.INTERNATIONAL)

@@ -197,6 +197,8 @@ def test_is_msisdn(value: str, expected: bool) -> None:
     ("US", "(415) 555-0100", "14155550100", "+1 415-555-0100"),
     ("", "+33 1 23 45 67 89", "33123456789", "+33 1 23 45 67 89"),
     ("US", "+44 20 7946 0000", "442079460000", "+44 20 7946 0000"),
+    # The spec's example: in the range kept for drama, of a possible length.
+    ("GB", "07700900001", "447700900001", "+44 7700 900001"),
 ])
 def test_parse_msisdn(country: str, number: str, msisdn: str, international: str) -> None:
     assert parse_msisdn(country, number) == (msisdn, international)
@@ -206,7 +208,8 @@ def test_parse_msisdn(country: str, number: str, msisdn: str, international: str
     ("GB", "not a number", "Unable to parse phone number"),
     ("", "020 7946 0000", "Unable to parse phone number"),  # national, but no country
     ("GB", "0123", "Not a valid phone number"),
-    ("GB", "07700 900123", "Not a valid phone number"),  # possible, in no valid range
+    ("GB", "07700 900123 4567", "Not a valid phone number"),
+    ("US", "555-0100", "Not a valid phone number"),
 ])
 def test_parse_msisdn_refuses(country: str, number: str, message: str) -> None:
     with pytest.raises(MatrixError) as raised:

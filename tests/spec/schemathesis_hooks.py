@@ -64,10 +64,6 @@ def before_load_schema(context: schemathesis.HookContext, raw_schema: dict[str, 
     asks that homeserver rather than refusing the name unasked."""
     schemas = raw_schema["components"]["schemas"]
     schemas["OpenidToken"]["properties"]["matrix_server_name"]["format"] = "mx-server-name"
-    # The spec's example number is in the UK's range for drama (07700 900xxx), which is
-    # no real number and kith refuses: a real-looking one lets the example reach the
-    # SMS provider stand-in.
-    schemas["RequestMsisdnValidation"]["properties"]["phone_number"]["example"] = "07911123456"
 
 
 # Cases of any operation.
