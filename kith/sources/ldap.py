@@ -35,6 +35,7 @@ from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
 from kith.breaker import CircuitBreaker
+from kith.caches import AnswerCache
 from kith.config import LdapConfig
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
@@ -46,7 +47,6 @@ T = TypeVar("T")
 
 LOOKUP_CHUNK = 100  # addresses per OR-filter
 PAGE_SIZE = 1000  # Active Directory's default MaxPageSize
-CACHE_MAX_ENTRIES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +68,11 @@ class LdapDirectory:
 
     def __init__(self, config: LdapConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self._clock = clock
         self._executor = ThreadPoolExecutor(config.pool_size, thread_name_prefix="kith-ldap")
         self._idle: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
-        self._cache: dict[Threepid, tuple[float, str | None]] = {}
+        # What the directory answered, "nobody" included, for cache_ttl.
+        self._cache: AnswerCache[Threepid, str] = AnswerCache(
+            config.cache_ttl_s, config.cache_ttl_s, clock=clock)
         self.searches = 0
         self._breaker = CircuitBreaker(f"LDAP directory {config.uri}", threshold=1,
                                        cooldown_s=config.breaker_cooldown_s, clock=clock,
@@ -94,16 +95,9 @@ class LdapDirectory:
 
     async def lookup(self, threepids: Iterable[Threepid]) -> dict[Threepid, str]:
         """The MXID of each (medium, normalised address) the directory maps."""
-        now = self._clock()
-        found: dict[Threepid, str] = {}
-        missing: list[Threepid] = []
-        for threepid in dict.fromkeys(threepids):
-            cached = self._cache.get(threepid)
-            if cached is not None and cached[0] > now:
-                if cached[1] is not None:
-                    found[threepid] = cached[1]
-            elif threepid.medium in MEDIUMS and self.config.attrs_for(threepid.medium):
-                missing.append(threepid)
+        found, uncached = self._cache.split(dict.fromkeys(threepids))
+        missing = [threepid for threepid in uncached
+                   if threepid.medium in MEDIUMS and self.config.attrs_for(threepid.medium)]
         if not missing:
             return found
         if self._breaker.is_open:
@@ -116,16 +110,9 @@ class LdapDirectory:
             filter_ = self._lookup_filter(chunk)
             entries = await self._run(partial(self._search_sync, filter_=filter_), deadline)
             answers = pick_owners(entries, set(chunk))
-            self._remember(chunk, answers)
+            self._cache.remember(chunk, answers)
             found.update(answers)
         return found
-
-    def _remember(self, chunk: Sequence[Threepid], answers: dict[Threepid, str]) -> None:
-        if len(self._cache) > CACHE_MAX_ENTRIES:
-            self._cache.clear()
-        expiry = self._clock() + self.config.cache_ttl_s
-        for threepid in chunk:
-            self._cache[threepid] = (expiry, answers.get(threepid))
 
     def _lookup_filter(self, chunk: Sequence[Threepid]) -> str:
         terms: list[str] = []

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from kith.breaker import CircuitBreaker
+from kith.caches import AnswerCache
 from kith.config import ProxyConfig
 from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
 from kith.threepid import EMAIL, Threepid, is_valid_mxid, lookup_hash, plain_query
@@ -30,7 +31,6 @@ from kith.threepid import EMAIL, Threepid, is_valid_mxid, lookup_hash, plain_que
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-CACHE_MAX_ENTRIES = 100_000
 
 
 class UpstreamError(Exception):
@@ -46,11 +46,11 @@ class UpstreamIdentityServer:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._policy = policy
-        self._clock = clock
         self._base = config.identity + "/_matrix/identity/v2"
         self._session: aiohttp.ClientSession | None = None
         self._hash_details: tuple[tuple[str, ...], str] | None = None  # (algorithms, pepper)
-        self._cache: dict[Threepid, tuple[float, str | None]] = {}
+        self._cache: AnswerCache[Threepid, str] = AnswerCache(
+            config.cache_ttl_s, config.negative_cache_ttl_s, clock=clock)
         self._breaker = CircuitBreaker(
             f"upstream identity server {config.identity}", threshold=config.breaker_failures,
             cooldown_s=config.breaker_cooldown_s, clock=clock, logger=log)
@@ -67,18 +67,7 @@ class UpstreamIdentityServer:
 
     async def lookup(self, threepids: Iterable[Threepid]) -> dict[Threepid, str]:
         """What the upstream maps; never raises (a dead upstream answers nothing)."""
-        now = self._clock()
-        found: dict[Threepid, str] = {}
-        ask: list[Threepid] = []
-        for threepid in threepids:
-            if not self.allowed(threepid):
-                continue
-            cached = self._cache.get(threepid)
-            if cached is not None and cached[0] > now:
-                if cached[1] is not None:
-                    found[threepid] = cached[1]
-            else:
-                ask.append(threepid)
+        found, ask = self._cache.split(t for t in threepids if self.allowed(t))
         if not ask or not self._breaker.allow():
             return found
         try:
@@ -88,7 +77,7 @@ class UpstreamIdentityServer:
             self._failed(exc)
             return found
         self._breaker.succeeded()
-        self._remember(ask, answers)
+        self._cache.remember(ask, answers)
         found.update(answers)
         return found
 
@@ -105,15 +94,6 @@ class UpstreamIdentityServer:
         # opens; while it is open, failed trials are expected.
         if not (isinstance(exc, TermsNotSigned) or opened or was_open):
             log.warning("upstream identity server %s: %s", self.config.identity, reason)
-
-    def _remember(self, asked: list[Threepid], answers: dict[Threepid, str]) -> None:
-        if len(self._cache) > CACHE_MAX_ENTRIES:
-            self._cache.clear()
-        now = self._clock()
-        for threepid in asked:
-            mxid = answers.get(threepid)
-            ttl = self.config.cache_ttl_s if mxid else self.config.negative_cache_ttl_s
-            self._cache[threepid] = (now + ttl, mxid)
 
     async def _ask(self, threepids: list[Threepid]) -> dict[Threepid, str]:
         for attempt in (1, 2):

@@ -64,6 +64,26 @@ async def test_upstream_answers_what_no_local_source_knows(kith_factory: KithFac
     assert client.requests == requests
 
 
+async def test_negative_answers_are_asked_again_sooner(kith_factory: KithFactory) -> None:
+    upstream: RunningKith = await kith_factory(name="upstream")
+    await upstream.bind("far@example.org", "@far:hs.test")
+    kith, token = await proxied_kith(kith_factory, upstream.base,
+                                     access_token=await upstream.register("proxy"),
+                                     cache_ttl=300, negative_cache_ttl=0.2)
+    queries = ["far@example.org email", "none@example.org email"]
+    expected = {"far@example.org email": "@far:hs.test"}
+    assert await kith.lookup(token, "none", queries) == expected
+    client = upstream_of(kith)
+    assert client.forwarded == 2
+
+    async def asked_again() -> bool:
+        assert await kith.lookup(token, "none", queries) == expected
+        return client.forwarded > 2
+
+    await wait_for("the negative answer to expire", asked_again)
+    assert client.forwarded == 3  # only none@ went upstream again: far@ is still cached
+
+
 async def test_unauthenticated_upstream_answers_nothing(kith_factory: KithFactory) -> None:
     upstream: RunningKith = await kith_factory(name="upstream")
     await upstream.bind("far@example.org", "@far:hs.test")
