@@ -17,6 +17,7 @@ from typing import Any
 
 import dns.asyncresolver
 import dns.exception
+from cachetools import TLRUCache
 
 from kith.threepid import is_valid_server_name, parse_server_name
 
@@ -157,10 +158,11 @@ ANY_SERVER = "*"
 class ServerResolver:
     """Resolution with test overrides and a bounded in-memory cache.
 
-    Server names come from untrusted requests, so the cache is capped and drops
-    its oldest entries rather than growing without bound.  An override for `*`
-    sends every other name to one place without DNS, so tests that invent names
-    (fuzzing) never reach the network.
+    Server names come from untrusted requests, so the cache is capped and drops the
+    least recently used entries rather than growing without bound.  Each entry lives
+    as long as the answer it holds may be trusted (`resolve_with_ttl`).  An override
+    for `*` sends every other name to one place without DNS, so tests that invent
+    names (fuzzing) never reach the network.
     """
 
     def __init__(
@@ -175,9 +177,10 @@ class ServerResolver:
         self._fetch_well_known = fetch_well_known
         self._lookup_srv = lookup_srv
         self._overrides = dict(overrides or {})
-        self._max_entries = max_entries
         self._clock = clock
-        self._cache: dict[str, tuple[float, ResolvedServer]] = {}
+        # server name → (resolved, when that answer expires)
+        self._cache: TLRUCache[str, tuple[ResolvedServer, float]] = TLRUCache(
+            max_entries, _expires_at, clock)
 
     async def resolve(self, server_name: str) -> ResolvedServer:
         override = self._overrides.get(server_name)
@@ -186,22 +189,20 @@ class ServerResolver:
         catch_all = self._overrides.get(ANY_SERVER)
         if catch_all is not None:
             return replace(catch_all, host_header=server_name)
-        now = self._clock()
         cached = self._cache.get(server_name)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            return cached[0]
+        asked_at = self._clock()
         resolved, ttl = await resolve_with_ttl(
             server_name, fetch_well_known=self._fetch_well_known, lookup_srv=self._lookup_srv
         )
-        if ttl != float("inf"):
-            self._remember(server_name, now + ttl, resolved)
+        if ttl != float("inf"):  # IP literals and explicit ports cost nothing to resolve
+            self._cache[server_name] = (resolved, asked_at + ttl)
         return resolved
 
-    def _remember(self, server_name: str, expires: float, resolved: ResolvedServer) -> None:
-        self._cache.pop(server_name, None)
-        while len(self._cache) >= self._max_entries:
-            del self._cache[next(iter(self._cache))]
-        self._cache[server_name] = (expires, resolved)
+
+def _expires_at(_server_name: str, entry: tuple[ResolvedServer, float], _now: float) -> float:
+    return entry[1]
 
 
 _dns_resolver: dns.asyncresolver.Resolver | None = None

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from cachetools import TLRUCache, TTLCache
 from signedjson.key import decode_verify_key_base64
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from signedjson.types import VerifyKey
@@ -61,24 +61,27 @@ class ServerKeyFetcher:
     ) -> None:
         self._client = client
         self._clock = clock
-        self._max_cached_keys = max_cached_keys
-        self._keys: OrderedDict[tuple[str, str], _CachedKey] = OrderedDict()
-        self._last_fetch: OrderedDict[str, float] = OrderedDict()
+        # (server name, key id) → key, until it expires.
+        self._keys: TLRUCache[tuple[str, str], _CachedKey] = TLRUCache(
+            max_cached_keys, _key_expires_at, clock)
+        # Servers whose keys were fetched less than REFETCH_INTERVAL_S ago.
+        self._fetched_recently: TTLCache[str, bool] = TTLCache(
+            MAX_TRACKED_SERVERS, REFETCH_INTERVAL_S, clock)
         self._in_flight: dict[str, asyncio.Task[dict[str, _CachedKey]]] = {}
 
     async def get_verify_key(self, server_name: str, key_id: str) -> VerifyKey:
         """The current key `key_id` of `server_name`; raises KeyFetchError."""
-        cached = self._cached(server_name, key_id)
+        cached = self._keys.get((server_name, key_id))
         if cached is not None:
-            return cached
+            return cached.verify_key
         fetch = self._in_flight.get(server_name)
         if fetch is None:
-            if self._recently_fetched(server_name):
+            if server_name in self._fetched_recently:
                 raise KeyFetchError(
                     f"unknown key {key_id!r} for {server_name}; keys were fetched"
                     f" less than {REFETCH_INTERVAL_S:.0f} s ago"
                 )
-            self._note_fetch(server_name)
+            self._fetched_recently[server_name] = True
             fetch = asyncio.create_task(self._fetch_keys(server_name, key_id))
             self._in_flight[server_name] = fetch
             fetch.add_done_callback(partial(self._fetch_done, server_name))
@@ -87,26 +90,6 @@ class ServerKeyFetcher:
         if fetched is None or fetched.expires_at <= self._clock():
             raise KeyFetchError(f"{server_name} does not publish a current key {key_id!r}")
         return fetched.verify_key
-
-    def _cached(self, server_name: str, key_id: str) -> VerifyKey | None:
-        entry = self._keys.get((server_name, key_id))
-        if entry is None:
-            return None
-        if entry.expires_at <= self._clock():
-            del self._keys[(server_name, key_id)]
-            return None
-        self._keys.move_to_end((server_name, key_id))
-        return entry.verify_key
-
-    def _recently_fetched(self, server_name: str) -> bool:
-        last = self._last_fetch.get(server_name)
-        return last is not None and self._clock() - last < REFETCH_INTERVAL_S
-
-    def _note_fetch(self, server_name: str) -> None:
-        self._last_fetch[server_name] = self._clock()
-        self._last_fetch.move_to_end(server_name)
-        while len(self._last_fetch) > MAX_TRACKED_SERVERS:
-            self._last_fetch.popitem(last=False)
 
     def _fetch_done(self, server_name: str, fetch: asyncio.Task[dict[str, _CachedKey]]) -> None:
         self._in_flight.pop(server_name, None)
@@ -126,10 +109,11 @@ class ServerKeyFetcher:
         fetched = {key_id: _CachedKey(key, expires_at) for key_id, key in keys.items()}
         for key_id, entry in reversed(fetched.items()):  # the wanted key (first) ends newest
             self._keys[(server_name, key_id)] = entry
-            self._keys.move_to_end((server_name, key_id))
-        while len(self._keys) > self._max_cached_keys:
-            self._keys.popitem(last=False)
         return fetched
+
+
+def _key_expires_at(_id: tuple[str, str], entry: _CachedKey, _now: float) -> float:
+    return entry.expires_at
 
 
 def _verified_keys(
