@@ -6,9 +6,10 @@ import hashlib
 import logging
 import secrets
 import string
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from kith.errors import (
     M_FORBIDDEN,
@@ -58,7 +59,8 @@ class AccountService:
         self._terms = terms
         self._userinfo = openid_userinfo
         self._allow_list = homeserver_allow_list
-        self._tokens: dict[str, tuple[Account, float]] = {}
+        # token hash → account, for TOKEN_CACHE_TTL_S.
+        self._tokens: TTLCache[str, Account] = TTLCache(TOKEN_CACHE_MAX, TOKEN_CACHE_TTL_S)
         # Bumped on logout and consent changes: other processes then drop their cache.
         self._changes = changes or ChangeCounter()
         self._seen_changes = self._changes.value()
@@ -100,18 +102,16 @@ class AccountService:
         if self._changes.value() != self._seen_changes:
             self._seen_changes = self._changes.value()
             self._tokens.clear()
-        cached = self._tokens.get(token_hash)
-        now = time.monotonic()
-        if cached is not None and cached[1] > now:
-            return cached[0]
+        try:
+            return self._tokens[token_hash]
+        except KeyError:
+            pass
         row = await self._store.accounts.by_token_hash(token_hash)
         if row is None:
             self._tokens.pop(token_hash, None)
             raise unauthorized()
         account = Account(row.user_id, row.consent_version)
-        if len(self._tokens) >= TOKEN_CACHE_MAX:
-            self._tokens.clear()
-        self._tokens[token_hash] = (account, now + TOKEN_CACHE_TTL_S)
+        self._tokens[token_hash] = account
         return account
 
     def require_consent(self, account: Account) -> None:
@@ -135,7 +135,7 @@ class AccountService:
         version = terms.consent_version_for(accepted) if terms.master_version else None
         await self._store.accounts.accept_urls(account.user_id, urls, version)
         if version is not None:
-            for cached, _ in self._tokens.values():
+            for cached in self._tokens.values():
                 if cached.user_id == account.user_id:
                     cached.consent_version = version
             account.consent_version = version
