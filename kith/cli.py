@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import logging.handlers
+import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -34,6 +35,25 @@ def _setup_logging(config: KithConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.general.log_level)
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft limit of open files to the hard limit, and log what kith got.
+
+    Every connection holds a file descriptor, and the soft limit a service manager gives
+    by default (1024) is used up by a thousand slow clients; the hard limit is far
+    higher (systemd's default: 524288; contrib/systemd/kith.service sets its own).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or hard == resource.RLIM_INFINITY:
+        log.info("open file limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open file limit %d; cannot raise it to %d: %s", soft, hard, exc)
+        return
+    log.info("open file limit raised from %d to %d", soft, hard)
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -61,6 +81,7 @@ def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
         log.warning("config key %s is not used by kith; ignoring it", key)
     config = _prepared(config)
     write_pidfile(config.general.pidfile_path)
+    _raise_open_file_limit()
     workers = args.workers or config.general.workers
     if workers > 1:
         return run_workers(config, workers, _run)

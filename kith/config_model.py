@@ -80,6 +80,13 @@ class HttpConfig:
     verify_response_template: str = ""
     # kith: largest request body accepted, in bytes (Sydent: 512 KiB).
     max_body_bytes: int = 512 * 1024
+    # kith: a client must send a whole request head (request line and headers) within
+    # this many seconds of its first byte, or the connection is closed.
+    header_timeout_s: float = 10.0
+    # kith: a request body must arrive within this many seconds (else 408).
+    body_timeout_s: float = 30.0
+    # kith: an idle connection between two requests is closed after this many seconds.
+    keepalive_timeout_s: float = 130.0
     # kith: timeout for one outbound request to a homeserver, in seconds.
     federation_timeout_s: float = 10.0
     # kith, for tests only: server name → base URL (e.g. http://127.0.0.1:1234),

@@ -133,6 +133,17 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "the brand's verify_response_template.html.", "res/verify_response.html"),
         KeySpec("client.max_body_bytes", "524288",
                 "kith: largest request body accepted, in bytes."),
+        KeySpec("client.header_timeout", "10",
+                "kith: seconds a client has to send a whole request head (request line "
+                "and headers), from its first byte; slower connections are closed, so "
+                "slow clients cannot hold every connection kith can open."),
+        KeySpec("client.body_timeout", "30",
+                "kith: seconds a client has to send a request body, from when kith starts "
+                "reading it; a slower request is answered 408 and its connection closed."),
+        KeySpec("client.keepalive_timeout", "130",
+                "kith: seconds an idle connection is kept open for a next request. Longer "
+                "than the 120 s Synapse keeps idle connections, so that Synapse closes "
+                "them, never kith in the middle of a request Synapse is sending."),
         KeySpec("federation.timeout", "10",
                 "kith: seconds allowed for one request to a homeserver."),
         KeySpec("federation.cafile", "",

@@ -26,6 +26,7 @@ from kith.api import (
     validate,
     versions,
 )
+from kith.api.edge import EdgeAppRunner
 from kith.api.http import SERVICES, V1_PREFIX, new_app
 from kith.config import LDAP, UPSTREAM, ConfigError, KithConfig, parse_signing_key
 from kith.delivery.email import EmailSender, EmailTemplates
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 INDEX_FOLLOW_INTERVAL_S = 1.0
 PURGE_INTERVAL_S = 600.0  # expired sessions, as often as Sydent purges them
 
+
+# Connections the kernel completes and queues while kith is busy accepting others
+# (aiohttp's default: 128); a burst past the queue has its handshakes dropped and retried
+# a second later.  Linux caps it at net.core.somaxconn (4096 since 5.4).
+LISTEN_BACKLOG = 1024
 
 # A validation request waits at most this long for the SMTP server or SMS provider.
 DELIVERY_TIMEOUT_S = 10.0
@@ -161,7 +167,8 @@ def validation_service(config: KithConfig, store: Store,
 
 
 def client_app(config: KithConfig, services: Services) -> web.Application:
-    app = new_app(config.http.max_body_bytes, config.general.allow_query_access_token)
+    app = new_app(config.http.max_body_bytes, config.general.allow_query_access_token,
+                  body_timeout_s=config.http.body_timeout_s)
     app[SERVICES] = services
     versions.add_routes(app.router)
     account.add_routes(app.router)
@@ -189,7 +196,7 @@ def add_v1_routes(router: web.UrlDispatcher, config: KithConfig) -> None:
 
 
 def internal_app(config: KithConfig, services: Services) -> web.Application:
-    app = new_app(config.http.max_body_bytes)
+    app = new_app(config.http.max_body_bytes, body_timeout_s=config.http.body_timeout_s)
     app[SERVICES] = services
     internal.add_routes(app.router)
     return app
@@ -286,14 +293,17 @@ class KithServer:
 
     async def _listen(self, app: web.Application, host: str, port: int,
                       ssl_context: ssl.SSLContext | None = None) -> None:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        http = self.config.http
+        runner = EdgeAppRunner(app, access_log=None, handle_signals=False,
+                               header_timeout_s=http.header_timeout_s,
+                               keepalive_timeout=http.keepalive_timeout_s)
         await runner.setup()
         self.runners.append(runner)
         # Several workers share each port (SO_REUSEPORT); the kernel spreads connections.
         # "::" means every interface, IPv4 too, as it does for Sydent; asyncio would make it
         # IPv6 only, so ask for all interfaces (a socket per address family) instead.
         site = web.TCPSite(runner, None if host in ("", "::") else host, port,
-                           ssl_context=ssl_context,
+                           ssl_context=ssl_context, backlog=LISTEN_BACKLOG,
                            reuse_port=self.counters is not None)
         try:
             await site.start()

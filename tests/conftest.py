@@ -9,6 +9,7 @@ import inspect
 import os
 import random
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -291,11 +292,22 @@ class KithProcess:
         self.config_path = config_path
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int, timeout_s: float = 30.0) -> None:
+    def start(self, port: int, timeout_s: float = 30.0, *,
+              open_files_soft_limit: int | None = None) -> None:
+        """Start kith and wait until it listens on `port`; `open_files_soft_limit` starts
+        it with that soft RLIMIT_NOFILE (the hard limit stays), as a service manager
+        would."""
         env = {**os.environ, "SYDENT_CONF": str(self.config_path)}
+
+        def limit_open_files() -> None:
+            if open_files_soft_limit is not None:
+                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files_soft_limit, hard))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kith"], cwd=self.config_path.parent, env=env,
-            stdout=subprocess.DEVNULL, stderr=open(self.config_path.parent / "kith.log", "ab"))
+            stdout=subprocess.DEVNULL, stderr=open(self.config_path.parent / "kith.log", "ab"),
+            preexec_fn=limit_open_files if open_files_soft_limit is not None else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -167,6 +167,9 @@ internalapi.http.port = 8091
 obey_x_forwarded_for = yes
 federation.verifycerts = off
 federation.timeout = 2.5
+client.header_timeout = 4
+client.body_timeout = 20.5
+client.keepalive_timeout = 60
 [email]
 email.from = Kith <kith@example.org> 100%% sure
 email.invite.subject = 50% off: %(sender_display_name)s
@@ -195,6 +198,7 @@ smsrule.1 = allow
     assert h.internal_port == 8091
     assert (h.obey_x_forwarded_for, h.federation_verifycerts) == (True, False)
     assert h.federation_timeout_s == 2.5
+    assert (h.header_timeout_s, h.body_timeout_s, h.keepalive_timeout_s) == (4, 20.5, 60)
     e = config.email
     assert e.sender == "Kith <kith@example.org> 100% sure"
     assert e.invite_subject == "50% off: %(sender_display_name)s"
@@ -238,6 +242,9 @@ def test_terms_file_that_exists(tmp_path: Path) -> None:
     ("general", "homeserver_allow_list", "hs.example", "enable_v1_access = false"),
     ("http", "client.max_body_bytes", "1k", "is not a whole number"),
     ("http", "federation.timeout", "-1", "is not a positive number"),
+    ("http", "client.header_timeout", "0", "is not a positive number"),
+    ("http", "client.body_timeout", "soon", "is not a positive number"),
+    ("http", "client.keepalive_timeout", "-5", "is not a positive number"),
     ("http", "federation.test_overrides", "hs.example", "is not servername="),
     ("http", "federation.cafile", "/nonexistent.pem", "cannot read"),
     ("email", "email.tls_cafile", "/nonexistent.pem", "cannot read"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -39,6 +40,7 @@ CORS_HEADERS = {
 }
 
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 ALLOW_QUERY_TOKEN = web.AppKey("allow_query_access_token", bool)
 
 _encode = msgspec.json.Encoder().encode
@@ -54,14 +56,21 @@ def error_response(error: MatrixError) -> web.Response:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, refusing anything over the app's limit before reading it all."""
+    """The whole body, refusing anything over the app's limit before reading it all, and
+    a body that does not arrive within the app's timeout (a client that trickles it in
+    would hold the connection for as long as it likes)."""
     limit = request.app[MAX_BODY_BYTES]
     if request.content_length is not None and request.content_length > limit:
         raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes")
+    timeout_s = request.app[BODY_TIMEOUT_S]
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes") from exc
+    except TimeoutError:
+        raise MatrixError(408, M_UNKNOWN,
+                          f"The request body did not arrive within {timeout_s:g} s") from None
 
 
 def decode_json(body: bytes, type_: type[T]) -> T:
@@ -169,11 +178,13 @@ async def add_cors_headers(_request: web.Request, response: web.StreamResponse) 
     response.headers.update(CORS_HEADERS)
 
 
-def new_app(max_body_bytes: int, allow_query_access_token: bool = True) -> web.Application:
-    """An aiohttp app with kith's error handling, CORS, body limit and HTTP metrics."""
+def new_app(max_body_bytes: int, allow_query_access_token: bool = True, *,
+            body_timeout_s: float = 30.0) -> web.Application:
+    """An aiohttp app with kith's error handling, CORS, body limits and HTTP metrics."""
     app = web.Application(middlewares=[http_metrics, matrix_errors],
                           client_max_size=max_body_bytes)
     app[MAX_BODY_BYTES] = max_body_bytes
+    app[BODY_TIMEOUT_S] = body_timeout_s
     app[ALLOW_QUERY_TOKEN] = allow_query_access_token
     app.on_response_prepare.append(add_cors_headers)
     return app
