@@ -8,6 +8,11 @@ serves its connections with `EdgeRequestHandler`, which closes a connection whos
 request head (request line and headers) is not complete within `header_timeout_s` of
 its first byte (of the connection, for the first request).
 
+A request aiohttp's parser refuses (an over-long URL or header, too many headers, bytes
+that are not HTTP) is answered here too, as a Matrix JSON error with one log line and no
+traceback; aiohttp would answer plain text and log the error with a traceback, and the
+exception's message quotes the request itself (an access token in the URL, say).
+
 The hook is a RequestHandler subclass, made by a Server subclass that `EdgeAppRunner`
 builds in place of aiohttp's; it relies on aiohttp 3.14's RequestHandler internals
 (`_waiter`: set while the connection waits for a request; `_request_count`), which
@@ -21,21 +26,36 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from kith.api.http import CORS_HEADERS, json_response
+from kith.errors import M_TOO_LARGE, M_UNKNOWN, MatrixError
+
 log = logging.getLogger(__name__)
+
+# The parser's limits (aiohttp's defaults): the URL and each header field (name and value)
+# at most this many bytes, at most MAX_HEADERS fields.
+MAX_LINE_BYTES = 8190
+MAX_HEADERS = 128
 
 
 class EdgeRequestHandler(RequestHandler):
     """aiohttp's connection handler, with a deadline for each request head."""
 
-    __slots__ = ("_header_timeout_s", "_head_deadline")
+    __slots__ = ("_header_timeout_s", "_head_deadline", "_first_line_bytes",
+                 "_first_line_done")
 
     def __init__(self, manager: web.Server, *, header_timeout_s: float,
                  **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
+        super().__init__(manager, max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES,
+                         max_headers=MAX_HEADERS, **kwargs)
         self._header_timeout_s = header_timeout_s
         self._head_deadline: asyncio.TimerHandle | None = None
+        # How long the first line of the head being read is (so far): tells a refused
+        # request line (414) from a refused header (431).
+        self._first_line_bytes = 0
+        self._first_line_done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -44,6 +64,10 @@ class EdgeRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_deadline is None and data and self._waiting_for_request():
             self._start_head()  # the first bytes of the next request on this connection
+        if self._head_deadline is not None and not self._first_line_done:
+            end = data.find(b"\n")
+            self._first_line_done = end >= 0
+            self._first_line_bytes += end if end >= 0 else len(data)
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
@@ -60,6 +84,7 @@ class EdgeRequestHandler(RequestHandler):
 
     def _start_head(self) -> None:
         self._stop_head_deadline()
+        self._first_line_bytes, self._first_line_done = 0, False
         self._head_deadline = self._loop.call_later(self._header_timeout_s,
                                                     self._head_too_slow)
 
@@ -75,6 +100,43 @@ class EdgeRequestHandler(RequestHandler):
                       self.peername, self._header_timeout_s)
             self.force_close()
 
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A Matrix error for a request aiohttp could not parse (or a handler failure
+        that escaped kith's middleware); the connection is closed after it."""
+        error = self._matrix_error(status, exc)
+        if error.status >= 500:
+            log.error("error serving a request from %s", request.remote, exc_info=exc)
+        elif error.errcode == M_TOO_LARGE:
+            log.info("refused a request from %s: %s", request.remote, error.message)
+        else:
+            # What scanners and TLS clients on the plain port send all day; the
+            # exception's text is not logged: it quotes the request.
+            log.debug("refused a malformed request from %s: %s", request.remote,
+                      type(exc).__name__ if exc else status)
+        if request.writer.output_size > 0:  # the answer had begun: nothing more to say
+            raise ConnectionError("cannot answer an error after the response has begun")
+        response = json_response(error.to_json(), error.status)
+        response.headers.update(CORS_HEADERS)
+        response.force_close()
+        return response
+
+    def _matrix_error(self, status: int, exc: BaseException | None) -> MatrixError:
+        if isinstance(exc, LineTooLong):
+            if self._first_line_bytes > MAX_LINE_BYTES:
+                return MatrixError(414, M_TOO_LARGE,
+                                   f"The request line is longer than {MAX_LINE_BYTES} bytes")
+            return MatrixError(431, M_TOO_LARGE,
+                               f"A request header is longer than {MAX_LINE_BYTES} bytes")
+        if isinstance(exc, BadHttpMessage) and exc.message == "Too many headers received":
+            return MatrixError(431, M_TOO_LARGE, f"More than {MAX_HEADERS} request headers")
+        if isinstance(exc, HttpProcessingError) or 400 <= status < 500:
+            return MatrixError(400, M_UNKNOWN, "Malformed HTTP request")
+        if status == 504:
+            return MatrixError(504, M_UNKNOWN, "The request took too long")
+        return MatrixError(500, M_UNKNOWN, "Internal server error")
+
 
 class EdgeServer(web.Server):
     """aiohttp's low-level server, serving each connection with EdgeRequestHandler."""
@@ -89,7 +151,8 @@ class EdgeServer(web.Server):
 
 
 class EdgeAppRunner(web.AppRunner):
-    """An AppRunner whose connections get a deadline for each request head.
+    """An AppRunner whose connections get a deadline for each request head, and Matrix
+    errors for requests aiohttp cannot parse.
 
     `keepalive_timeout` (an aiohttp runner argument) bounds the idle time between
     requests on a connection; `header_timeout_s` bounds each request head.

@@ -1,5 +1,5 @@
-"""The HTTP edge (kith/api/edge.py): slow request heads and bodies are cut off, and
-idle connections are bounded."""
+"""The HTTP edge (kith/api/edge.py): slow request heads are cut off, idle connections
+are bounded, and requests aiohttp cannot parse get a Matrix error and one log line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import logging
 import os
 import resource
 import selectors
@@ -237,3 +238,73 @@ async def test_a_body_that_does_not_arrive_in_time_gets_408(edge_kith: RunningKi
         assert 0.8 < time.monotonic() - started < 1 + MARGIN_S
     finally:
         writer.close()
+
+
+SECRET = "sekrit-access-token-0123456789"
+OVERSIZED = [
+    # a 10 KB URL, carrying a token: the error must not quote it into the log
+    (f"GET {STATUS}?access_token={SECRET}&x={'a' * 10_000} HTTP/1.1\r\n"
+     "Host: kith.test\r\n\r\n".encode(), 414),
+    # a 100 KB header
+    (f"GET {STATUS} HTTP/1.1\r\nHost: kith.test\r\nAuthorization: Bearer {SECRET}\r\n"
+     f"X-Big: {'b' * 100_000}\r\n\r\n".encode(), 431),
+    # 200 headers
+    (f"GET {STATUS} HTTP/1.1\r\nHost: kith.test\r\n".encode()
+     + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", 431),
+]
+MALFORMED = [
+    b"G(T / HTTP/1.1\r\nHost: kith.test\r\n\r\n",  # bad method token
+    b"GET / HTTP/7.3\r\nHost: kith.test\r\n\r\n",  # bad version
+    b"GET / FTP/1.1\r\nHost: kith.test\r\n\r\n",
+    b"\x00\xff\xfe junk junk\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),  # TLS ClientHello
+    b"GET / HTTP/1.1\r\nHost: kith.test\r\nBad Header: x\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: kith.test\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+]
+
+
+async def send_raw(kith: RunningKith, request: bytes) -> tuple[int, dict[str, str], Any]:
+    reader, writer = await connect(kith)
+    try:
+        writer.write(request)
+        return await read_response(reader)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(("request_bytes", "status"), OVERSIZED,
+                         ids=["long-url", "big-header", "many-headers"])
+async def test_oversized_request_heads_get_a_matrix_error(
+        edge_kith: RunningKith, caplog: pytest.LogCaptureFixture, request_bytes: bytes,
+        status: int) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = await send_raw(edge_kith, request_bytes)
+    assert answer[0] == status
+    assert answer[1]["content-type"] == "application/json"
+    assert answer[1]["access-control-allow-origin"] == "*"
+    assert answer[2]["errcode"] == "M_TOO_LARGE" and answer[2]["error"]
+    assert_one_quiet_line(caplog)
+
+
+@pytest.mark.parametrize("request_bytes", MALFORMED, ids=[
+    "bad-method", "bad-version", "not-http", "junk", "tls-on-plain-port", "bad-header",
+    "two-lengths"])
+async def test_malformed_http_gets_a_matrix_error(
+        edge_kith: RunningKith, caplog: pytest.LogCaptureFixture,
+        request_bytes: bytes) -> None:
+    caplog.set_level(logging.DEBUG)
+    status, headers, body = await send_raw(edge_kith, request_bytes)
+    assert (status, headers["content-type"]) == (400, "application/json")
+    assert body == {"errcode": "M_UNKNOWN", "error": "Malformed HTTP request"}
+    assert_one_quiet_line(caplog)
+
+
+def assert_one_quiet_line(caplog: pytest.LogCaptureFixture) -> None:
+    """At most one record about the refused request, below WARNING, without a traceback
+    or anything the request carried."""
+    edge = [r for r in caplog.records if r.name.startswith(("aiohttp", "kith.api"))]
+    assert len(edge) <= 1, [r.getMessage() for r in edge]
+    for record in caplog.records:
+        assert record.levelno < logging.WARNING, record.getMessage()
+        assert record.exc_info is None, record.getMessage()
+        assert SECRET not in record.getMessage()
