@@ -354,10 +354,13 @@ def kith_process() -> Iterator[KithProcessFactory]:
 
 class SmtpSink:
     """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping every message it receives;
-    `stop()` and `start()` take it down and bring it back on the same port."""
+    `stop()` and `start()` take it down and bring it back on the same port.
+    `smtputf8`: offer the SMTPUTF8 extension (addresses beyond ASCII), as aiosmtpd's
+    Controller does by default."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, smtputf8: bool = True) -> None:
         self.port = free_port()
+        self.smtputf8 = smtputf8
         self.messages: list[tuple[list[str], str]] = []  # (recipients, message text)
         self._controller: Any = None
 
@@ -367,7 +370,8 @@ class SmtpSink:
 
     def start(self) -> None:
         from aiosmtpd.controller import Controller
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port,
+                                      enable_SMTPUTF8=self.smtputf8)
         self._controller.start()
 
     def stop(self) -> None:

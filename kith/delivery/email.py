@@ -6,6 +6,10 @@ One connection per mail: mail is rare (rate limited) and a fresh connection neve
 trips over a server that dropped an idle one.  The whole exchange (connect, TLS,
 login, send, quit) is bounded by one timeout, so a dead or silent SMTP server costs a
 request at most that long and never hangs it.
+
+Addresses beyond ASCII: a domain goes into the envelope as IDNA A-labels, which every
+server reads; a local part beyond ASCII can only be sent with SMTPUTF8 (RFC 6531), so it
+is refused, before anything is stored, unless the SMTP server offers that extension.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Mapping
 from email.header import Header
 
 import aiosmtplib
+import idna
 
 from kith.config import EmailConfig
 from kith.delivery.templates import INVITE_TEMPLATE, VERIFICATION_TEMPLATE, Templates
@@ -32,6 +37,8 @@ log = logging.getLogger(__name__)
 IMPLICIT_TLS_MODES = ("SSL", "TLS")
 STARTTLS_MODE = "STARTTLS"
 DEFAULT_TIMEOUT_S = 15.0
+# How long what the SMTP server said about SMTPUTF8 is believed.
+EXTENSIONS_TTL_S = 600.0
 
 
 class EmailSendError(Exception):
@@ -58,6 +65,27 @@ def check_email_address(address: str) -> None:
     """
     if not is_plain_email(address):
         raise InvalidEmailAddress("not a valid email address")
+    smtp_address(address)
+
+
+def smtp_address(address: str) -> str:
+    """A plain address as the envelope and the `To:` header carry it: a domain beyond
+    ASCII in IDNA A-labels (IDNA 2008 with UTS 46 mapping, as registries use), the local
+    part unchanged.  Raises InvalidEmailAddress if the domain is no valid IDNA name."""
+    local, _, domain = address.rpartition("@")
+    if domain.isascii():
+        return address
+    try:
+        ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        raise InvalidEmailAddress("the domain is no valid internationalised domain name") \
+            from None
+    return f"{local}@{ascii_domain}"
+
+
+def needs_smtputf8(address: str) -> bool:
+    """Whether mail to `address` needs the SMTPUTF8 extension: a local part beyond ASCII."""
+    return not address.rpartition("@")[0].isascii()
 
 
 class EmailSender:
@@ -76,6 +104,8 @@ class EmailSender:
         self._username = config.smtp_username
         self._password = config.smtp_password
         self._tls_context: ssl.SSLContext | None = None
+        # (when, whether) the SMTP server last said it offers SMTPUTF8.
+        self._smtputf8: tuple[float, bool] | None = None
         self.envelope_sender = email.utils.parseaddr(sender_header(config))[1]
         if not self.envelope_sender:
             log.warning("email.from %r holds no address: mail will be refused", config.sender)
@@ -91,6 +121,69 @@ class EmailSender:
     def uses_tls(self) -> bool:
         return self.tls_mode in (*IMPLICIT_TLS_MODES, STARTTLS_MODE)
 
+    async def undeliverable(self, to_address: str) -> str | None:
+        """Why mail cannot be sent to `to_address` (for the caller, before anything is
+        stored for it), or None: not a plain address, a domain that is no IDNA name, a
+        local part beyond ASCII when the SMTP server does not offer SMTPUTF8.  If the
+        server cannot be asked, the address passes: sending fails as for any other."""
+        try:
+            check_email_address(to_address)
+        except InvalidEmailAddress as e:
+            return f"The email address is not valid: {e}"
+        if needs_smtputf8(to_address) and await self._offers_smtputf8() is False:
+            log.info("the SMTP server at %s:%d does not offer SMTPUTF8: refusing an address "
+                     "whose local part is beyond ASCII", self.host, self.port)
+            return "This server cannot send email to an address with non-ASCII characters " \
+                "before the @"
+        return None
+
+    async def _offers_smtputf8(self) -> bool | None:
+        """Whether the SMTP server offers SMTPUTF8 (asked at most every
+        EXTENSIONS_TTL_S), or None if it cannot be asked now."""
+        now = time.monotonic()
+        if self._smtputf8 is not None and now - self._smtputf8[0] < EXTENSIONS_TTL_S:
+            return self._smtputf8[1]
+        try:
+            smtp = await self._client(login=False)
+        except EmailSendError:
+            return None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await smtp.connect()
+                if smtp.is_ehlo_or_helo_needed:
+                    await smtp.ehlo()
+                self._learn_extensions(smtp)
+                await smtp.quit()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError, ValueError) as e:
+            log.info("cannot ask the SMTP server at %s:%d for its extensions: %s",
+                     self.host, self.port, type(e).__name__)
+        finally:
+            smtp.close()
+        return self._smtputf8[1] if self._smtputf8 is not None else None
+
+    def _learn_extensions(self, smtp: aiosmtplib.SMTP) -> None:
+        if smtp.last_ehlo_response is not None or smtp.last_helo_response is not None:
+            self._smtputf8 = (time.monotonic(), smtp.supports_extension("smtputf8"))
+
+    async def _client(self, *, login: bool = True) -> aiosmtplib.SMTP:
+        """An unconnected client for the configured server (TLS as configured)."""
+        try:
+            tls_context = await self._context() if self.uses_tls else None
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise self._error(f"cannot load the CA file: {e}") from None
+        login = login and bool(self._username)
+        return aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            local_hostname=self.local_hostname,
+            use_tls=self.tls_mode in IMPLICIT_TLS_MODES,
+            start_tls=self.tls_mode == STARTTLS_MODE,  # True: fail if not offered
+            tls_context=tls_context,
+            timeout=self.timeout_s,
+            username=self._username if login else None,
+            password=self._password if login else None,
+        )
+
     async def send(self, to_address: str, message: str) -> None:
         """Send `message` (a whole RFC 5322 message) to `to_address`, unchanged.
 
@@ -100,28 +193,18 @@ class EmailSender:
         check_email_address(to_address)
         if not self.envelope_sender:
             raise EmailSendError("email.from holds no address")
-        try:
-            tls_context = await self._context() if self.uses_tls else None
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            raise self._error(f"cannot load the CA file: {e}") from None
-        smtp = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            local_hostname=self.local_hostname,
-            use_tls=self.tls_mode in IMPLICIT_TLS_MODES,
-            start_tls=self.tls_mode == STARTTLS_MODE,  # True: fail if not offered
-            tls_context=tls_context,
-            timeout=self.timeout_s,
-            username=self._username or None,
-            password=self._password if self._username else None,
-        )
+        smtp = await self._client()
+        options = ["SMTPUTF8"] if needs_smtputf8(to_address) else []
         started = time.monotonic()
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         try:
             async with asyncio.timeout_at(deadline):
                 await smtp.connect()
-                await smtp.sendmail(self.envelope_sender, [to_address],
-                                    message.encode("utf-8"))
+                try:
+                    await smtp.sendmail(self.envelope_sender, [smtp_address(to_address)],
+                                        message.encode("utf-8"), mail_options=options)
+                finally:
+                    self._learn_extensions(smtp)
         except TimeoutError:
             smtp.close()
             raise self._error(f"no answer within {self.timeout_s:g} s") from None
@@ -173,7 +256,7 @@ def common_variables(config: EmailConfig, to_address: str) -> dict[str, str]:
     return {
         "messageid": message_id(config.hostname),
         "date": email.utils.formatdate(localtime=False),
-        "to": to_address,
+        "to": smtp_address(to_address),
         "from": sender_header(config),
     }
 

@@ -122,6 +122,8 @@ class InviteService:
         address = normalise_plain_email(request.address)
         if address is None:
             raise MatrixError(400, M_INVALID_EMAIL, "Invalid email address")
+        if refused := await self._sender.undeliverable(address):
+            raise MatrixError(400, M_INVALID_EMAIL, refused)
         if not request.room_id.startswith("!"):
             raise MatrixError(400, M_INVALID_PARAM, "Invalid room_id")
         check_mxid(request.sender, "sender")

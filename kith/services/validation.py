@@ -124,6 +124,8 @@ class ValidationService:
         address = normalise_plain_email(email)
         if address is None:
             raise MatrixError(400, M_INVALID_EMAIL, "The email address is not valid")
+        if refused := await self._email_sender.undeliverable(address):
+            raise MatrixError(400, M_INVALID_EMAIL, refused)
         session, due = await self._session_for("email", address, client_secret,
                                                send_attempt, next_link)
         if due:

@@ -81,6 +81,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     helo: str | None
+    mail_options: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class Inbox:
     async def handle_DATA(self, server: Any, session: Session, envelope: Envelope) -> str:
         assert isinstance(envelope.content, bytes)
         self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                      envelope.content, session.host_name))
+                                      envelope.content, session.host_name,
+                                      list(envelope.mail_options)))
         return "250 OK"
 
     def authenticator(self, server: Any, session: Session, envelope: Envelope,

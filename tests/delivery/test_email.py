@@ -16,6 +16,7 @@ from kith.delivery.email import (
     EmailSendError,
     EmailTemplates,
     InvalidEmailAddress,
+    smtp_address,
     validation_link,
 )
 from kith.delivery.templates import PACKAGED_TEMPLATES, Templates
@@ -246,3 +247,79 @@ def test_validation_link_with_next_link() -> None:
                                              next_link="file:///etc/passwd")
     bare = validation_link("", token="t", client_secret="c", sid=1, next_link="https://a.test")
     assert bare.endswith("nextLink=https%3A//a.test%3Fsid%3D1")
+
+
+# ------------------------------------------------------------- addresses beyond ASCII
+
+UTF8_LOCAL = "jöran@example.org"
+
+
+def plain_mail(to: str) -> str:
+    return f"From: noreply@kith.test\nTo: {to}\nSubject: hej\n\nHej {to}\n"
+
+
+async def test_a_non_ascii_local_part_is_sent_with_smtputf8(smtp_server: SmtpFactory) -> None:
+    inbox = smtp_server()  # aiosmtpd's Controller offers SMTPUTF8 unless told not to
+    sender = EmailSender(email_config(inbox.port))
+    assert await sender.undeliverable(UTF8_LOCAL) is None
+    await sender.send(UTF8_LOCAL, plain_mail(UTF8_LOCAL))
+    [received] = inbox.messages
+    assert received.rcpt_tos == [UTF8_LOCAL]
+    assert "SMTPUTF8" in received.mail_options
+    assert parse(received.content)["To"] == UTF8_LOCAL
+
+
+async def test_a_non_ascii_local_part_is_refused_without_smtputf8(
+        smtp_server: SmtpFactory) -> None:
+    inbox = smtp_server(enable_SMTPUTF8=False)
+    sender = EmailSender(email_config(inbox.port))
+    refused = await sender.undeliverable(UTF8_LOCAL)
+    assert refused is not None and "non-ASCII" in refused
+    with pytest.raises(EmailSendError, match="SMTPUTF8"):
+        await sender.send(UTF8_LOCAL, plain_mail(UTF8_LOCAL))
+    assert inbox.messages == []
+    # plain addresses go as before
+    assert await sender.undeliverable(TO) is None
+
+
+async def test_what_the_server_offers_is_remembered(smtp_server: SmtpFactory) -> None:
+    inbox = smtp_server(enable_SMTPUTF8=False)
+    # a login would fail here (no AUTH without TLS): asking for extensions needs none
+    sender = EmailSender(email_config(inbox.port, smtp_username="kith",
+                                      smtp_password="hunter2"))
+    assert await sender.undeliverable(UTF8_LOCAL) is not None
+    assert inbox.logins == [] and inbox.messages == []
+    # not asked again at once: with the server gone, the answer stands
+    sender.port = free_port()
+    assert await sender.undeliverable(UTF8_LOCAL) is not None
+
+
+async def test_an_unreachable_server_does_not_refuse_the_address() -> None:
+    sender = EmailSender(email_config(free_port()), timeout_s=2)
+    assert await sender.undeliverable(UTF8_LOCAL) is None
+
+
+async def test_a_non_ascii_domain_goes_as_idna_a_labels(smtp_server: SmtpFactory) -> None:
+    inbox = smtp_server(enable_SMTPUTF8=False)  # not needed for a domain
+    sender = EmailSender(email_config(inbox.port))
+    address = "alice@bücher.example"
+    assert await sender.undeliverable(address) is None
+    await sender.send(address, await EmailTemplates(
+        Templates(str(PACKAGED_TEMPLATES), "matrix-org"), email_config(inbox.port),
+    ).verification(address, token=TOKEN, link="https://id.kith.test/v"))
+    [received] = inbox.messages
+    assert received.rcpt_tos == ["alice@xn--bcher-kva.example"]
+    assert "SMTPUTF8" not in received.mail_options
+    assert parse(received.content)["To"] == "alice@xn--bcher-kva.example"
+    # IDNA 2008: ß is its own letter, not "ss"
+    assert smtp_address("straße@straße.de") == "straße@xn--strae-oqa.de"
+
+
+@pytest.mark.parametrize("address", ["alice@☃.example", "alice@bücher..example",
+                                     "alice@-bücher.example"])
+async def test_a_domain_that_is_no_idna_name_is_refused(address: str) -> None:
+    sender = EmailSender(email_config(free_port()))  # never contacted
+    refused = await sender.undeliverable(address)
+    assert refused is not None and "not valid" in refused
+    with pytest.raises(InvalidEmailAddress):
+        await sender.send(address, plain_mail("x@example.org"))

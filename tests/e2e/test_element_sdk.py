@@ -260,6 +260,13 @@ def test_email_is_proven_by_link_and_bound_through_synapse(story: Story) -> None
     story.done.add("email")
 
 
+def test_an_address_beyond_ascii_is_proven_by_link(story: Story) -> None:
+    """The address as typed into Element, with a non-ASCII local part: kith mails it
+    over SMTPUTF8 (which the test's SMTP server offers), and the link proves it."""
+    story.require("terms")
+    prove_email(story, "alice", "jöran@example.com")
+
+
 def test_phone_is_proven_by_sms_code_and_bound_through_synapse(story: Story) -> None:
     story.require("terms")
     sdk, token = story.sdk, story.kith_tokens["alice"]
