@@ -23,6 +23,11 @@ from kith.threepid import MEDIUMS
 log = logging.getLogger("kith")
 
 
+# Libraries that log what kith's store sends (SQL parameters: client secrets, tokens)
+# below this level: they are held at it, whatever `log.level` says.
+QUIET_LOGGERS = {"aiosqlite": logging.INFO, "sqlalchemy.engine": logging.WARNING}
+
+
 def _setup_logging(config: KithConfig) -> None:
     handler: logging.Handler
     if config.general.log_path:
@@ -35,6 +40,8 @@ def _setup_logging(config: KithConfig) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.general.log_level)
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def _raise_open_file_limit() -> None:

@@ -223,14 +223,19 @@ class Database:
     def open(cls, db: DbConfig, process_lock: Any = None) -> Database:
         """`process_lock` (a multiprocessing.Lock) serialises the group commits of worker
         processes sharing one SQLite file: they then take turns instead of backing off in
-        SQLite's busy handler, which sleeps for milliseconds at a time."""
+        SQLite's busy handler, which sleeps for milliseconds at a time.
+
+        Statement parameters carry client secrets and tokens: SQLAlchemy leaves them out
+        of its error messages and SQL logs (`hide_parameters`)."""
         url = database_url(db)
         if url.startswith("sqlite"):
-            engine = create_async_engine(url, pool_size=4, max_overflow=4)
+            engine = create_async_engine(url, pool_size=4, max_overflow=4,
+                                         hide_parameters=True)
             event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
             return cls(engine, process_lock)
         else:
-            engine = create_async_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+            engine = create_async_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True,
+                                         hide_parameters=True)
         return cls(engine)
 
     async def migrate(self) -> None:
