@@ -18,12 +18,14 @@ from kith.store.database import (
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
 from kith.store.locks import HeldLock, NamedLocks
 from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
+from kith.store.ratelimits import Charge, RateLimitStore, Refusal
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
-__all__ = ["AccountRow", "AssociationRow", "DatabaseKind", "DeliveryReport", "HeldLock",
-           "IndexChange", "InviteTokenRow", "OnbindDelivery", "ReplicationPeerRow", "Store",
-           "StoreError", "ValidationSessionRow", "inspect_sqlite", "sqlite_path"]
+__all__ = ["AccountRow", "AssociationRow", "Charge", "DatabaseKind", "DeliveryReport",
+           "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "Refusal",
+           "ReplicationPeerRow", "Store", "StoreError", "ValidationSessionRow",
+           "inspect_sqlite", "sqlite_path"]
 
 
 class Store:
@@ -38,6 +40,7 @@ class Store:
         self.invites = InviteStore(db)
         self.peers = ReplicationPeerStore(db)
         self.locks = NamedLocks(db)
+        self.rate_limits = RateLimitStore(db)
 
     @classmethod
     async def open(cls, config: DbConfig, process_lock: Any = None) -> Store:

@@ -11,7 +11,7 @@ import logging
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from sqlalchemy import Table, bindparam, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ColumnElement, Executable
 
 from kith.config import DbConfig
 from kith.store.sydent_db import SYDENT_TABLES, sydent_schema_problem
@@ -203,6 +203,16 @@ class Database:
         insert = self._insert(table)
         return insert.on_conflict_do_update(
             index_elements=conflict, set_={c: insert.excluded[c] for c in update})
+
+    def upsert_where(self, table: Table, values: Mapping[str, Any], conflict: Sequence[str],
+                     set_: Mapping[str, Any],
+                     where: ColumnElement[bool] | None = None) -> postgresql.Insert | sqlite.Insert:
+        """INSERT of `values` that, when a row with the same `conflict` columns is stored,
+        sets `set_` (expressions of the stored row) instead, but only where `where` holds
+        of the stored row: one atomic statement, so concurrent writers never lose an
+        update.  Add `.returning(...)`: no row comes back when `where` refused."""
+        return self._insert(table).values(dict(values)).on_conflict_do_update(
+            index_elements=conflict, set_=dict(set_), where=where)
 
     def replace_with_new_id(self, table: Table, conflict: Sequence[str],
                             columns: Sequence[str]) -> Executable:

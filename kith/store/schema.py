@@ -170,3 +170,15 @@ replication_peer_keys = Table(
     Column("key", Text, nullable=False),
     PrimaryKeyConstraint("name", "alg", name="pk_replication_peer_keys"),
 )
+
+# Rate limits (kith.services.limits): one row per limit and key, holding the bucket's
+# "theoretical arrival time": the moment the bucket will be empty again, in microseconds
+# since the epoch.  A row whose time has passed is an empty bucket and may be deleted.
+# The key is hashed, so no address or user ID is kept here.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("bucket", String(96), primary_key=True),
+    Column("tat_us", BigInteger, nullable=False),
+    Index("ix_rate_limits_tat_us", "tat_us"),
+)
