@@ -18,7 +18,7 @@ shift $(( $# > 2 ? 2 : $# ))
 command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk" >&2; exit 1; }
 mkdir -p "$here/results"
 out="$here/results/$mode-$seed-$(date -u +%Y%m%dT%H%M%SZ)"
-args=(--candidate "$root/.venv/bin/python -m kith" --seed "$seed" --wrk
+args=(--candidate "$here/candidate.sh $root/.venv/bin/python -m kith" --seed "$seed" --wrk
       --concurrency 1,16 --duration 5 --json "$out.json")
 case "$mode" in
   side-by-side) ;;

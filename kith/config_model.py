@@ -56,6 +56,12 @@ class GeneralConfig:
     workers: int = 1
     # kith: stop retrying an onbind callback this many seconds after the bind.
     onbind_give_up_after_s: float = 7 * 24 * 60 * 60
+    # kith: addresses one account, and one client address, may look up per minute.
+    lookup_budget_account: int = 20000
+    lookup_budget_ip: int = 100000
+    # kith: mails, texts and invites one client address may have kith send.
+    client_ip_ratelimit_burst: int = 50
+    client_ip_ratelimit_rate_hz: float = 1 / 10
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ class EmailConfig:
     keyword_blocklist: tuple[str, ...] = ()
     ratelimit_sender_burst: int = 5
     ratelimit_sender_rate_hz: float = 1 / 300
+    # kith: mails (validation and invites) to one address.
+    ratelimit_recipient_burst: int = 5
+    ratelimit_recipient_rate_hz: float = 1 / 300
     template: str = ""
     invite_template: str = ""
 

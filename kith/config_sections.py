@@ -221,6 +221,7 @@ def general(s: Section) -> GeneralConfig:
         server_name = socket.gethostname()
         log.warning("[general] server.name is not set; signing as %r, the hostname", server_name)
     v1 = s.flag("enable_v1_access", True)
+    lookup_limit = s.integer("address_lookup_limit", 1)
     allow_list = frozenset(s.csv("homeserver_allow_list"))
     if allow_list and v1:
         raise s.error("homeserver_allow_list", "needs enable_v1_access = false")
@@ -231,7 +232,7 @@ def general(s: Section) -> GeneralConfig:
         log_level=level,
         pidfile_path=s.text("pidfile.path"),
         terms_path=s.readable_file("terms.path"),
-        address_lookup_limit=s.integer("address_lookup_limit", 1),
+        address_lookup_limit=lookup_limit,
         templates_path=s.text("templates.path"),
         brand_default=s.text("brand.default"),
         enable_v1_access=v1,
@@ -246,7 +247,27 @@ def general(s: Section) -> GeneralConfig:
         workers=s.integer("workers", 1),
         onbind_give_up_after_s=s.seconds("onbind.give_up_after",
                                          GeneralConfig.onbind_give_up_after_s),
+        lookup_budget_account=_lookup_budget(s, "lookup.budget.account", lookup_limit,
+                                             GeneralConfig.lookup_budget_account),
+        lookup_budget_ip=_lookup_budget(s, "lookup.budget.ip", lookup_limit,
+                                        GeneralConfig.lookup_budget_ip),
+        client_ip_ratelimit_burst=s.integer(
+            "client_ip.ratelimit.burst", 1, GeneralConfig.client_ip_ratelimit_burst),
+        client_ip_ratelimit_rate_hz=s.number(
+            "client_ip.ratelimit.rate_hz", GeneralConfig.client_ip_ratelimit_rate_hz),
     )
+
+
+def _lookup_budget(s: Section, key: str, lookup_limit: int, default: int) -> int:
+    """Addresses per minute: at least one lookup's worth (address_lookup_limit), or a
+    lookup of the largest size allowed could never be answered."""
+    if s.get(key) in (None, ""):
+        return max(default, lookup_limit)
+    budget = s.integer(key, 1)
+    if budget < lookup_limit:
+        raise s.error(key, f"{budget} is less than address_lookup_limit ({lookup_limit}): "
+                      "a lookup of that many addresses could never be answered")
+    return budget
 
 
 def db(s: Section) -> DbConfig:
@@ -328,6 +349,10 @@ def email(s: Section) -> EmailConfig:
             "email.ratelimit_sender.burst", 1, EmailConfig.ratelimit_sender_burst),
         ratelimit_sender_rate_hz=s.number(
             "email.ratelimit_sender.rate_hz", EmailConfig.ratelimit_sender_rate_hz),
+        ratelimit_recipient_burst=s.integer(
+            "email.ratelimit_recipient.burst", 1, EmailConfig.ratelimit_recipient_burst),
+        ratelimit_recipient_rate_hz=s.number(
+            "email.ratelimit_recipient.rate_hz", EmailConfig.ratelimit_recipient_rate_hz),
         template=s.text("email.template"),
         invite_template=s.text("email.invite_template"),
     )

@@ -89,6 +89,24 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "invitee's homeserver about pending 3PID invites (POST /3pid/onbind, "
                 "backoff from 1 s doubling up to 10 min); then it gives up with a warning "
                 "in the log. Default: 7 days."),
+        KeySpec("lookup.budget.account", None,
+                "kith: addresses one account may look up per minute (hashed and plain "
+                "v2 lookups together); more is refused with 429 M_LIMIT_EXCEEDED and "
+                "retry_after_ms. Shared by every worker and every instance on the same "
+                "database. At least address_lookup_limit. Default: 20000 (or "
+                "address_lookup_limit if larger).", "20000"),
+        KeySpec("lookup.budget.ip", None,
+                "kith: addresses one client address may look up per minute, v1 and v2 "
+                "lookups together (IPv6 clients are counted by /64). Default: 100000 (or "
+                "address_lookup_limit if larger).", "100000"),
+        KeySpec("client_ip.ratelimit.burst", None,
+                "kith: mails, texts and invites one client address (an IPv6 /64) may "
+                "make kith send (email and msisdn requestToken, store-invite) before "
+                "rate limiting. A homeserver's store-invite calls all come from its "
+                "address: raise this for a busy one. Default: 50.", "50"),
+        KeySpec("client_ip.ratelimit.rate_hz", None,
+                "kith: rate the per-address limit drains at, per second. Default: 0.1 "
+                "(one every 10 s).", "0.1"),
     )),
     ("db", "Storage.", (
         KeySpec("db.file", "sydent.db",
@@ -191,10 +209,17 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "Invites whose fields contain one of these words (case-insensitive) are "
                 "refused, one per line. Default: none.", "spam"),
         KeySpec("email.ratelimit_sender.burst", None,
-                "Invite and validation emails per sender before rate limiting. "
-                "Default: 5.", "5"),
+                "Invite and validation emails per sender before rate limiting: the "
+                "account (v2) or client address (v1) asking for a validation mail, the "
+                "inviting user of store-invite. Default: 5.", "5"),
         KeySpec("email.ratelimit_sender.rate_hz", None,
                 "Rate the sender limit drains at, per second. Default: 1/300.", "0.00333"),
+        KeySpec("email.ratelimit_recipient.burst", None,
+                "kith: invite and validation emails to one address before rate "
+                "limiting. Default: 5.", "5"),
+        KeySpec("email.ratelimit_recipient.rate_hz", None,
+                "kith: rate the per-address limit drains at, per second. Default: 1/300.",
+                "0.00333"),
         KeySpec("email.template", None,
                 "Deprecated: validation email template; overrides the brand's.",
                 "res/verification_template.eml"),

@@ -27,10 +27,9 @@ from kith.api import (
     versions,
 )
 from kith.api.edge import EdgeAppRunner
-from kith.api.http import SERVICES, V1_PREFIX, new_app
+from kith.api.http import OBEY_X_FORWARDED_FOR, SERVICES, V1_PREFIX, new_app
 from kith.config import LDAP, UPSTREAM, ConfigError, KithConfig, parse_signing_key
 from kith.delivery.email import EmailSender, EmailTemplates
-from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.sms import SmsProvider, sms_provider_from_config
 from kith.delivery.templates import Templates
 from kith.federation.client import FederationClient
@@ -44,6 +43,7 @@ from kith.services.homeserver_auth import HomeserverAuthenticator
 from kith.services.invites import InviteService, public_base_url
 from kith.services.keys import ServerKeys
 from kith.services.ldap_sync import LdapSync
+from kith.services.limits import LookupBudget, SendLimits
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
@@ -57,7 +57,8 @@ from kith.tls import ClientTls
 log = logging.getLogger(__name__)
 
 INDEX_FOLLOW_INTERVAL_S = 1.0
-PURGE_INTERVAL_S = 600.0  # expired sessions, as often as Sydent purges them
+# Expired sessions (as often as Sydent purges them), empty rate-limit buckets.
+PURGE_INTERVAL_S = 600.0
 
 
 # Connections the kernel completes and queues while kith is busy accepting others
@@ -89,9 +90,12 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
     directory = LdapDirectory(sources.ldap) if sources.ldap else None
     upstream = UpstreamIdentityServer(sources.proxy, OutboundAddressPolicy(
         config.general.ip_blacklist, config.general.ip_whitelist)) if sources.proxy else None
-    lookup_service = LookupService(index, pepper, config.general.address_lookup_limit,
-                                   precedence=sources.precedence, directory=directory,
-                                   upstream=upstream)
+    general = config.general
+    lookup_service = LookupService(
+        index, pepper, general.address_lookup_limit, precedence=sources.precedence,
+        directory=directory, upstream=upstream,
+        budget=LookupBudget(store, general.lookup_budget_account, general.lookup_budget_ip))
+    limits = SendLimits(store, config)
     templates = Templates.from_config(config)
     onbind = OnbindService(store, keys, federation,
                            give_up_after_s=config.general.onbind_give_up_after_s,
@@ -99,7 +103,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
                            lease_s=2 * config.http.federation_timeout_s + 30,
                            changes=counters.counter(SharedCounters.INVITES)
                            if counters else None)
-    validation = validation_service(config, store, templates)
+    validation = validation_service(config, store, templates, limits)
     return Services(
         keys=keys,
         terms=terms_source,
@@ -116,20 +120,21 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         validation=validation,
         templates=templates,
         ldap_sync=LdapSync(directory, store, index, pepper) if directory else None,
-        invites=invite_service(config, store, keys, lookup_service, templates, onbind),
+        invites=invite_service(config, store, keys, lookup_service, templates, onbind, limits),
+        limits=limits,
         onbind=onbind,
     )
 
 
 def invite_service(config: KithConfig, store: Store, keys: ServerKeys,
                    lookup_service: LookupService, templates: Templates,
-                   onbind: OnbindService) -> InviteService:
+                   onbind: OnbindService, limits: SendLimits) -> InviteService:
     email = config.email
     return InviteService(
         store, keys, lookup_service, email=email,
         email_sender=EmailSender(email, timeout_s=DELIVERY_TIMEOUT_S),
         email_templates=EmailTemplates(templates, email),
-        ratelimit=RateLimiter(email.ratelimit_sender_burst, email.ratelimit_sender_rate_hz),
+        limits=limits,
         base_url=public_base_url(config.http.client_http_base, keys.server_name),
         v1_enabled=config.general.enable_v1_access,
         onbind=onbind,
@@ -147,21 +152,16 @@ def sms_provider(config: KithConfig) -> SmsProvider | None:
         return None
 
 
-def validation_service(config: KithConfig, store: Store,
-                       templates: Templates) -> ValidationService:
-    email, sms = config.email, config.sms
+def validation_service(config: KithConfig, store: Store, templates: Templates,
+                       limits: SendLimits) -> ValidationService:
+    email = config.email
     return ValidationService(
         store,
         email_sender=EmailSender(email, timeout_s=DELIVERY_TIMEOUT_S),
         email_templates=EmailTemplates(templates, email),
-        email_ratelimit=RateLimiter(email.ratelimit_sender_burst,
-                                    email.ratelimit_sender_rate_hz),
-        sms=sms,
+        limits=limits,
+        sms=config.sms,
         sms_provider=sms_provider(config),
-        msisdn_ratelimit=RateLimiter(sms.msisdn_ratelimit_burst,
-                                     sms.msisdn_ratelimit_rate_hz),
-        country_ratelimit=RateLimiter(sms.country_ratelimit_burst,
-                                      sms.country_ratelimit_rate_hz),
         client_http_base=config.http.client_http_base,
     )
 
@@ -170,6 +170,7 @@ def client_app(config: KithConfig, services: Services) -> web.Application:
     app = new_app(config.http.max_body_bytes, config.general.allow_query_access_token,
                   body_timeout_s=config.http.body_timeout_s)
     app[SERVICES] = services
+    app[OBEY_X_FORWARDED_FOR] = config.http.obey_x_forwarded_for
     versions.add_routes(app.router)
     account.add_routes(app.router)
     terms.add_routes(app.router)
@@ -260,9 +261,14 @@ class KithServer:
         if self.services.ldap_sync is not None and (
                 self.counters is None or self.counters.claim(SharedCounters.LDAP_SYNC)):
             self.tasks.append(asyncio.create_task(self.services.ldap_sync.run()))
-        self.tasks.append(asyncio.create_task(periodically(
-            PURGE_INTERVAL_S, "purging expired validation sessions",
-            self.services.validation.purge_expired), name="kith-purge"))
+        for what, job in (
+                ("purging expired validation sessions", self.services.validation.purge_expired),
+                ("purging empty rate-limit buckets", self.services.limits.purge)):
+            self.tasks.append(asyncio.create_task(
+                periodically(PURGE_INTERVAL_S, what, job), name="kith-purge"))
+        if self.services.lookup.budget is not None:
+            self.tasks.append(asyncio.create_task(
+                self.services.lookup.budget.run(), name="kith-lookup-budget"))
         if self.services.onbind is not None:
             self.tasks.append(asyncio.create_task(
                 self.services.onbind.run(self.services.bindings.deliver_pending_invites),

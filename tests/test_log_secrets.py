@@ -143,7 +143,7 @@ async def run_the_main_flows(flows: Flows, hs: Homeserver, smtp: SmtpSink,
 
     await flows.call("POST", f"{V2}/store-invite", {
         "medium": "email", "address": address, "room_id": "!room:hs.test",
-        "sender": "@bob:hs.test"}, auth=token)
+        "sender": "@alice:hs.test"}, auth=token)
     invite_token, private_key = mailed_invite(smtp)
     flows.secret("invite token", invite_token)
     flows.secret("ephemeral private key", private_key)

@@ -26,6 +26,7 @@ from kith.errors import (
 from kith.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, UNMATCHED_ROUTE
 from kith.services import Services
 from kith.services.accounts import Account
+from kith.services.limits import Requester, ip_key
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ CORS_HEADERS = {
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 ALLOW_QUERY_TOKEN = web.AppKey("allow_query_access_token", bool)
+# Sydent's [http] obey_x_forwarded_for: kith runs behind a reverse proxy.
+OBEY_X_FORWARDED_FOR = web.AppKey("obey_x_forwarded_for", bool)
 
 _encode = msgspec.json.Encoder().encode
 _MISSING_FIELD = re.compile(r"Object missing required field `([^`]*)`")
@@ -219,3 +222,28 @@ async def caller(request: web.Request) -> Account | None:
     if is_v1(request):
         return None
     return await authenticated(request)
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The client's IP address, for the rate limits and the validation mail.
+
+    Behind a reverse proxy (`obey_x_forwarded_for`), the right-most address of the last
+    X-Forwarded-For header: the one the proxy itself added.  Addresses left of it are
+    whatever the client chose to send (Sydent takes the first header as written, which
+    a client can fill in; docs/decisions.md).  Without the setting, or without a usable
+    header, the address the connection comes from.
+    """
+    if request.app.get(OBEY_X_FORWARDED_FOR, False):
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        if forwarded:
+            last = forwarded[-1].rpartition(",")[2].strip()
+            if last:
+                return last
+    return request.remote
+
+
+def requester(request: web.Request, account: Account | None = None) -> Requester:
+    """Who asks, as the rate limits count it: the client address and the account."""
+    ip = client_ip(request)
+    return Requester(ip=None if ip is None else ip_key(ip),
+                     user_id=None if account is None else account.user_id)

@@ -7,7 +7,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from kith.api.http import caller, decode_json, json_response, read_body, services_of
+from kith.api.http import (
+    caller,
+    decode_json,
+    json_response,
+    read_body,
+    requester,
+    services_of,
+)
 from kith.services.invites import InviteRequest
 
 V2 = "/_matrix/identity/v2"
@@ -42,7 +49,7 @@ async def store_invite(request: web.Request) -> web.Response:
         InviteRequest(medium=body.medium, address=body.address, room_id=body.room_id,
                       sender=body.sender, args=args),
         verified_sender=account.user_id if account is not None else None,
-        brand=request.query.get("brand"))
+        brand=request.query.get("brand"), requester=requester(request, account))
     return json_response(answer)
 
 

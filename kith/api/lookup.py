@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from kith.api.http import authenticated, json_body, json_response, services_of
+from kith.api.http import authenticated, json_body, json_response, requester, services_of
 from kith.errors import missing_params
 from kith.threepid import plain_query
 
@@ -22,9 +22,10 @@ async def hash_details(request: web.Request) -> web.Response:
 
 
 async def lookup(request: web.Request) -> web.Response:
-    await authenticated(request)
+    account = await authenticated(request)
     body = await json_body(request, LookupRequest)
-    mappings = await services_of(request).lookup.lookup(body.algorithm, body.pepper, body.addresses)
+    mappings = await services_of(request).lookup.lookup(
+        body.algorithm, body.pepper, body.addresses, requester(request, account))
     return json_response({"mappings": mappings})
 
 
@@ -40,7 +41,8 @@ async def lookup_v1(request: web.Request) -> web.Response:
                                if not v])
     services = services_of(request)
     query = plain_query(medium, address)
-    mappings = await services.lookup.lookup("none", services.lookup.pepper, [query])
+    mappings = await services.lookup.lookup("none", services.lookup.pepper, [query],
+                                            requester(request))
     if query not in mappings:
         return json_response({})
     signed = await services.bindings.signed_association(medium, address, mappings[query])
@@ -52,7 +54,8 @@ async def bulk_lookup_v1(request: web.Request) -> web.Response:
     body = await json_body(request, BulkLookupRequest)
     services = services_of(request)
     queries = [plain_query(medium, address) for medium, address in body.threepids]
-    mappings = await services.lookup.lookup("none", services.lookup.pepper, queries)
+    mappings = await services.lookup.lookup("none", services.lookup.pepper, queries,
+                                            requester(request))
     found = [[medium, address, mappings[query]]
              for (medium, address), query in zip(body.threepids, queries, strict=True)
              if query in mappings]

@@ -12,7 +12,15 @@ import urllib.parse
 import msgspec
 from aiohttp import web
 
-from kith.api.http import access_token, caller, json_body, json_response, services_of
+from kith.api.http import (
+    access_token,
+    caller,
+    client_ip,
+    json_body,
+    json_response,
+    requester,
+    services_of,
+)
 from kith.errors import MatrixError, invalid_param, missing_params
 from kith.services.validation import session_answer
 
@@ -73,20 +81,22 @@ def is_safe_redirect(link: str | None) -> bool:
 
 
 async def email_request_token(request: web.Request) -> web.Response:
-    await caller(request)
+    account = await caller(request)
     body = await json_body(request, EmailRequestToken)
     sid = await services_of(request).validation.request_email_token(
         body.client_secret, body.email, send_attempt_of(body.send_attempt), body.next_link,
-        brand=request.query.get("brand"), requester_ip=request.remote)
+        brand=request.query.get("brand"), requester=requester(request, account),
+        requester_ip=client_ip(request))
     return json_response({"sid": sid})
 
 
 async def msisdn_request_token(request: web.Request) -> web.Response:
-    await caller(request)
+    account = await caller(request)
     body = await json_body(request, MsisdnRequestToken)
     session = await services_of(request).validation.request_msisdn_token(
         body.client_secret, body.country, body.phone_number,
-        send_attempt_of(body.send_attempt), body.next_link)
+        send_attempt_of(body.send_attempt), body.next_link,
+        requester=requester(request, account))
     return json_response(session_answer(session))
 
 

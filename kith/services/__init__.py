@@ -11,6 +11,7 @@ from kith.services.bindings import BindingService
 from kith.services.homeserver_auth import HomeserverAuthenticator
 from kith.services.invites import InviteService
 from kith.services.keys import ServerKeys
+from kith.services.limits import SendLimits
 from kith.services.lookup import AssociationIndex, LookupService
 from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
@@ -34,5 +35,6 @@ class Services:
     validation: ValidationService
     templates: Templates
     invites: InviteService
+    limits: SendLimits
     ldap_sync: LdapSync | None = None
     onbind: OnbindService | None = None

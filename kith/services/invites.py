@@ -23,7 +23,6 @@ from unpaddedbase64 import decode_base64, encode_base64
 
 from kith.config import EmailConfig
 from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates
-from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.templates import TemplateError
 from kith.errors import (
     M_EMAIL_SEND_ERROR,
@@ -35,6 +34,7 @@ from kith.errors import (
     MatrixError,
 )
 from kith.services.keys import ServerKeys
+from kith.services.limits import Requester, SendLimits
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
 from kith.store import InviteTokenRow, Store
@@ -95,7 +95,7 @@ class InviteRequest:
 class InviteService:
     def __init__(self, store: Store, keys: ServerKeys, lookup: LookupService, *,
                  email: EmailConfig, email_sender: EmailSender,
-                 email_templates: EmailTemplates, ratelimit: RateLimiter,
+                 email_templates: EmailTemplates, limits: SendLimits,
                  base_url: str, v1_enabled: bool = True,
                  onbind: OnbindService | None = None,
                  clock: Callable[[], int] = now_ms) -> None:
@@ -106,7 +106,7 @@ class InviteService:
         self._email = email
         self._sender = email_sender
         self._templates = email_templates
-        self._ratelimit = ratelimit
+        self._limits = limits
         self._clock = clock
         self.base_url = base_url
         self.v1_enabled = v1_enabled
@@ -114,8 +114,16 @@ class InviteService:
     # ------------------------------------------------------------------- store-invite
 
     async def store_invite(self, request: InviteRequest, *, verified_sender: str | None,
-                           brand: str | None = None) -> dict[str, Any]:
-        """Store the invite, mail it, and answer the keys and the redacted address."""
+                           brand: str | None = None,
+                           requester: Requester | None = None) -> dict[str, Any]:
+        """Store the invite, mail it, and answer the keys and the redacted address.
+
+        `verified_sender` is the authenticated account (v2): the invite must come from
+        it, as in Sydent.  The mail counts against the sender's limit, the recipient
+        address's and the client address's, checked before anything is stored."""
+        check_mxid(request.sender, "sender")
+        if verified_sender is not None and request.sender != verified_sender:
+            raise MatrixError(403, M_UNAUTHORIZED, "'sender' doesn't match")
         if request.medium != "email":
             raise MatrixError(400, M_UNRECOGNIZED,
                               f"Didn't understand medium '{request.medium}'")
@@ -126,13 +134,15 @@ class InviteService:
             raise MatrixError(400, M_INVALID_EMAIL, refused)
         if not request.room_id.startswith("!"):
             raise MatrixError(400, M_INVALID_PARAM, "Invalid room_id")
-        check_mxid(request.sender, "sender")
         owner = await self._lookup.resolve("email", address)
         if owner is not None:
             raise MatrixError(400, M_THREEPID_IN_USE, "Binding already known",
                               mxid=owner[0])
         self._check_blocklists(request)
-        self._ratelimit.hit(request.sender)
+        limits = self._limits
+        await limits.hit((limits.email_sender, request.sender),
+                         (limits.email_recipient, address),
+                         (limits.client_ip, requester.ip if requester else None))
 
         token = new_invite_token()
         ephemeral = nacl.signing.SigningKey.generate()

@@ -16,6 +16,7 @@ from kith.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.coherence import ChangeCounter
+from kith.services.limits import LookupBudget, Requester
 from kith.services.lookup_table import LookupTable
 from kith.sources.errors import LdapError
 from kith.store import IndexChange, Store
@@ -138,8 +139,10 @@ class LookupService:
     def __init__(self, index: AssociationIndex, pepper: str, address_lookup_limit: int, *,
                  precedence: Sequence[str] = DEFAULT_PRECEDENCE,
                  directory: LdapDirectory | None = None,
-                 upstream: UpstreamIdentityServer | None = None) -> None:
+                 upstream: UpstreamIdentityServer | None = None,
+                 budget: LookupBudget | None = None) -> None:
         self.index = index
+        self.budget = budget
         self.pepper = pepper
         self.limit = address_lookup_limit
         self.precedence = tuple(precedence)
@@ -157,8 +160,10 @@ class LookupService:
     def hash_details(self) -> dict[str, object]:
         return {"algorithms": list(ALGORITHMS), "lookup_pepper": self.pepper}
 
-    async def lookup(self, algorithm: str, pepper: str,
-                     addresses: Sequence[str]) -> dict[str, str]:
+    async def lookup(self, algorithm: str, pepper: str, addresses: Sequence[str],
+                     requester: Requester | None = None) -> dict[str, str]:
+        """The mappings of the addresses that are bound; each address asked counts
+        against the requester's lookup budget (429 M_LIMIT_EXCEEDED when spent)."""
         if algorithm not in ALGORITHMS:
             raise invalid_param(f"Unsupported algorithm: {algorithm!r}")
         if pepper != self.pepper:
@@ -168,6 +173,8 @@ class LookupService:
         if len(addresses) > self.limit:
             raise MatrixError(400, M_TOO_LARGE,
                               f"More than the maximum of {self.limit} addresses in one lookup")
+        if requester is not None and self.budget is not None:
+            self.budget.spend(len(addresses), requester)
         await self.index.refresh()
         if algorithm == "sha256":
             return self._lookup_hashes(addresses)

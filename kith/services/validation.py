@@ -15,13 +15,12 @@ import logging
 import re
 import secrets
 import string
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kith.config import SmsConfig
 from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates, validation_link
-from kith.delivery.ratelimit import RateLimiter
 from kith.delivery.sms import SmsProvider, SmsSendError, check_sms_rule, country_code, sms_body
 from kith.delivery.templates import TemplateError
 from kith.errors import (
@@ -35,6 +34,7 @@ from kith.errors import (
     M_TOKEN_INCORRECT,
     MatrixError,
 )
+from kith.services.limits import Requester, SendLimits
 from kith.store import Store, ValidationSessionRow
 from kith.threepid import normalise_plain_email, now_ms, parse_msisdn
 
@@ -95,22 +95,18 @@ class ValidationService:
         *,
         email_sender: EmailSender,
         email_templates: EmailTemplates,
-        email_ratelimit: RateLimiter,
+        limits: SendLimits,
         sms: SmsConfig,
         sms_provider: SmsProvider | None,
-        msisdn_ratelimit: RateLimiter,
-        country_ratelimit: RateLimiter,
         client_http_base: str,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self._email_sender = email_sender
         self._email_templates = email_templates
-        self._email_ratelimit = email_ratelimit
+        self._limits = limits
         self._sms = sms
         self.sms_provider = sms_provider
-        self._msisdn_ratelimit = msisdn_ratelimit
-        self._country_ratelimit = country_ratelimit
         self._client_http_base = client_http_base.rstrip("/")
         self._clock = clock
 
@@ -118,18 +114,26 @@ class ValidationService:
 
     async def request_email_token(self, client_secret: str, email: str, send_attempt: int,
                                   next_link: str | None = None, brand: str | None = None,
+                                  requester: Requester | None = None,
                                   requester_ip: str | None = None) -> str:
-        """Create or reuse the session and mail its token when due; answers the sid."""
+        """Create or reuse the session and mail its token when due; answers the sid.
+
+        A mail counts against the sender's limit (the account on v2, the client address
+        on v1, as Sydent), the recipient address's and the client address's."""
         check_client_secret(client_secret)
         address = normalise_plain_email(email)
         if address is None:
             raise MatrixError(400, M_INVALID_EMAIL, "The email address is not valid")
         if refused := await self._email_sender.undeliverable(address):
             raise MatrixError(400, M_INVALID_EMAIL, refused)
-        session, due = await self._session_for("email", address, client_secret,
-                                               send_attempt, next_link)
+        asker = requester or Requester(ip=None)
+        limits = self._limits
+        session, due = await self._session_for(
+            "email", address, client_secret, send_attempt, next_link,
+            lambda: limits.hit((limits.email_sender, asker.user_id or asker.ip),
+                               (limits.email_recipient, address),
+                               (limits.client_ip, asker.ip)))
         if due:
-            self._email_ratelimit.hit(address)
             link = validation_link(self._client_http_base, token=session.token,
                                    client_secret=client_secret, sid=session.id,
                                    next_link=session.next_link, api_prefix=V2_PREFIX)
@@ -147,16 +151,23 @@ class ValidationService:
 
     async def request_msisdn_token(self, client_secret: str, country: str,
                                    phone_number: str, send_attempt: int,
-                                   next_link: str | None = None) -> MsisdnSession:
-        """Create or reuse the session and text its token when due."""
+                                   next_link: str | None = None,
+                                   requester: Requester | None = None) -> MsisdnSession:
+        """Create or reuse the session and text its token when due.
+
+        A text counts against the number's limit, its calling code's (Sydent's) and the
+        client address's."""
         check_client_secret(client_secret)
         msisdn, intl_fmt = parse_msisdn(country, phone_number)
         check_sms_rule(self._sms, msisdn)
-        session, due = await self._session_for("msisdn", msisdn, client_secret,
-                                               send_attempt, next_link)
+        asker = requester or Requester(ip=None)
+        limits = self._limits
+        session, due = await self._session_for(
+            "msisdn", msisdn, client_secret, send_attempt, next_link,
+            lambda: limits.hit((limits.msisdn, msisdn),
+                               (limits.country, country_code(msisdn) or ""),
+                               (limits.client_ip, asker.ip)))
         if due:
-            self._msisdn_ratelimit.hit(msisdn)
-            self._country_ratelimit.hit(country_code(msisdn) or "")
             try:
                 if self.sms_provider is None:
                     raise SmsSendError("no SMS provider is configured")
@@ -169,28 +180,37 @@ class ValidationService:
         return MsisdnSession(str(session.id), msisdn, intl_fmt)
 
     async def _session_for(self, medium: str, address: str, client_secret: str,
-                           send_attempt: int, next_link: str | None
+                           send_attempt: int, next_link: str | None,
+                           check_limits: Callable[[], Awaitable[None]]
                            ) -> tuple[ValidationSessionRow, bool]:
         """The live session for the triple (created if new; replaced if expired or
         locked), and whether its token is due to be sent for `send_attempt`.
 
-        The stored send_attempt advances only after a successful send, so a failed send
-        is retried by any request with a send_attempt above the last one delivered.
+        When a send is due, `check_limits` runs before anything is written: a refused
+        request leaves no row behind.  The stored send_attempt advances only after a
+        successful send, so a failed send is retried by any request with a send_attempt
+        above the last one delivered.
         """
+        stored = await self._store.sessions.find(medium, address, client_secret)
+        live = None if stored is None or self._expired(stored) \
+            or stored.failed_attempts >= MAX_FAILED_ATTEMPTS else stored
+        if live is None or send_attempt > live.send_attempt:
+            await check_limits()
         now = self._clock()
+        if live is not None:
+            await self._store.sessions.touch(live.id, now, next_link=next_link)
+            session = live
+            if next_link is not None:
+                session = await self._store.sessions.get(live.id) or live
+            return session, send_attempt > session.send_attempt
         fresh = ValidationSessionRow(
             id=new_sid(), medium=medium, address=address, client_secret=client_secret,
             validated_at=None, mtime=now, next_link=next_link, send_attempt=-1,
             token=new_token(medium), failed_attempts=0)
-        session = await self._store.sessions.find(medium, address, client_secret)
-        if session is None:
+        if stored is None:
             session = await self._store.sessions.create(fresh)
-        elif self._expired(session) or session.failed_attempts >= MAX_FAILED_ATTEMPTS:
-            session = await self._store.sessions.replace(session.id, fresh)
         else:
-            await self._store.sessions.touch(session.id, now, next_link=next_link)
-            if next_link is not None:
-                session = await self._store.sessions.get(session.id) or session
+            session = await self._store.sessions.replace(stored.id, fresh)
         return session, send_attempt > session.send_attempt
 
     # ------------------------------------------------------------------ submitToken

@@ -48,7 +48,8 @@ async def test_a_non_ascii_local_part_is_refused_before_anything_is_stored(
     store = kith.server.store
     assert store is not None
     assert await store.sessions.find("email", JORAN, SECRET) is None
-    status, body = await call(kith, token, "POST", "/store-invite", invite_body(JORAN))
+    status, body = await call(kith, token, "POST", "/store-invite",
+                              invite_body(JORAN, sender="@joran:hs.test"))
     assert (status, body["errcode"]) == (400, "M_INVALID_EMAIL"), body
     assert not await store.invites.has_pending("email", JORAN)
     assert ascii_smtp.messages == []

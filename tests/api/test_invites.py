@@ -235,7 +235,8 @@ async def test_sender_is_rate_limited(kith_factory: KithFactory, smtp: SmtpSink)
     status, body = await store_invite(kith, token, address="x3@example.com")
     assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
     assert len(smtp.messages) == 2
-    status, body = await store_invite(kith, token, address="x4@example.com",
+    dave = await kith.register("dave")
+    status, body = await store_invite(kith, dave, address="x4@example.com",
                                       sender="@dave:hs.test")
     assert status == 200, body
 

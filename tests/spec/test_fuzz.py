@@ -66,10 +66,15 @@ def fuzz_sections(tmp_path: Path, homeserver: Homeserver, smtp: SmtpSink,
     return {
         "general": {"terms.path": tmp_path / "terms.yaml",
                     # Nothing but loopback, whatever a name resolves to.
-                    "ip.blacklist": "0.0.0.0/0, ::/0"},
+                    "ip.blacklist": "0.0.0.0/0, ::/0",
+                    # One client on one address: the limits must not hide the paths
+                    # behind them (tests/api/test_limits.py tests the limits).
+                    "client_ip.ratelimit.burst": 100_000,
+                    "lookup.budget.account": 10_000_000, "lookup.budget.ip": 10_000_000},
         "http": {"federation.test_overrides": f"*={homeserver.url}"},
         "email": {"email.smtphost": "127.0.0.1", "email.smtpport": smtp.port,
-                  "email.hostname": "kith.test", "email.ratelimit_sender.burst": 100_000},
+                  "email.hostname": "kith.test", "email.ratelimit_sender.burst": 100_000,
+                  "email.ratelimit_recipient.burst": 100_000},
         "sms": {"username": "om-user", "password": "om-pass", "base_url": openmarket.url,
                 "msisdn.ratelimit.burst": 100_000, "country.ratelimit.burst": 100_000},
     }
