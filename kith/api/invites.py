@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from kith.api.fields import Identifier, Name, Url, check_string_lengths
 from kith.api.http import (
     caller,
     decode_json,
@@ -21,17 +22,17 @@ V2 = "/_matrix/identity/v2"
 
 
 class StoreInviteRequest(msgspec.Struct):
-    medium: str
-    address: str
-    room_id: str
-    sender: str
-    room_alias: str | None = None
-    room_avatar_url: str | None = None
-    room_join_rules: str | None = None
-    room_name: str | None = None
-    room_type: str | None = None
-    sender_display_name: str | None = None
-    sender_avatar_url: str | None = None
+    medium: Identifier
+    address: str  # at most 500 characters: refused as M_INVALID_EMAIL otherwise
+    room_id: Identifier
+    sender: Identifier
+    room_alias: Identifier | None = None
+    room_avatar_url: Url | None = None
+    room_join_rules: Identifier | None = None
+    room_name: Name | None = None
+    room_type: Identifier | None = None
+    sender_display_name: Name | None = None
+    sender_avatar_url: Url | None = None
 
 
 class SignRequest(msgspec.Struct):
@@ -45,6 +46,7 @@ async def store_invite(request: web.Request) -> web.Response:
     raw = await read_body(request)
     body = decode_json(raw, StoreInviteRequest)
     args = decode_json(raw, dict[str, Any])
+    check_string_lengths(args)
     answer = await services_of(request).invites.store_invite(
         InviteRequest(medium=body.medium, address=body.address, room_id=body.room_id,
                       sender=body.sender, args=args),

@@ -12,6 +12,7 @@ import urllib.parse
 import msgspec
 from aiohttp import web
 
+from kith.api.fields import Url
 from kith.api.http import (
     access_token,
     caller,
@@ -36,7 +37,7 @@ class EmailRequestToken(msgspec.Struct):
     client_secret: str
     email: str
     send_attempt: int | str
-    next_link: str | None = None
+    next_link: Url | None = None
 
 
 class MsisdnRequestToken(msgspec.Struct):
@@ -44,7 +45,7 @@ class MsisdnRequestToken(msgspec.Struct):
     country: str
     phone_number: str
     send_attempt: int | str
-    next_link: str | None = None
+    next_link: Url | None = None
 
 
 class SubmitToken(msgspec.Struct):

@@ -282,8 +282,19 @@ INVITE_OPTIONAL_VARIABLES = (
     "room_id", "sender", "room_name", "room_type", "room_avatar_url", "sender_display_name",
     "sender_avatar_url", "guest_user_id", "guest_access_token",
 )
-MAX_DISPLAY_NAME = 20
-MAX_ROOM_NAME = 30
+# The names a person chose that the invite mail shows, shortened as Sydent shortens
+# them (longer than `longest`: the first `kept` characters and an ellipsis), so an
+# invite cannot carry a paragraph of its sender's text.  Sydent shortens the display
+# name and the room name; the alias is a room's name too.
+SHORTENED_NAMES = {  # variable: (longest, kept)
+    "sender_display_name": (20, 19),
+    "room_name": (30, 25),
+    "room_alias": (30, 25),
+}
+
+
+def shortened(text: str, longest: int, kept: int) -> str:
+    return text if len(text) <= longest else text[:kept] + "…"
 
 
 class EmailTemplates:
@@ -332,12 +343,10 @@ def invite_variables(config: EmailConfig, to_address: str, args: Mapping[str, ob
     values = {key: value for key, value in args.items() if isinstance(value, str)}
     for key in INVITE_OPTIONAL_VARIABLES:
         values.setdefault(key, "")
-    display_name = values["sender_display_name"]
-    if len(display_name) > MAX_DISPLAY_NAME:
-        values["sender_display_name"] = display_name[:MAX_DISPLAY_NAME - 1] + "…"
+    for name, (longest, kept) in SHORTENED_NAMES.items():
+        if name in values:
+            values[name] = shortened(values[name], longest, kept)
     room_name = values["room_name"]
-    if len(room_name) > MAX_ROOM_NAME:
-        values["room_name"] = room_name = room_name[:25] + "…"
     values["bracketed_room_name"] = f"({room_name}) " if room_name else ""
     values["bracketed_verified_sender"] = f"({verified_sender}) " if verified_sender else ""
     values["web_client_location"] = _web_client_location(

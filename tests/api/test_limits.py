@@ -1,6 +1,7 @@
 """Abuse limits seen from a client: nothing is stored before the limits are checked,
-invites come from their sender, and mail, texts and invites are limited per recipient
-and per client address (X-Forwarded-For behind a proxy), on v2 and v1 alike."""
+stored and mailed strings are bounded, invites come from their sender, and mail, texts
+and invites are limited per recipient and per client address (X-Forwarded-For behind
+a proxy), on v2 and v1 alike."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from kith.store.schema import invite_tokens, rate_limits, threepid_validation_sessions
-from tests.api.test_invites import invite_body
+from tests.api.test_invites import invite_body, parsed
 from tests.api.test_validation import V2, call, request_email
 from tests.conftest import KithFactory, OpenMarket, RunningKith, SmtpSink, wait_for
 
@@ -63,6 +64,43 @@ async def test_refused_request_tokens_store_nothing(kith_factory: KithFactory,
     assert len(smtp.messages) == 2
     assert await rows(kith, threepid_validation_sessions) == 2
     assert database_bytes(kith) - before < 4096  # under one page for 60 refusals
+
+
+async def test_next_link_and_invite_fields_are_bounded(kith_factory: KithFactory,
+                                                       smtp: SmtpSink) -> None:
+    kith = await kith_factory(mail(smtp))
+    token = await kith.register("alice")
+    status, body = await request_email(kith, token, next_link="https://a.example/" +
+                                       "x" * 500_000)
+    assert (status, body["errcode"]) == (400, "M_INVALID_PARAM"), body
+    assert "next_link" in body["error"]
+    for field, value in (("room_name", "n" * 1025), ("sender_display_name", "d" * 1025),
+                         ("room_alias", "#" + "a" * 300 + ":hs.test"),
+                         ("room_avatar_url", "mxc://hs.test/" + "m" * 5000),
+                         ("room_id", "!" + "r" * 300 + ":hs.test"),
+                         ("org.matrix.web_client_location", "https://" + "w" * 5000),
+                         ("an_extra_field", "e" * 5000)):
+        status, body = await call(kith, token, "POST", "/store-invite",
+                                  invite_body(**{field: value}))
+        assert (status, body["errcode"]) == (400, "M_INVALID_PARAM"), (field, body)
+    assert smtp.messages == []
+    assert await rows(kith, threepid_validation_sessions) == 0
+    assert await rows(kith, invite_tokens) == 0
+
+
+async def test_the_invite_mail_shows_only_the_start_of_names(kith_factory: KithFactory,
+                                                             smtp: SmtpSink) -> None:
+    kith = await kith_factory(mail(smtp))
+    token = await kith.register("alice")
+    paragraph = "Click here to claim your prize " * 30  # 930 characters: accepted
+    status, body = await call(kith, token, "POST", "/store-invite", invite_body(
+        room_name=paragraph, sender_display_name=paragraph))
+    assert status == 200, body
+    text = smtp.messages[-1][1]
+    assert "Click here to claim your prize Click" not in text
+    assert "Click here to claim your …" in text  # room name: 25 characters and "…"
+    # display name: 19 characters and "…"
+    assert parsed(smtp)["Subject"] == "Click here to claim… has invited you to chat"
 
 
 # ---------------------------------------------------------------------- store-invite

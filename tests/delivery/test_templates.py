@@ -211,3 +211,18 @@ def test_invite_variables_space_subject_and_defaults() -> None:
     assert values["sender_display_name"] == ""
     subject = str(make_header(decode_header(values["subject_header_value"])))
     assert subject == "@al:hs.test has invited you to chat"
+
+
+def test_invite_variables_shorten_every_chosen_name() -> None:
+    values = invite_variables(EmailConfig(hostname="kith.test"), "bob@example.org", {
+        "sender_display_name": "d" * 21, "room_name": "n" * 31,
+        "room_alias": "#" + "a" * 40 + ":hs.test", "room_id": "!" + "r" * 40 + ":hs.test"},
+        token="t", ephemeral_private_key="k")
+    assert values["sender_display_name"] == "d" * 19 + "…"
+    assert values["room_name"] == "n" * 25 + "…"
+    assert values["room_alias"] == "#" + "a" * 24 + "…"
+    assert values["room_id"] == "!" + "r" * 40 + ":hs.test"  # identifiers stay whole
+    values = invite_variables(EmailConfig(hostname="kith.test"), "bob@example.org", {
+        "sender_display_name": "d" * 20, "room_name": "n" * 30},
+        token="t", ephemeral_private_key="k")
+    assert (values["sender_display_name"], values["room_name"]) == ("d" * 20, "n" * 30)
