@@ -62,6 +62,8 @@ class GeneralConfig:
     # kith: mails, texts and invites one client address may have kith send.
     client_ip_ratelimit_burst: int = 50
     client_ip_ratelimit_rate_hz: float = 1 / 10
+    # kith: seconds a stored 3PID invite (and its ephemeral key) is kept.
+    invite_lifetime_s: float = 365 * 24 * 60 * 60
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,7 @@ def general(s: Section) -> GeneralConfig:
             "client_ip.ratelimit.burst", 1, GeneralConfig.client_ip_ratelimit_burst),
         client_ip_ratelimit_rate_hz=s.number(
             "client_ip.ratelimit.rate_hz", GeneralConfig.client_ip_ratelimit_rate_hz),
+        invite_lifetime_s=s.seconds("invite.lifetime", GeneralConfig.invite_lifetime_s),
     )
 
 

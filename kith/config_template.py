@@ -107,6 +107,11 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
         KeySpec("client_ip.ratelimit.rate_hz", None,
                 "kith: rate the per-address limit drains at, per second. Default: 0.1 "
                 "(one every 10 s).", "0.1"),
+        KeySpec("invite.lifetime", None,
+                "kith: seconds a 3PID invite (its token and its ephemeral key) is kept "
+                "after store-invite; then it is deleted, delivered or not, and the key "
+                "is no longer valid. Sydent kept them forever. Default: 31536000 (365 "
+                "days).", "31536000"),
     )),
     ("db", "Storage.", (
         KeySpec("db.file", "sydent.db",

@@ -57,7 +57,7 @@ from kith.tls import ClientTls
 log = logging.getLogger(__name__)
 
 INDEX_FOLLOW_INTERVAL_S = 1.0
-# Expired sessions (as often as Sydent purges them), empty rate-limit buckets.
+# Expired sessions (as often as Sydent purges them), invites, empty rate-limit buckets.
 PURGE_INTERVAL_S = 600.0
 
 
@@ -138,6 +138,7 @@ def invite_service(config: KithConfig, store: Store, keys: ServerKeys,
         base_url=public_base_url(config.http.client_http_base, keys.server_name),
         v1_enabled=config.general.enable_v1_access,
         onbind=onbind,
+        lifetime_s=config.general.invite_lifetime_s,
     )
 
 
@@ -263,6 +264,7 @@ class KithServer:
             self.tasks.append(asyncio.create_task(self.services.ldap_sync.run()))
         for what, job in (
                 ("purging expired validation sessions", self.services.validation.purge_expired),
+                ("purging expired invites and their keys", self.services.invites.purge_expired),
                 ("purging empty rate-limit buckets", self.services.limits.purge)):
             self.tasks.append(asyncio.create_task(
                 periodically(PURGE_INTERVAL_S, what, job), name="kith-purge"))

@@ -98,6 +98,7 @@ class InviteService:
                  email_templates: EmailTemplates, limits: SendLimits,
                  base_url: str, v1_enabled: bool = True,
                  onbind: OnbindService | None = None,
+                 lifetime_s: float = 365 * 24 * 60 * 60,
                  clock: Callable[[], int] = now_ms) -> None:
         self._onbind = onbind
         self._store = store
@@ -108,6 +109,7 @@ class InviteService:
         self._templates = email_templates
         self._limits = limits
         self._clock = clock
+        self._lifetime_s = lifetime_s
         self.base_url = base_url
         self.v1_enabled = v1_enabled
 
@@ -179,6 +181,12 @@ class InviteService:
             ],
             "display_name": display_name,
         }
+
+    async def purge_expired(self) -> int:
+        """Delete invites (and their ephemeral keys) older than their lifetime; how many
+        rows went."""
+        return await self._store.invites.delete_older_than(
+            self._clock() - round(self._lifetime_s * 1000))
 
     def _check_blocklists(self, request: InviteRequest) -> None:
         """Sydent's three blocklists; a hit is 403 M_UNAUTHORIZED."""

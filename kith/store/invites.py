@@ -147,6 +147,17 @@ class InviteStore:
                     {"public_key": k, "verify_count": n, "persistence_ts": ts}
                     for k, n, ts in public_keys])
 
+    async def delete_older_than(self, stored_before_ms: int) -> int:
+        """Delete the invites stored before the given time, and the ephemeral keys made
+        before it (a key is made with its invite); how many rows went.  Rows of unknown
+        age (time 0: imported from a Sydent too old to record it) are kept."""
+        async with self._db.engine.begin() as conn:
+            invites = await conn.execute(delete(tokens).where(
+                tokens.c.received_ts > 0, tokens.c.received_ts < stored_before_ms))
+            ephemeral = await conn.execute(delete(keys).where(
+                keys.c.persistence_ts > 0, keys.c.persistence_ts < stored_before_ms))
+        return int(invites.rowcount or 0) + int(ephemeral.rowcount or 0)
+
     # ----------------------------------------------------------------- ephemeral keys
 
     async def count_ephemeral_key_check(self, public_key: str) -> bool:

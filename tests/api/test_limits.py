@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from kith.store.schema import invite_tokens, rate_limits, threepid_validation_sessions
-from tests.api.test_invites import invite_body, parsed
+from tests.api.test_invites import ephemeral_valid, invite_body, parsed
 from tests.api.test_validation import V2, call, request_email
 from tests.conftest import KithFactory, OpenMarket, RunningKith, SmtpSink, wait_for
 
@@ -247,6 +247,21 @@ async def test_lookups_over_the_budget_are_refused_and_under_it_unchanged(
 
 
 # ------------------------------------------------------------------------- purging
+
+async def test_expired_invites_and_their_keys_are_purged(kith_factory: KithFactory,
+                                                         smtp: SmtpSink) -> None:
+    kith = await kith_factory({**mail(smtp), "general": {"invite.lifetime": 1}})
+    token = await kith.register("alice")
+    status, body = await call(kith, token, "POST", "/store-invite", invite_body())
+    assert status == 200, body
+    ephemeral = body["public_keys"][1]["public_key"]
+    assert await ephemeral_valid(kith, ephemeral)
+    invites = kith.server.services.invites
+    assert await invites.purge_expired() == 0  # not a second old yet
+    await wait_for("the invite to expire", invites.purge_expired)  # the token and key
+    assert await rows(kith, invite_tokens) == 0
+    assert not await ephemeral_valid(kith, ephemeral)
+
 
 async def test_empty_rate_limit_buckets_are_purged(kith_factory: KithFactory,
                                                    smtp: SmtpSink) -> None:

@@ -37,6 +37,20 @@ async def test_invites_and_ephemeral_keys(store: Store) -> None:
     assert not await store.invites.count_ephemeral_key_check("pk1")
 
 
+async def test_old_invites_and_keys_are_deleted(store: Store) -> None:
+    await store.invites.add(invite("old", ts=1_000), "pk-old")
+    await store.invites.add(invite("new", ts=9_000), "pk-new")
+    # Imported from a Sydent too old to record when: age unknown, kept.
+    await store.invites.import_rows([invite("unknown", ts=0)], [("pk-unknown", 0, 0)])
+    assert await store.invites.delete_older_than(5_000) == 2
+    assert await store.invites.get("old") is None
+    assert not await store.invites.count_ephemeral_key_check("pk-old")
+    for token, key in (("new", "pk-new"), ("unknown", "pk-unknown")):
+        assert await store.invites.get(token) is not None
+        assert await store.invites.count_ephemeral_key_check(key)
+    assert await store.invites.delete_older_than(5_000) == 0
+
+
 async def test_queue_onbind_takes_each_invite_once(store: Store) -> None:
     await store.invites.add(invite("t1", ts=2), "pk1")
     await store.invites.add(invite("t2", ts=1), "pk2")
