@@ -27,6 +27,7 @@ from kith.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, UNMATCHED_ROUTE
 from kith.services import Services
 from kith.services.accounts import Account
 from kith.services.limits import Requester, ip_key
+from kith.store import is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,14 @@ async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamRes
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
-    except Exception:
+    except Exception as exc:
+        if is_storage_full(exc):
+            # Reads go on; writes work again once there is room.
+            log.error("cannot store anything, the database's disk is full: %s %s refused",
+                      request.method, request.path)
+            return error_response(MatrixError(
+                503, M_UNKNOWN, "The server cannot store anything now: its storage is "
+                "full. Try again later."))
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
 

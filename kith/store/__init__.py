@@ -13,6 +13,7 @@ from kith.store.database import (
     DatabaseKind,
     StoreError,
     inspect_sqlite,
+    is_storage_full,
     sqlite_path,
 )
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
@@ -25,7 +26,7 @@ from kith.store.state import ServerStateStore
 __all__ = ["AccountRow", "AssociationRow", "Charge", "DatabaseKind", "DeliveryReport",
            "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "Refusal",
            "ReplicationPeerRow", "Store", "StoreError", "ValidationSessionRow",
-           "inspect_sqlite", "sqlite_path"]
+           "inspect_sqlite", "is_storage_full", "sqlite_path"]
 
 
 class Store:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import fcntl
 import functools
 import logging
@@ -48,6 +49,29 @@ class DatabaseKind(enum.Enum):
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+_DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database's disk is full: SQLite's
+    SQLITE_FULL, PostgreSQL's disk_full, or ENOSPC.  Reads still work then, and writes
+    work again once there is room: nothing about it is permanent."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if (getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                or _DISK_FULL_SQLSTATE in (getattr(current, "sqlstate", None),
+                                           getattr(current, "pgcode", None))
+                or (isinstance(current, OSError) and current.errno == errno.ENOSPC)):
+            return True
+        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
+    return False
 
 
 def sqlite_path(db: DbConfig) -> str | None:
