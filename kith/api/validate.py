@@ -23,7 +23,7 @@ from kith.api.http import (
     services_of,
 )
 from kith.errors import MatrixError, invalid_param, missing_params
-from kith.services.validation import session_answer
+from kith.services.validation import next_link_with_sid, session_answer
 
 V2 = "/_matrix/identity/v2"
 MAX_SEND_ATTEMPT = 2**31 - 1
@@ -127,8 +127,8 @@ async def submit_token_get(request: web.Request) -> web.Response:
             raise
         page = await templates.render_verify_response_async(FAILED_MESSAGE, brand)
         return web.Response(text=page, status=400, content_type="text/html")
-    if is_safe_redirect(session.next_link):
-        raise web.HTTPFound(str(session.next_link))
+    if session.next_link is not None and is_safe_redirect(session.next_link):
+        raise web.HTTPFound(next_link_with_sid(session.next_link, sid))
     page = await templates.render_verify_response_async(VALIDATED_MESSAGE, brand)
     return web.Response(text=page, content_type="text/html")
 

@@ -262,20 +262,17 @@ def common_variables(config: EmailConfig, to_address: str) -> dict[str, str]:
 
 
 def validation_link(client_http_base: str, *, token: str, client_secret: str,
-                    sid: int | str, next_link: str | None = None,
-                    api_prefix: str = "/_matrix/identity/api/v1") -> str:
-    """The submitToken link of a verification mail, as Sydent builds it.
+                    sid: int | str, api_prefix: str = "/_matrix/identity/api/v1") -> str:
+    """The submitToken link of a verification mail.
 
-    `next_link` gets `sid=<sid>` appended (the client learns the sid only after the mail
-    is sent) and is ignored when it starts with `file:///`.
+    Sydent also puts the session's next_link into it (as `nextLink`) and redirects to
+    whatever that parameter says; kith redirects to the next_link stored with the
+    session, so the link stays short (a mail's lines must stay under 1000 bytes, and a
+    URL-encoded next_link can triple in length) and cannot be made to redirect elsewhere.
     """
     quote = urllib.parse.quote
-    link = (f"{client_http_base}{api_prefix}/validate/email/submitToken"
+    return (f"{client_http_base}{api_prefix}/validate/email/submitToken"
             f"?token={quote(token)}&client_secret={quote(client_secret)}&sid={quote(str(sid))}")
-    if next_link and not next_link.startswith("file:///"):
-        next_link += ("&" if "?" in next_link else "?") + f"sid={quote(str(sid))}"
-        link += f"&nextLink={quote(next_link)}"
-    return link
 
 
 INVITE_OPTIONAL_VARIABLES = (

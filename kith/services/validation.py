@@ -18,6 +18,7 @@ import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from kith.config import SmsConfig
 from kith.delivery.email import EmailSender, EmailSendError, EmailTemplates, validation_link
@@ -83,6 +84,13 @@ def new_sid() -> int:
     return 1 + secrets.randbelow(MAX_SID)
 
 
+def next_link_with_sid(next_link: str, sid: int | str) -> str:
+    """Where the mail's link leads once it validated session `sid`: the session's
+    next_link with `sid=<sid>` appended, as Sydent does (the client learns the sid only
+    after the mail is sent)."""
+    return next_link + ("&" if "?" in next_link else "?") + f"sid={quote(str(sid))}"
+
+
 def no_valid_session() -> MatrixError:
     return MatrixError(404, M_NO_VALID_SESSION,
                        "No valid session was found matching that sid and client secret")
@@ -136,7 +144,7 @@ class ValidationService:
         if due:
             link = validation_link(self._client_http_base, token=session.token,
                                    client_secret=client_secret, sid=session.id,
-                                   next_link=session.next_link, api_prefix=V2_PREFIX)
+                                   api_prefix=V2_PREFIX)
             try:
                 message = await self._email_templates.verification(
                     address, token=session.token, link=link, ipaddress=requester_ip,
