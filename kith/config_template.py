@@ -103,7 +103,9 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "kith: mails, texts and invites one client address (an IPv6 /64) may "
                 "make kith send (email and msisdn requestToken, store-invite) before "
                 "rate limiting. A homeserver's store-invite calls all come from its "
-                "address: raise this for a busy one. Default: 50.", "50"),
+                "address: raise this for a busy one. The same numbers bound account "
+                "registrations per client address, in a bucket of their own (each makes "
+                "kith ask a homeserver). Default: 50.", "50"),
         KeySpec("client_ip.ratelimit.rate_hz", None,
                 "kith: rate the per-address limit drains at, per second. Default: 0.1 "
                 "(one every 10 s).", "0.1"),

@@ -110,7 +110,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         accounts=AccountService(
             store, terms_source, federation.openid_userinfo,
             config.general.homeserver_allow_list,
-            counters.counter(SharedCounters.ACCOUNTS) if counters else None),
+            counters.counter(SharedCounters.ACCOUNTS) if counters else None, limits),
         index=index,
         lookup=lookup_service,
         bindings=BindingService(store, index, keys, pepper, lookup=lookup_service,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from kith.api.http import access_token, authenticated, json_body, json_response, services_of
+from kith.api.http import (
+    access_token,
+    authenticated,
+    json_body,
+    json_response,
+    requester,
+    services_of,
+)
 
 
 class OpenIdToken(msgspec.Struct):
@@ -18,7 +25,7 @@ class OpenIdToken(msgspec.Struct):
 async def register(request: web.Request) -> web.Response:
     body = await json_body(request, OpenIdToken)
     token = await services_of(request).accounts.register(
-        body.matrix_server_name, body.access_token)
+        body.matrix_server_name, body.access_token, requester(request))
     return json_response({"token": token, "access_token": token})
 
 

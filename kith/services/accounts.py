@@ -21,6 +21,7 @@ from kith.errors import (
 )
 from kith.federation.errors import HomeserverUnreachable, OpenIdTokenRejected
 from kith.services.coherence import ChangeCounter
+from kith.services.limits import Requester, SendLimits
 from kith.services.terms import TermsSource
 from kith.store import Store
 from kith.threepid import is_valid_mxid, is_valid_server_name, mxid_server_name, now_ms
@@ -54,8 +55,10 @@ class AccountService:
         openid_userinfo: UserInfo,
         homeserver_allow_list: frozenset[str] = frozenset(),
         changes: ChangeCounter | None = None,
+        limits: SendLimits | None = None,
     ) -> None:
         self._store = store
+        self._limits = limits
         self._terms = terms
         self._userinfo = openid_userinfo
         self._allow_list = homeserver_allow_list
@@ -69,13 +72,19 @@ class AccountService:
         self._changes.bump()
         self._seen_changes += 1
 
-    async def register(self, matrix_server_name: str, openid_token: str) -> str:
-        """Check the OpenID token with its homeserver; answer a new access token."""
+    async def register(self, matrix_server_name: str, openid_token: str,
+                       requester: Requester | None = None) -> str:
+        """Check the OpenID token with its homeserver; answer a new access token.
+
+        Each registration makes kith ask a homeserver the caller names and stores a
+        token, so one client address may register only so often (`client_ip.ratelimit`)."""
         if not is_valid_server_name(matrix_server_name):
             raise invalid_param("matrix_server_name is not a valid server name")
         if self._allow_list and matrix_server_name not in self._allow_list:
             raise MatrixError(403, M_FORBIDDEN,
                               "This homeserver is not allowed to register with this server")
+        if self._limits is not None and requester is not None:
+            await self._limits.hit((self._limits.register_ip, requester.ip))
         try:
             user_id = await self._userinfo(matrix_server_name, openid_token)
         except OpenIdTokenRejected as exc:

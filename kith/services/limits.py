@@ -104,9 +104,10 @@ class Limit:
 
 
 class SendLimits:
-    """The limits on what makes kith send mail or texts: Sydent's per sender, per phone
-    number and per calling code, and kith's per recipient address and per client
-    address.  One store round trip per request."""
+    """The limits on what makes kith send something: mail and texts (Sydent's limits per
+    sender, per phone number and per calling code, and kith's per recipient address and
+    per client address), and requests to homeservers (account registration, per client
+    address, in a bucket of its own).  One store round trip per request."""
 
     def __init__(self, store: Store, config: KithConfig,
                  clock: Callable[[], int] = now_us) -> None:
@@ -121,6 +122,8 @@ class SendLimits:
                              sms.country_ratelimit_rate_hz)
         self.client_ip = Limit("client_ip", general.client_ip_ratelimit_burst,
                                general.client_ip_ratelimit_rate_hz)
+        self.register_ip = Limit("register.ip", general.client_ip_ratelimit_burst,
+                                 general.client_ip_ratelimit_rate_hz)
         self._store = store
         self._clock = clock
 

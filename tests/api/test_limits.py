@@ -148,6 +148,19 @@ async def test_v1_invites_and_tokens_are_limited_per_client_address(
     assert len(smtp.messages) == 3
 
 
+async def test_registrations_are_limited_per_client_address(kith_factory: KithFactory) -> None:
+    """Each registration makes kith ask a homeserver: one address may do it only so often,
+    counted apart from what it has kith send."""
+    kith = await kith_factory({"general": {"client_ip.ratelimit.burst": 2}})
+    for name in ("alice", "bob"):
+        await kith.register(name)
+    asked = kith.homeserver.calls
+    status, body = await post(kith, f"{V2}/account/register", {
+        "access_token": kith.homeserver.issue("carol"), "matrix_server_name": "hs.test"})
+    assert_limited(status, body)
+    assert kith.homeserver.calls == asked  # refused before asking anyone
+
+
 async def test_many_recipients_from_one_address_are_limited(kith_factory: KithFactory,
                                                             smtp: SmtpSink) -> None:
     kith = await kith_factory({**mail(smtp), "general": {"client_ip.ratelimit.burst": 4}})
@@ -270,7 +283,12 @@ async def test_empty_rate_limit_buckets_are_purged(kith_factory: KithFactory,
                                "general": {"client_ip.ratelimit.rate_hz": 5}})
     token = await kith.register("alice")
     assert (await request_email(kith, token))[0] == 200
-    assert await rows(kith, rate_limits) == 3  # sender, recipient, client address
+    # registering (per address), then the mail: sender, recipient, client address
+    assert await rows(kith, rate_limits) == 4
     limits = kith.server.services.limits
-    await wait_for("the buckets to drain", limits.purge)  # 0.2 s each
-    assert await rows(kith, rate_limits) == 0
+
+    async def all_purged() -> bool:
+        await limits.purge()
+        return await rows(kith, rate_limits) == 0
+
+    await wait_for("the buckets to drain and go", all_purged)  # 0.2 s each
