@@ -7,7 +7,7 @@ from typing import Any
 
 from kith.config import DbConfig
 from kith.store.accounts import AccountRow, AccountStore
-from kith.store.associations import AssociationRow, AssociationStore, IndexChange
+from kith.store.associations import AssociationRow, AssociationStore, IndexChange, OwnChange
 from kith.store.database import (
     Database,
     DatabaseKind,
@@ -18,15 +18,15 @@ from kith.store.database import (
 )
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
 from kith.store.locks import HeldLock, NamedLocks
-from kith.store.peers import ReplicationPeerRow, ReplicationPeerStore
+from kith.store.peers import PushState, ReplicationPeerRow, ReplicationPeerStore
 from kith.store.ratelimits import Charge, RateLimitStore, Refusal
 from kith.store.sessions import ValidationSessionRow, ValidationSessionStore
 from kith.store.state import ServerStateStore
 
 __all__ = ["AccountRow", "AssociationRow", "Charge", "DatabaseKind", "DeliveryReport",
-           "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "Refusal",
-           "ReplicationPeerRow", "Store", "StoreError", "ValidationSessionRow",
-           "inspect_sqlite", "is_storage_full", "sqlite_path"]
+           "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "OwnChange",
+           "PushState", "Refusal", "ReplicationPeerRow", "Store", "StoreError",
+           "ValidationSessionRow", "inspect_sqlite", "is_storage_full", "sqlite_path"]
 
 
 class Store:

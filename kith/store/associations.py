@@ -1,19 +1,23 @@
-"""3PID associations: writes through the group-commit writer, reads for the index."""
+"""3PID associations: writes through the group-commit writer, reads for the index and
+for the replication pusher."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import ColumnElement, FromClause, and_, bindparam, func, or_, select, text, update
 
 from kith.store.database import Database
+from kith.store.schema import NO_ORIGIN, OWN_SOURCE
 from kith.store.schema import threepid_associations as t
 
 
 @dataclass(frozen=True, slots=True)
 class AssociationRow:
-    """One stored association; `mxid` is None for a tombstone (an unbind)."""
+    """One stored association; `mxid` is None for a tombstone (an unbind).  `origin_server`
+    and `origin_id` name the replication peer it came from and its id there (None: the
+    server's own)."""
 
     source: str
     medium: str
@@ -23,6 +27,8 @@ class AssociationRow:
     not_before: int
     not_after: int
     lookup_hash: str
+    origin_server: str | None = None
+    origin_id: int | None = None
 
     def as_params(self) -> dict[str, object]:
         return {
@@ -34,7 +40,34 @@ class AssociationRow:
             "not_before": self.not_before,
             "not_after": self.not_after,
             "lookup_hash": self.lookup_hash,
+            "origin_server": self.origin_server,
+            "origin_id": self.origin_id,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class OwnChange:
+    """A bind or unbind made on this server, as the pusher sends it to peers."""
+
+    id: int
+    medium: str
+    address: str
+    mxid: str | None
+    ts: int
+    not_before: int
+    not_after: int
+
+
+def _stored_is_as_new(stored: FromClause) -> ColumnElement[bool]:
+    """The stored row is at least as new as the replicated one being written: from the
+    same peer, with an id at least as large (a peer's own order decides); else with a
+    `ts` at least as large (on a tie, what is stored stays)."""
+    origin = bindparam("origin_server", type_=t.c.origin_server.type)
+    same_origin = stored.c.origin_server == origin
+    return or_(and_(same_origin,
+                    stored.c.origin_id >= bindparam("origin_id", type_=t.c.origin_id.type)),
+               and_(or_(stored.c.origin_server.is_(None), stored.c.origin_server != origin),
+                    stored.c.ts >= bindparam("ts", type_=t.c.ts.type)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +82,24 @@ class AssociationStore:
     def __init__(self, db: Database) -> None:
         self._db = db
         # A write replaces the row *and gives it a new id*: the id is the change cursor.
-        self._upsert = db.replace_with_new_id(
-            t, ["source", "medium", "address"], AssociationRow.__slots__)
+        key = ["source", "medium", "address"]
+        self._upsert = db.replace_with_new_id(t, key, AssociationRow.__slots__)
+        self._upsert_if_newer = db.replace_with_new_id(t, key, AssociationRow.__slots__,
+                                                       unless=_stored_is_as_new)
+        # The partial index ix_threepid_own_changes serves every query of own rows.
+        self._own = text(f"{db.likely(OWN_SOURCE)} AND {NO_ORIGIN}")
 
     async def write(self, rows: Sequence[AssociationRow]) -> None:
         """Store binds and tombstones durably (returns after the commit)."""
         await self._db.writer.execute(self._upsert, [r.as_params() for r in rows])
+
+    async def write_replicated(self, rows: Sequence[AssociationRow]) -> None:
+        """Store associations replicated from peers, all in one transaction, each only if
+        it is newer than the stored association of its address (see `_stored_is_as_new`):
+        a push received twice, or late, changes nothing."""
+        if rows:
+            await self._db.writer.execute(self._upsert_if_newer,
+                                          [r.as_params() for r in rows])
 
     async def get(self, source: str, medium: str, address: str) -> AssociationRow | None:
         async with self._db.engine.connect() as conn:
@@ -115,3 +160,30 @@ class AssociationStore:
             lookup_hash=bindparam("new_hash"))
         async with self._db.engine.begin() as conn:
             await conn.execute(stmt, [{"row_id": i, "new_hash": h} for i, h in hashes])
+
+    # ---------------------------------------------------- the server's own, for peers
+
+    async def own_changes(self, after_id: int, limit: int) -> list[OwnChange]:
+        """The server's own binds and unbinds after `after_id`, oldest first."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.c.id, t.c.medium, t.c.address, t.c.mxid, t.c.ts, t.c.not_before,
+                       t.c.not_after)
+                .where(self._own, t.c.id > after_id).order_by(t.c.id).limit(limit))
+            return [OwnChange(*r) for r in result]
+
+    async def own_backlog(self, after_id: int) -> tuple[int, int | None]:
+        """(how many own changes come after `after_id`, the `ts` of the first of them)."""
+        async with self._db.engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(t).where(
+                self._own, t.c.id > after_id))).scalar()
+            first = (await conn.execute(select(t.c.ts).where(
+                self._own, t.c.id > after_id).order_by(t.c.id).limit(1))).scalar()
+        return int(count or 0), None if first is None else int(first)
+
+    async def own_ids(self) -> dict[tuple[str, str], int]:
+        """(medium, address) → id of every own row (bindings and tombstones)."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(select(t.c.medium, t.c.address, t.c.id)
+                                        .where(self._own))
+            return {(m, a): int(i) for m, a, i in result}

@@ -1,10 +1,12 @@
-"""Replication peers and their signing keys (taken over from Sydent for now)."""
+"""Replication peers: those taken over from Sydent with their keys, and every peer's push
+state (what it acknowledged, when a push last worked or failed)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from kith.store.database import Database
 from kith.store.schema import replication_peer_keys as peer_keys
@@ -20,6 +22,16 @@ class ReplicationPeerRow:
     last_sent_version: int | None = None
     # alg -> key (unpadded standard base64)
     keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PushState:
+    """Where pushing to one peer stands (times in ms; None: never)."""
+
+    last_sent_version: int | None = None
+    last_success_ts: int | None = None
+    last_error: str | None = None
+    last_error_ts: int | None = None
 
 
 class ReplicationPeerStore:
@@ -55,3 +67,37 @@ class ReplicationPeerStore:
                        peers.c.active, peers.c.last_sent_version).order_by(peers.c.name))
             return [ReplicationPeerRow(name, port, url, bool(active), last, keys.get(name, {}))
                     for name, port, url, active, last in rows]
+
+    # ------------------------------------------------------------------- push state
+
+    async def track(self, names: Iterable[str]) -> None:
+        """Make sure each peer has a row to keep its push state in (a configured peer
+        starts with none: nothing acknowledged yet)."""
+        rows = [{"name": name, "port": None, "base_replication_url": None, "active": True,
+                 "last_sent_version": None} for name in names]
+        if rows:
+            async with self._db.engine.begin() as conn:
+                await conn.execute(self._insert_peer, rows)
+
+    async def push_states(self) -> dict[str, PushState]:
+        async with self._db.engine.connect() as conn:
+            rows = await conn.execute(select(
+                peers.c.name, peers.c.last_sent_version, peers.c.last_success_ts,
+                peers.c.last_error, peers.c.last_error_ts))
+            return {name: PushState(*state) for name, *state in rows}
+
+    async def acknowledged(self, name: str, last_id: int, now_ms: int) -> None:
+        """The peer accepted every own change up to `last_id`.  The cursor only moves
+        forward, whoever else pushed meanwhile."""
+        async with self._db.engine.begin() as conn:
+            await conn.execute(update(peers).where(
+                peers.c.name == name,
+                or_(peers.c.last_sent_version.is_(None), peers.c.last_sent_version < last_id),
+            ).values(last_sent_version=last_id))
+            await conn.execute(update(peers).where(peers.c.name == name)
+                               .values(last_success_ts=now_ms))
+
+    async def failed(self, name: str, error: str, now_ms: int) -> None:
+        async with self._db.engine.begin() as conn:
+            await conn.execute(update(peers).where(peers.c.name == name)
+                               .values(last_error=error[:1000], last_error_ts=now_ms))

@@ -14,13 +14,21 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 
 metadata = MetaData()
 
+# The server's own bindings and unbindings: what it pushes to its replication peers.
+OWN_SOURCE, NO_ORIGIN = "source = 'local'", "origin_server IS NULL"
+OWN_ROWS = f"{OWN_SOURCE} AND {NO_ORIGIN}"
+
 # Every write (bind or unbind) gives the row a new, larger id, so "what changed since
 # id N" is one indexed range query: that is how the in-memory lookup index of every
 # process stays coherent with the store.  An unbind leaves a tombstone (mxid NULL).
+# Associations replicated from a peer are bindings too (source 'local'), one row per
+# address with the server's own: `origin_server` names the peer and `origin_id` is the
+# row's id there; both are NULL on the server's own rows.
 threepid_associations = Table(
     "threepid_associations",
     metadata,
@@ -34,8 +42,12 @@ threepid_associations = Table(
     Column("not_before", BigInteger, nullable=False),
     Column("not_after", BigInteger, nullable=False),
     Column("lookup_hash", String(64), nullable=False),
+    Column("origin_server", String(255), nullable=True),
+    Column("origin_id", BigInteger, nullable=True),
     UniqueConstraint("source", "medium", "address", name="uq_threepid_source_medium_address"),
     Index("ix_threepid_lookup_hash", "lookup_hash"),
+    Index("ix_threepid_own_changes", "id", sqlite_where=text(OWN_ROWS),
+          postgresql_where=text(OWN_ROWS)),
     sqlite_autoincrement=True,
 )
 
@@ -148,9 +160,11 @@ onbind_deliveries = Table(
     sqlite_autoincrement=True,
 )
 
-# Replication peers (taken over from Sydent; kith does not replicate yet).  `name` is
-# the peer's server name, which is also its TLS certificate's CN.  `last_sent_version`
-# is kith's own cursor of what was pushed to the peer: NULL until kith has pushed.
+# Replication peers: those taken over from Sydent (with `port`, `base_replication_url`,
+# `active` and keys as Sydent had them), and the push state of every peer, the
+# configured ones too.  `name` is the peer's server name, which is also its TLS
+# certificate's CN.  `last_sent_version` is the id of the last own association the peer
+# acknowledged (NULL: none yet); times are ms.
 replication_peers = Table(
     "replication_peers",
     metadata,
@@ -159,6 +173,9 @@ replication_peers = Table(
     Column("base_replication_url", Text, nullable=True),
     Column("active", Boolean, nullable=False),
     Column("last_sent_version", BigInteger, nullable=True),
+    Column("last_success_ts", BigInteger, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("last_error_ts", BigInteger, nullable=True),
 )
 
 # The peers' signing keys: `key` is unpadded standard base64.
