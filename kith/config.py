@@ -19,8 +19,8 @@ from configparser import ConfigParser
 
 from signedjson.key import generate_signing_key
 
+from kith import config_peers, config_sources
 from kith import config_sections as sections
-from kith import config_sources
 from kith.config_model import (
     DEFAULT_PRECEDENCE,
     LDAP,
@@ -35,12 +35,13 @@ from kith.config_model import (
     IPNetwork,
     KithConfig,
     LdapConfig,
+    PeerConfig,
     ProxyConfig,
     SmsConfig,
     SourcesConfig,
     unreadable,
 )
-from kith.config_sections import SIGNING_KEY, Pairs, parse_signing_key
+from kith.config_sections import SIGNING_KEY, parse_signing_key
 from kith.config_sources import BIND_PW_ENV, parse_ldap_section, parse_proxy_section
 from kith.config_template import (
     builtin_defaults,
@@ -53,7 +54,8 @@ from kith.config_template import (
 __all__ = [
     "BIND_PW_ENV", "DEFAULT_PRECEDENCE", "LDAP", "LOCAL", "UPSTREAM",
     "ConfigError", "CryptoConfig", "DbConfig", "EmailConfig", "GeneralConfig", "HttpConfig",
-    "IPNetwork", "KithConfig", "LdapConfig", "ProxyConfig", "SmsConfig", "SourcesConfig",
+    "IPNetwork", "KithConfig", "LdapConfig", "PeerConfig", "ProxyConfig", "SmsConfig",
+    "SourcesConfig",
     "default_config_text", "load_config", "parse_ldap_section", "parse_proxy_section",
     "parse_signing_key", "unreadable",
 ]
@@ -88,11 +90,12 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
     parser.read_dict(defaults)  # named sections first: Sydent's [DEFAULT] rule
     _parse(path, text, parser)
     as_written = _parse(path, text, config_sources.as_written_parser())
-    ignored, peers = _layout(as_written, defaults)
+    ignored = _ignored(as_written, defaults)
     crypto, save_key = sections.crypto(sections.Section(parser, "crypto"))
+    general = sections.general(sections.Section(parser, "general"))
     config = KithConfig(
         path=path,
-        general=sections.general(sections.Section(parser, "general")),
+        general=general,
         db=sections.db(sections.Section(parser, "db")),
         http=sections.http(sections.Section(parser, "http")),
         email=sections.email(sections.Section(parser, "email")),
@@ -100,7 +103,7 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None) -
         crypto=crypto,
         sources=config_sources.sources(as_written, env),
         ignored_keys=ignored,
-        peers=peers,
+        peers=config_peers.peers(as_written, general.server_name),
     )
     if save_key:
         _save(path, with_signing_key(text, crypto.signing_key))
@@ -158,10 +161,8 @@ def _parse(path: str, text: str, parser: ConfigParser) -> ConfigParser:
     return parser
 
 
-def _layout(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[
-    tuple[str, ...], tuple[tuple[str, Pairs], ...]
-]:
-    """Sort the sections as written: (ignored keys, peers)."""
+def _ignored(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[str, ...]:
+    """The keys of the file as written that kith does not use."""
     known = known_keys()
 
     def is_known(section: str, key: str) -> bool:
@@ -172,17 +173,17 @@ def _layout(layout: ConfigParser, defaults: dict[str, dict[str, str]]) -> tuple[
                    for s in known if s not in config_sources.AS_WRITTEN)
 
     ignored: list[str] = []
-    peers: list[tuple[str, Pairs]] = []
     for section in layout.sections():
         items = tuple(layout.items(section))
         if section == configparser.DEFAULTSECT:
             ignored += [f"{section}.{key}" for key, _ in items if not default_applies(key)]
         elif section in known:
             ignored += [f"{section}.{key}" for key, _ in items if not is_known(section, key)]
-        elif section.startswith("peer."):
-            peers.append((section.removeprefix("peer."), items))
+        elif section.startswith(config_peers.PEER_PREFIX):
+            ignored += [f"{section}.{key}" for key, _ in items
+                        if key not in config_peers.PEER_KEYS]
         else:
             ignored.append(f"{section}.*")
-    return tuple(ignored), tuple(peers)
+    return tuple(ignored)
 
 

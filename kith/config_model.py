@@ -107,6 +107,8 @@ class HttpConfig:
     replication_cacert: str = ""
     replication_bind_address: str = "::"
     replication_port: int = 4434
+    # kith: longest wait between tries of a peer that does not answer, in seconds.
+    replication_max_retry_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,20 @@ class SourcesConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    """[peer.<name>]: a replication peer.  `name` is its server name, the name it signs
+    with and its certificate's common name."""
+    name: str
+    # "": the URL the database has for it (a peer taken over from Sydent), else
+    # https://<name>:4434/.
+    base_replication_url: str = ""
+    # Its ed25519 public key, unpadded base64 ("": the key the database has for it),
+    # and the key's version (its signatures are under `ed25519:<version>`).
+    public_key: str = ""
+    key_version: str = "0"
+
+
+@dataclass(frozen=True)
 class KithConfig:
     path: str
     general: GeneralConfig
@@ -241,6 +257,6 @@ class KithConfig:
     # Keys present in the file that kith does not understand, "section.key"
     # ("section.*" for a whole unknown section).
     ignored_keys: tuple[str, ...] = ()
-    # [peer.<name>] sections as written: ((name, ((key, value), ...)), ...).
-    peers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # The [peer.<name>] sections.
+    peers: tuple[PeerConfig, ...] = ()
 

@@ -305,6 +305,8 @@ def http(s: Section) -> HttpConfig:
         replication_cacert=s.readable_file("replication.https.cacert"),
         replication_bind_address=s.text("replication.https.bind_address"),
         replication_port=s.port("replication.https.port"),
+        replication_max_retry_interval_s=s.seconds(
+            "replication.max_retry_interval", HttpConfig.replication_max_retry_interval_s),
     )
 
 

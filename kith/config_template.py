@@ -145,6 +145,9 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "CA certificate for peers' certificates. Empty: the system CAs."),
         KeySpec("replication.https.bind_address", "::", "Address of the replication listener."),
         KeySpec("replication.https.port", "4434", "Port of the replication listener."),
+        KeySpec("replication.max_retry_interval", None,
+                "kith: longest wait, in seconds, between tries of a peer that does not "
+                "accept pushes (the wait doubles from 1 s). Default: 60.", "60"),
         KeySpec("obey_x_forwarded_for", "False",
                 "Take the client address from X-Forwarded-For (behind a reverse proxy). "
                 "Booleans here: true/false, yes/no, on/off, 1/0."),
@@ -372,6 +375,19 @@ blocklists, prometheus_*, originators.*, smsrule.*).
 """
 
 
+_PEERS = """\
+[peer.<name>]: a replication peer, one section each (see README, "A replication
+mesh"). <name> is the peer's server.name, which is also the common name of its
+certificate. Peers taken over from Sydent's database need no section.
+
+base_replication_url: where its replication listener is (https://). Default: the
+  URL Sydent's database had for it, else https://<name>:4434/.
+public_key: its ed25519 public key, as `ed25519:0 <unpadded base64>` (what its
+  /_matrix/identity/v2/pubkey/ed25519:0 answers). Default: the key Sydent's database
+  had for it.
+"""
+
+
 def builtin_defaults() -> dict[str, dict[str, str]]:
     """section → lower-cased key → built-in default (file syntax)."""
     return {
@@ -407,6 +423,8 @@ def render_default_config(values: Mapping[str, Mapping[str, str]]) -> str:
                 continue
             value = values.get(section, {}).get(spec.key.lower(), spec.default)
             lines.append(f"{spec.key} = {value}".rstrip())
+    lines += ["", *_comment(_PEERS), "#[peer.is2.example.org]", "#base_replication_url = https://is2.example.org:4434/",
+              "#public_key = ed25519:0 <its key>"]
     return "\n".join(lines) + "\n"
 
 

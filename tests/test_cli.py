@@ -61,8 +61,10 @@ def test_wrong_value_stops_with_one_line_naming_the_key(tmp_path: Path) -> None:
      "[proxy] mediums: 'fax' is not one of email, msisdn"),
     ("check-config", {"proxy": {"precedence": "ldap, local"}},
      "[proxy] precedence: must name ldap, local and upstream, each once"),
+    ("check-config", {"peer.b.example": {"public_key": "ed25519:0 c2hvcnQ"}},
+     "[peer.b.example] public_key: the key is not 32 bytes of base64 (or hex)"),
 ])
-def test_bad_ldap_or_proxy_section_is_one_line_naming_the_key(
+def test_bad_ldap_proxy_or_peer_section_is_one_line_naming_the_key(
         tmp_path: Path, command: str, sections: dict[str, dict[str, str]], error: str) -> None:
     path = write_config(tmp_path, sections)
     result = kith("--config", str(path), command, cwd=tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import stat
@@ -16,6 +17,7 @@ from kith.config import (
     EmailConfig,
     HttpConfig,
     KithConfig,
+    PeerConfig,
     SmsConfig,
     SourcesConfig,
     default_config_text,
@@ -343,7 +345,7 @@ smsrule.44 = allow
     assert config.ignored_keys == ("general.sentry_dsn", "email.email.nonsense", "General.*",
                                    "proxy.base_url")
     assert config.peers == (
-        ("other.example", (("base_replication_url", "https://other.example:4434"),)),)
+        PeerConfig("other.example", base_replication_url="https://other.example:4434"),)
     # [ldap] and [proxy] are kith's own, read as written (no %-interpolation).
     assert config.sources.ldap is not None and config.sources.proxy is not None
     assert config.sources.ldap.filter == "(mail=%(address)s)"
@@ -438,3 +440,52 @@ def test_email_tls_cafile(tmp_path: Path) -> None:
     message = str(caught.value)
     assert message.startswith(f"[email] email.tls_cafile: cannot read '{missing}'")
     assert "\n" not in message
+
+
+# ------------------------------------------------------------------ peers
+
+PEER_KEY = encode_signing_key_base64(generate_signing_key("0"))  # any 32 bytes
+
+
+def test_peer_sections(tmp_path: Path) -> None:
+    hex_key = base64.b64decode(PEER_KEY + "=").hex()
+    config = load(tmp_path, f"""
+[general]
+server.name = a.example
+[peer.b.example]
+base_replication_url = https://b.example:4434/
+public_key = ed25519:0 {PEER_KEY}
+colour = blue
+[peer.c.example]
+public_key = ed25519:7 {hex_key}
+[peer.sydent.example]
+base_replication_url = https://10.0.0.3:1001
+""")
+    assert config.peers == (
+        PeerConfig("b.example", "https://b.example:4434/", PEER_KEY, "0"),
+        PeerConfig("c.example", "", PEER_KEY, "7"),  # hex, as Sydent accepts, becomes base64
+        PeerConfig("sydent.example", "https://10.0.0.3:1001"),  # key: from the database
+    )
+    assert config.ignored_keys == ("peer.b.example.colour",)
+    bare = load(tmp_path, f"[peer.b.example]\npublic_key = {PEER_KEY}=\n").peers
+    assert bare == (PeerConfig("b.example", public_key=PEER_KEY),)
+
+
+@pytest.mark.parametrize(("section", "error"), [
+    ("[peer.b.example]\npublic_key = ed25519:0 c2hvcnQ",
+     "[peer.b.example] public_key: the key is not 32 bytes of base64 (or hex)"),
+    ("[peer.b.example]\npublic_key = ed25519 0 " + PEER_KEY,
+     "[peer.b.example] public_key: expected 'ed25519:<version> <unpadded base64 key>'"),
+    ("[peer.b.example]\npublic_key = curve:0 " + PEER_KEY,
+     "[peer.b.example] public_key: 'curve:0' is not a key id like ed25519:0"),
+    ("[peer.b.example]\nbase_replication_url = http://b.example:4434",
+     "[peer.b.example] base_replication_url: 'http://b.example:4434' is not an https:// URL"),
+    ("[peer.not a name]\npublic_key = " + PEER_KEY,
+     "[peer.not a name]: 'not a name' is not a server name"),
+    ("[general]\nserver.name = a.example\n[peer.a.example]\npublic_key = " + PEER_KEY,
+     "[peer.a.example]: this is this server's own name (server.name)"),
+])
+def test_bad_peer_section_names_the_key(tmp_path: Path, section: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, section)
+    assert str(caught.value).startswith(error)

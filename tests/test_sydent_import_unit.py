@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from kith.config import DbConfig
+from kith.config_peers import peer_key_b64
 from kith.services.accounts import hash_token
-from kith.services.sydent_import import import_sydent_db, peer_key_b64
+from kith.services.sydent_import import import_sydent_db
 from kith.store import ReplicationPeerRow, Store
 from kith.threepid import lookup_hash
 

@@ -6,12 +6,11 @@ Idempotent: running it again adds nothing twice. The Sydent database is only rea
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kith.config import LOCAL
+from kith.config_peers import peer_key_b64
 from kith.services.accounts import hash_token
 from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow
@@ -140,23 +139,6 @@ async def _import_invites(store: Store, data: SydentData, report: ImportReport) 
     await store.invites.import_rows(invites, keys)
     report.imported["invite tokens"] = len(invites)
     report.imported["ephemeral invite keys"] = len(keys)
-
-
-def peer_key_b64(key: str) -> str | None:
-    """A peer's public key as unpadded standard base64; Sydent also accepts hex (tried
-    first, as Sydent does).  None if it is neither."""
-    key = key.strip()
-    raw: bytes | None = None
-    try:
-        int(key, 16)
-        raw = binascii.unhexlify(key)
-    except ValueError:  # binascii.Error (odd length) is one too
-        try:
-            padded = key + "=" * (-len(key) % 4)
-            raw = base64.b64decode(padded.replace("-", "+").replace("_", "/"), validate=True)
-        except ValueError:
-            return None
-    return base64.b64encode(raw).decode("ascii").rstrip("=") if raw else None
 
 
 async def _import_peers(store: Store, data: SydentData, peer_urls: Mapping[str, str],

@@ -115,8 +115,8 @@ def _check_writable(config_path: str, sydent_db: str) -> None:
 
 def _import(config: KithConfig, sydent_db: str, into: str, now_ms: int,
             run: Runner) -> ImportReport:
-    peer_urls = {name: url for name, pairs in config.peers for key, url in pairs
-                 if key == "base_replication_url" and url.strip()}
+    peer_urls = {peer.name: peer.base_replication_url for peer in config.peers
+                 if peer.base_replication_url}
     reports: list[ImportReport] = []
 
     async def main() -> None:
