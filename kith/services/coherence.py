@@ -8,10 +8,16 @@ integer; with several workers it lives in memory shared by all of them.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import multiprocessing
 import os
 from typing import Any
+
+from kith.store.locks import HeldLock, NamedLocks
+
+log = logging.getLogger(__name__)
 
 
 class ChangeCounter:
@@ -55,7 +61,7 @@ class SharedCounters:
     def __init__(self) -> None:
         self._array = multiprocessing.RawArray(ctypes.c_int64, 3)
         self._lock = multiprocessing.Lock()
-        self._claims = multiprocessing.RawArray(ctypes.c_int64, 1)
+        self._claims = multiprocessing.RawArray(ctypes.c_int64, 2)
         # Taken by each worker around its database commits (see kith.store.Database).
         self.write_lock = multiprocessing.Lock()
 
@@ -64,6 +70,7 @@ class SharedCounters:
 
     # Jobs one worker runs for all (claimed by the first that asks).
     LDAP_SYNC = 0
+    REPLICATION_PUSH = 1
 
     def claim(self, job: int) -> bool:
         """True for the first worker claiming `job`, False for every other."""
@@ -72,3 +79,37 @@ class SharedCounters:
                 return False
             self._claims[job] = os.getpid()
             return True
+
+
+class Turn:
+    """Work one instance does for all that share a database (syncing a directory,
+    pushing to replication peers): whoever holds the store's lock `name` does it; the
+    others wait, and one takes over when it is let go (or its holder dies)."""
+
+    def __init__(self, locks: NamedLocks, name: str, doing: str) -> None:
+        self._locks = locks
+        self._name = name
+        self._doing = doing  # for the log: "syncs the LDAP directory", ...
+        self.held = False
+        self.refused = 0  # times another instance held the lock
+
+    async def wait(self, interval_s: float) -> HeldLock:
+        """Hold the lock, trying every `interval_s` while another instance has it."""
+        said = False
+        while True:
+            try:
+                held = await self._locks.try_hold(self._name)
+            except Exception as exc:  # noqa: BLE001 - a dead database must not stop kith
+                log.warning("could not take the lock %r: %s", self._name, exc)
+                held = None
+            if held is not None:
+                if said:
+                    log.info("this instance now %s", self._doing)
+                self.held = True
+                return held
+            self.refused += 1
+            if not said:
+                log.info("another kith instance %s; this one takes over if it stops",
+                         self._doing)
+                said = True
+            await asyncio.sleep(interval_s)

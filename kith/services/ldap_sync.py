@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kith.config import LDAP
+from kith.services.coherence import Turn
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, pick_owners
-from kith.store import AssociationRow, HeldLock, Store
+from kith.store import AssociationRow, Store
 from kith.threepid import Threepid, lookup_hash
 
 if TYPE_CHECKING:
@@ -59,9 +60,18 @@ class LdapSync:
         self._cursor: str | None = None
         self._last_full = 0.0
         self._lock = asyncio.Lock()
-        # True while this instance is the one that syncs (see `run`).
-        self.syncing = False
-        self.turns_refused = 0  # times another instance held the sync lock
+        self._turn = Turn(store.locks, SYNC_LOCK,
+                          "syncs the LDAP directory into the shared database")
+
+    @property
+    def syncing(self) -> bool:
+        """True while this instance is the one that syncs (see `run`)."""
+        return self._turn.held
+
+    @property
+    def turns_refused(self) -> int:
+        """Times another instance held the sync lock."""
+        return self._turn.refused
 
     @property
     def last_full(self) -> float:
@@ -111,7 +121,7 @@ class LdapSync:
         sync) when it stops."""
         interval_s = self._directory.config.sync_interval_s
         full_interval_s = self._directory.config.full_sync_interval_s
-        held = await self._wait_for_turn(interval_s)
+        held = await self._turn.wait(interval_s)
         try:
             while True:
                 try:
@@ -123,28 +133,8 @@ class LdapSync:
                     log.warning("LDAP sync failed: %s", exc)
                 await asyncio.sleep(interval_s)
         finally:
-            self.syncing = False
+            self._turn.held = False
             await held.release()
-
-    async def _wait_for_turn(self, interval_s: float) -> HeldLock:
-        said = False
-        while True:
-            try:
-                held = await self._store.locks.try_hold(SYNC_LOCK)
-            except Exception as exc:  # noqa: BLE001 - a dead database must not stop kith
-                log.warning("could not take the LDAP sync lock: %s", exc)
-                held = None
-            if held is not None:
-                if said:
-                    log.info("this instance now syncs the LDAP directory")
-                self.syncing = True
-                return held
-            self.turns_refused += 1
-            if not said:
-                log.info("another kith instance syncs the LDAP directory into the shared "
-                         "database; this one takes over if it stops")
-                said = True
-            await asyncio.sleep(interval_s)
 
     def _advance(self, entries: Iterable[DirectoryEntry]) -> None:
         latest = max((e.changed for e in entries if e.changed), default=None)
