@@ -1,4 +1,5 @@
-"""Builds the services and the aiohttp apps (client API, internal API) and runs them."""
+"""Builds the services and the aiohttp apps (client API, internal API, replication) and
+runs them."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from kith.delivery.templates import Templates
 from kith.federation.client import FederationClient
 from kith.federation.keys import ServerKeyFetcher
 from kith.federation.policy import OutboundAddressPolicy
+from kith.replication.node import ReplicationNode
 from kith.services import Services
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
@@ -248,6 +250,7 @@ class KithServer:
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     client_tls: ClientTls | None = None
+    replication: ReplicationNode | None = None
     stopped: bool = False
 
     async def start(self) -> None:
@@ -282,6 +285,12 @@ class KithServer:
         if http.internal_port is not None:
             await self._listen(internal_app(self.config, self.services),
                                http.internal_bind_address, http.internal_port)
+        self.replication = await ReplicationNode.build(self.config, self.store, self.services)
+        if self.replication is not None:
+            await self._listen(self.replication.app, http.replication_bind_address,
+                               http.replication_port, self.replication.server_tls)
+            self.tasks += self.replication.start(pushing=self.counters is None or self.counters
+                                                 .claim(SharedCounters.REPLICATION_PUSH))
         general = self.config.general
         if general.prometheus_port is not None:
             await self._listen(metrics_app(), general.prometheus_addr or "127.0.0.1",

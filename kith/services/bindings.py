@@ -50,6 +50,8 @@ class BindingService:
         self._keys = keys
         self._pepper = pepper
         self._clock = clock
+        # Called after every committed bind and unbind (the replication pusher's wakeup).
+        self.on_change: list[Callable[[], None]] = []
 
     async def bind(self, medium: str, address: str, mxid: str) -> dict[str, Any]:
         """Store the association durably, make it visible to lookups, return it signed."""
@@ -64,6 +66,7 @@ class BindingService:
         )
         await self._store.associations.write([row])
         self._index.set(row.lookup_hash, mxid)
+        self._changed()
         BINDS.inc()
         association = association_json(medium, address, mxid, ts, row.not_before,
                                        row.not_after)
@@ -163,25 +166,38 @@ class BindingService:
         )
         await self._store.associations.write([tombstone])
         self._index.set(tombstone.lookup_hash, None)
+        self._changed()
         UNBINDS.inc()
         return True
 
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
+
     async def deliver_pending_invites(self) -> int:
         """Queue onbind for pending invites whose address is bound already: bound by a
-        directory sync, or by a bind that raced the store-invite or crashed before it
-        queued them.  How many addresses were queued."""
+        directory sync, on a replication peer, or by a bind that raced the store-invite or
+        crashed before it queued them.  How many addresses were queued."""
         if self._onbind is None:
             return 0
         await self._index.refresh()
         queued = 0
         for medium, address in sorted(await self._onbind.pending.reload()):
-            mxid = self._bound_mxid(medium, address)
-            if mxid is None:
-                continue
-            association = await self._association(medium, address, mxid)
-            if await self._onbind.attach_invites(medium, address, mxid, association):
+            if await self.deliver_invites_of(medium, address):
                 queued += 1
         return queued
+
+    async def deliver_invites_of(self, medium: str, address: str) -> bool:
+        """Queue onbind for the invites waiting for `address` if it is bound now (here,
+        by a directory, or on a replication peer); True if any were queued."""
+        if self._onbind is None or not await self._onbind.pending.may_have(medium, address):
+            return False
+        mxid = self._bound_mxid(medium, address)
+        if mxid is None:
+            return False
+        association = await self._association(medium, address, mxid)
+        return await self._onbind.attach_invites(medium, address, mxid,
+                                                 association) is not None
 
     def _bound_mxid(self, medium: str, address: str) -> str | None:
         hash_ = lookup_hash(medium, address, self._pepper)

@@ -82,6 +82,14 @@ class AssociationIndex:
         self._changes.bump()
         self._seen_changes += 1
 
+    async def written(self) -> None:
+        """Take in writes this process committed without `set`ting them (associations
+        replicated from a peer, which keep a row only if newer): read them from the store,
+        and tell the other processes."""
+        await self.catch_up()
+        self._changes.bump()
+        self._seen_changes += 1
+
     def apply(self, changes: Iterable[IndexChange]) -> None:
         by_source: dict[str, list[tuple[str, str | None]]] = {}
         for change in changes:

@@ -28,6 +28,30 @@ class TestPki:
         context.load_cert_chain(self.cert_file, self.key_file)
         return context
 
+    def certificate(self, common_name: str, *, ca: str = "ca",
+                    usage: str = "serverAuth,clientAuth") -> Path:
+        """A PEM file holding a new key and its certificate for `common_name` (valid for
+        127.0.0.1 and localhost too), issued by `ca` ("ca" or "other-ca"): what a
+        replication node presents as server and as client."""
+        directory = self.ca_file.parent
+        stem = f"{common_name}-{ca}-{usage.replace(',', '-')}"
+        combined = directory / f"{stem}.pem"
+        if combined.exists():
+            return combined
+        _openssl(*f"req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+                 f" -keyout {stem}.key -out {stem}.csr -subj /CN={common_name}".split(),
+                 cwd=directory)
+        (directory / f"{stem}.ext").write_text(
+            f"subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{common_name}\n"
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature\n"
+            f"extendedKeyUsage={usage}\n")
+        _openssl(*f"x509 -req -in {stem}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial"
+                 f" -out {stem}.crt -days 2 -extfile {stem}.ext".split(), cwd=directory)
+        combined.write_text((directory / f"{stem}.key").read_text()
+                            + (directory / f"{stem}.crt").read_text())
+        return combined
+
 
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
