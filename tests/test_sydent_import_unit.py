@@ -86,14 +86,25 @@ async def test_import_sydent_database(tmp_path: Path) -> None:
         assert report.imported["associations"] == 2
         assert report.imported["open validation sessions"] == 1
         assert any("invalid address" in n for n in report.notes)
-        assert any("1 associations replicated from peers" in n for n in report.notes)
+        assert report.imported["associations replicated from peers"] == 1
+        # peer.test (active) was sent nothing yet: the unbind still has to reach it.
+        assert report.imported["unbinds not yet sent to every peer"] == 1
         assert report.imported["replication peers"] == 2
         assert not any("replication peers" in n for n in report.notes)
         assert await store.state.get("lookup_pepper") == "SydPe"
         alice = await store.associations.get("local", "email", "alice@example.com")
         assert alice is not None and alice.mxid == "@alice:hs.test" and alice.ts == 1000
         assert alice.lookup_hash == lookup_hash("email", "alice@example.com", "SydPe")
-        assert await store.associations.get("local", "email", "gone@example.com") is None
+        gone = await store.associations.get("local", "email", "gone@example.com")
+        assert gone is not None and gone.mxid is None and gone.origin_server is None
+        replicated = await store.associations.get("local", "email", "p@x.y")
+        assert replicated is not None and replicated.mxid == "@p:x.y"
+        assert (replicated.origin_server, replicated.origin_id) == ("peer.test", 1)
+        assert replicated.lookup_hash == lookup_hash("email", "p@x.y", "SydPe")
+        own = await store.associations.own_ids()
+        assert set(own) == {("email", "alice@example.com"), ("email", "gone@example.com"),
+                            ("msisdn", "447700900123")}
+        assert min(own.values()) > 4  # past Sydent's ids, which its peers know
         account = await store.accounts.by_token_hash(hash_token("sydenttoken"))
         assert account is not None and account.consent_version == "1.1"
         assert await store.accounts.accepted_urls("@alice:hs.test") == {"https://t"}
@@ -101,8 +112,9 @@ async def test_import_sydent_database(tmp_path: Path) -> None:
         assert session is not None and session.token == "tok11" and session.send_attempt == 1
         assert await store.sessions.get(12) is None
         expected_peers = [
+            # old.test had everything (Sydent's id 57): its cursor is kith's last own row.
             ReplicationPeerRow(name="old.test", port=None, base_replication_url=None,
-                               active=False, last_sent_version=None,
+                               active=False, last_sent_version=max(own.values()),
                                keys={"ed25519": OTHER_KEY_B64}),  # hex converted
             ReplicationPeerRow(name="peer.test", port=1001,
                                base_replication_url="https://peer.test:1001/", active=True,
@@ -111,7 +123,7 @@ async def test_import_sydent_database(tmp_path: Path) -> None:
         # Idempotent: a second run changes nothing and fails on nothing.
         again = await import_sydent_db(store, str(sydent_db), "sydent.test", now_ms)
         assert again.imported["lookup pepper"] == 0
-        assert len(await store.associations.live_threepids()) == 2
+        assert len(await store.associations.live_threepids()) == 3
         assert again.imported["replication peers"] == 2
         assert await store.peers.all() == expected_peers
     finally:

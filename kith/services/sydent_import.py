@@ -44,15 +44,13 @@ async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
     data = await asyncio.to_thread(read_sydent_db, sydent_db, server_name)
     report = ImportReport()
     pepper = await _take_pepper(store, data, report)
-    await _import_associations(store, data, pepper, report)
+    sydent_ids = await _import_associations(store, data, pepper, report)
+    await _import_replicated(store, data, pepper, report)
     await _import_accounts(store, data, report)
     await _import_sessions(store, data, now_ms, report)
     await _import_invites(store, data, report)
-    await _import_peers(store, data, peer_urls or {}, report)
-    if data.peer_associations:
-        report.notes.append(
-            f"not imported: {data.peer_associations} associations replicated from peers "
-            "(kith does not replicate yet; they come back when replication is set up)")
+    await _import_peers(store, data, peer_urls or {}, await _cursors(store, data, sydent_ids),
+                        report)
     await store.state.set(IMPORTED_SYDENT_DB, data.path)
     return report
 
@@ -75,23 +73,84 @@ async def _take_pepper(store: Store, data: SydentData, report: ImportReport) -> 
 
 
 async def _import_associations(store: Store, data: SydentData, pepper: str,
-                               report: ImportReport) -> None:
+                               report: ImportReport) -> dict[tuple[str, str], int]:
+    """Sydent's own bindings, in Sydent's order, and the unbinds some active peer has not
+    been sent yet (so that they still go out).  (medium, address) → Sydent's id of what
+    was written."""
+    unsent_after = min((p.last_sent_version or 0 for p in data.peers if p.active),
+                       default=None)
     rows: list[AssociationRow] = []
+    unbinds: list[AssociationRow] = []
+    sydent_ids: dict[tuple[str, str], int] = {}
     skipped = 0
-    for medium, address, mxid, ts, not_before, not_after in data.local_associations:
+    for sydent_id, medium, address, mxid, ts, not_before, not_after in data.local_associations:
         normalised = normalise_address(medium, address)
         if normalised is None:
-            skipped += 1
+            skipped += mxid is not None
+            continue
+        row = AssociationRow(
+            source=LOCAL, medium=medium, address=normalised, mxid=mxid, ts=ts,
+            not_before=ts if not_before is None else not_before,
+            not_after=ts if not_after is None else not_after,
+            lookup_hash=lookup_hash(medium, normalised, pepper))
+        if mxid is not None:
+            rows.append(row)
+        elif unsent_after is not None and sydent_id > unsent_after and await \
+                store.associations.get(LOCAL, medium, normalised) is None:
+            unbinds.append(row)
+        else:
+            continue
+        sydent_ids[(medium, normalised)] = sydent_id
+    # Sydent's peers know its associations by Sydent's ids: kith's ids start past them,
+    # so that what kith pushes later is newer to them than what Sydent pushed.  And in
+    # Sydent's order, so that a peer's cursor in Sydent's ids becomes one in kith's
+    # (`_cursors`).
+    await store.associations.ids_past(max((r[0] for r in data.local_associations), default=0))
+    ordered = sorted(rows + unbinds, key=lambda r: sydent_ids[(r.medium, r.address)])
+    for start in range(0, len(ordered), CHUNK):
+        await store.associations.write(ordered[start:start + CHUNK])
+    report.imported["associations"] = len(rows)
+    if unbinds:
+        report.imported["unbinds not yet sent to every peer"] = len(unbinds)
+    if skipped:
+        report.notes.append(f"skipped: {skipped} associations with an invalid address")
+    return sydent_ids
+
+
+async def _import_replicated(store: Store, data: SydentData, pepper: str,
+                             report: ImportReport) -> None:
+    """The associations peers replicated to Sydent, with their origin and id, so that
+    the peers' pushes carry on where they were (what they resend is stored once)."""
+    rows = []
+    for origin, origin_id, medium, address, mxid, ts, not_before, not_after \
+            in data.peer_associations:
+        normalised = normalise_address(medium, address)
+        if normalised is None:
             continue
         rows.append(AssociationRow(
             source=LOCAL, medium=medium, address=normalised, mxid=mxid, ts=ts,
-            not_before=not_before, not_after=not_after,
-            lookup_hash=lookup_hash(medium, normalised, pepper)))
+            not_before=ts if not_before is None else not_before,
+            not_after=ts if not_after is None else not_after,
+            lookup_hash=lookup_hash(medium, normalised, pepper),
+            origin_server=origin, origin_id=origin_id))
     for start in range(0, len(rows), CHUNK):
-        await store.associations.write(rows[start:start + CHUNK])
-    report.imported["associations"] = len(rows)
-    if skipped:
-        report.notes.append(f"skipped: {skipped} associations with an invalid address")
+        await store.associations.write_replicated(rows[start:start + CHUNK])
+    report.imported["associations replicated from peers"] = len(rows)
+
+
+async def _cursors(store: Store, data: SydentData,
+                   sydent_ids: dict[tuple[str, str], int]) -> dict[str, int | None]:
+    """Each peer's cursor in kith's ids: the last kith row made from a Sydent row the
+    peer had acknowledged, so that kith does not push it all again."""
+    kith_ids = sorted((sydent_ids[key], kith_id)
+                      for key, kith_id in (await store.associations.own_ids()).items()
+                      if key in sydent_ids)
+    cursors: dict[str, int | None] = {}
+    for peer in data.peers:
+        sent = [kith_id for sydent_id, kith_id in kith_ids
+                if peer.last_sent_version is not None and sydent_id <= peer.last_sent_version]
+        cursors[peer.name] = max(sent, default=None)
+    return cursors
 
 
 async def _import_accounts(store: Store, data: SydentData, report: ImportReport) -> None:
@@ -142,11 +201,9 @@ async def _import_invites(store: Store, data: SydentData, report: ImportReport) 
 
 
 async def _import_peers(store: Store, data: SydentData, peer_urls: Mapping[str, str],
-                        report: ImportReport) -> None:
-    """Sydent's replication peers and their keys, kept for when kith replicates.
-
-    Sydent's `lastSentVersion` counts Sydent's own association ids, which mean nothing
-    here: kith starts its own cursor (NULL)."""
+                        cursors: Mapping[str, int | None], report: ImportReport) -> None:
+    """Sydent's replication peers and their keys, each with its cursor in kith's ids
+    (a peer kith knows already is left as it is)."""
     rows = []
     for peer in data.peers:
         keys: dict[str, str] = {}
@@ -160,6 +217,6 @@ async def _import_peers(store: Store, data: SydentData, peer_urls: Mapping[str, 
         url = (peer_urls.get(peer.name) or "").strip() or None
         rows.append(ReplicationPeerRow(name=peer.name, port=peer.port,
                                        base_replication_url=url, active=peer.active,
-                                       last_sent_version=None, keys=keys))
+                                       last_sent_version=cursors.get(peer.name), keys=keys))
     await store.peers.import_peers(rows)
     report.imported["replication peers"] = len(rows)

@@ -163,6 +163,11 @@ class AssociationStore:
 
     # ---------------------------------------------------- the server's own, for peers
 
+    async def ids_past(self, past: int) -> None:
+        """Give every row written from now on an id larger than `past` (taking over
+        another server's id space, in which its peers know its associations)."""
+        await self._db.advance_ids(t, past)
+
     async def own_changes(self, after_id: int, limit: int) -> list[OwnChange]:
         """The server's own binds and unbinds after `after_id`, oldest first."""
         async with self._db.engine.connect() as conn:

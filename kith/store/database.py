@@ -275,6 +275,29 @@ class Database:
             set_={"id": next_id, **{c: insert.excluded[c] for c in columns
                                     if c not in conflict}})
 
+    async def advance_ids(self, table: Table, past: int) -> None:
+        """Make every id `table` gives from now on larger than `past` (ids already larger
+        stay as they are)."""
+        name = table.name
+        if past < 1:
+            return
+        async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                sequence = f"pg_get_serial_sequence('{name}', 'id')"
+                await conn.execute(text(
+                    f"SELECT setval({sequence}, GREATEST(:past, COALESCE("
+                    f"pg_sequence_last_value({sequence}::regclass), 0)))"), {"past": past})
+                return
+            # SQLite's AUTOINCREMENT takes the next id after the larger of sqlite_sequence's
+            # value and the largest id in the table.
+            updated = await conn.execute(text(
+                "UPDATE sqlite_sequence SET seq = max(seq, :past) WHERE name = :name"),
+                {"past": past, "name": name})
+            if not updated.rowcount:
+                await conn.execute(text(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES (:name, :past)"),
+                    {"past": past, "name": name})
+
     def likely(self, condition: str) -> str:
         """`condition` (SQL) marked as true for most rows.  SQLite keeps no statistics
         here and guesses that an equality narrows rows tenfold: told otherwise, it picks

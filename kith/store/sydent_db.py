@@ -42,16 +42,26 @@ class SydentPeer:
     port: int | None
     active: bool
     keys: dict[str, str] = field(default_factory=dict)  # alg -> key as Sydent stored it
+    # The id of Sydent's last local association the peer acknowledged (None: none).
+    last_sent_version: int | None = None
+
+
+# (id, medium, address, mxid, ts, not_before, not_after): a row of Sydent's local table,
+# a tombstone when mxid is None (then not_before and not_after may be None too).
+LocalRow = tuple[int, str, str, str | None, int, int | None, int | None]
+# (origin server, origin id, medium, address, mxid, ts, not_before, not_after): a row of
+# Sydent's global table that a peer replicated to it.
+PeerRow = tuple[str, int, str, str, str | None, int, int | None, int | None]
 
 
 @dataclass
 class SydentData:
     path: str = ""  # the Sydent database read, absolute
     pepper: str | None = None
-    # (medium, address, mxid, ts, not_before, not_after) of live local bindings
-    local_associations: list[tuple[str, str, str, int, int, int]] = field(default_factory=list)
-    # how many associations were received from replication peers
-    peer_associations: int = 0
+    # Sydent's own binds and unbinds, in id order
+    local_associations: list[LocalRow] = field(default_factory=list)
+    # the associations peers replicated to it
+    peer_associations: list[PeerRow] = field(default_factory=list)
     accounts: list[tuple[str, int, str | None]] = field(default_factory=list)
     tokens: list[tuple[str, str]] = field(default_factory=list)  # (token, user_id)
     accepted_urls: list[tuple[str, str]] = field(default_factory=list)
@@ -105,12 +115,15 @@ def read_sydent_db(path: str, server_name: str) -> SydentData:
         data.pepper = pepper[0][0] if pepper else None
         data.local_associations = _rows(
             conn, tables, "local_threepid_associations",
-            "SELECT medium, address, mxid, ts, notBefore, notAfter "
-            "FROM local_threepid_associations WHERE mxid IS NOT NULL ORDER BY id")
-        peer_rows = _rows(conn, tables, "global_threepid_associations",
-                          "SELECT count(*) FROM global_threepid_associations "
-                          "WHERE originServer != ?", (server_name,))
-        data.peer_associations = int(peer_rows[0][0]) if peer_rows else 0
+            "SELECT id, medium, address, mxid, ts, notBefore, notAfter "
+            "FROM local_threepid_associations WHERE medium IS NOT NULL AND address IS NOT NULL "
+            "AND ts IS NOT NULL ORDER BY id")
+        data.peer_associations = _rows(
+            conn, tables, "global_threepid_associations",
+            "SELECT originServer, originId, medium, address, mxid, ts, notBefore, notAfter "
+            "FROM global_threepid_associations WHERE originServer != ? AND originId IS NOT NULL "
+            "AND medium IS NOT NULL AND address IS NOT NULL AND ts IS NOT NULL "
+            "ORDER BY ts, originId", (server_name,))
         data.accounts = _rows(conn, tables, "accounts",
                               "SELECT user_id, created_ts, consent_version FROM accounts")
         data.tokens = _rows(conn, tables, "tokens", "SELECT token, user_id FROM tokens")
@@ -138,8 +151,10 @@ def read_sydent_db(path: str, server_name: str) -> SydentData:
                 keys.setdefault(name, {})[alg] = key
         data.peers = [
             SydentPeer(name, int(port) if port is not None else None,
-                       bool(active) if active is not None else True, keys.get(name, {}))
-            for name, port, active in _rows(conn, tables, "peers",
-                                            "SELECT name, port, active FROM peers ORDER BY id")
+                       bool(active) if active is not None else True, keys.get(name, {}),
+                       int(last) if last is not None else None)
+            for name, port, active, last in _rows(
+                conn, tables, "peers",
+                "SELECT name, port, active, lastSentVersion FROM peers ORDER BY id")
             if name]
     return data

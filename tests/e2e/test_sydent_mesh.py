@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,8 +23,11 @@ from typing import Any
 
 import pytest
 
-from kith.threepid import lookup_hash
-from tests.conftest import KithFactory, RunningKith, free_port
+from kith.config import load_config
+from kith.replication.status import peer_statuses
+from kith.server import KithServer
+from kith.threepid import lookup_hash, now_ms
+from tests.conftest import Homeserver, KithFactory, RunningKith, free_port, write_config
 from tests.conftest import wait_for as wait_until
 from tests.e2e.test_sydent_import import http, sydent_python, wait_for
 from tests.federation.conftest import TestPki
@@ -40,6 +44,12 @@ class Sydent:
     internal: str  # base URL of its internal API
     client: str  # base URL of its client API
     replication_port: int
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
 
     @property
     def db(self) -> Path:
@@ -112,14 +122,13 @@ email.smtpport = 9
     proc = subprocess.Popen([python, "-m", "sydent.sydent"], cwd=directory, stdout=log,
                             stderr=log, env={**os.environ,
                                              "SYDENT_CONF": str(directory / "sydent.conf")})
+    running = Sydent(directory, f"http://127.0.0.1:{internal}", f"http://127.0.0.1:{port}",
+                     replication, proc)
     try:
         wait_for(f"http://127.0.0.1:{port}/_matrix/identity/versions", proc, "Sydent")
-        yield Sydent(directory, f"http://127.0.0.1:{internal}", f"http://127.0.0.1:{port}",
-                     replication)
+        yield running
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+        running.stop()
         log.close()
 
 
@@ -139,14 +148,21 @@ async def sydent_finds(sydent: Sydent, address: str, mxid: str | None,
         await asyncio.sleep(0.2)
 
 
-async def test_kith_and_sydent_replicate_both_ways(sydent: Sydent, node_a: MeshNode,
-                                                   kith_factory: KithFactory) -> None:
+async def meshed_with(sydent: Sydent, node_a: MeshNode,
+                      kith_factory: KithFactory) -> RunningKith:
+    """kith as node A, with Sydent as its peer and Sydent with it as its peer."""
     sections = node_a.sections()
     sections[f"peer.{SYDENT}"] = {
         "base_replication_url": f"https://127.0.0.1:{sydent.replication_port}/",
         "public_key": f"ed25519:0 {sydent.public_key()}"}
-    kith = await kith_factory(sections)
+    kith: RunningKith = await kith_factory(sections)
     sydent.add_peer(node_a)
+    return kith
+
+
+async def test_kith_and_sydent_replicate_both_ways(sydent: Sydent, node_a: MeshNode,
+                                                   kith_factory: KithFactory) -> None:
+    kith = await meshed_with(sydent, node_a, kith_factory)
     token = await kith.register()
 
     # Sydent -> kith (Sydent pushes every 10 s).
@@ -174,3 +190,69 @@ async def test_kith_and_sydent_replicate_both_ways(sydent: Sydent, node_a: MeshN
         sent = conn.execute("SELECT lastSentVersion FROM peers WHERE name = ?",
                             (node_a.name,)).fetchone()[0]
     assert sent is not None and sent >= 2
+
+
+async def test_kith_takes_over_a_sydent_in_the_mesh_without_a_full_resend(
+        sydent: Sydent, node_a: MeshNode, kith_factory: KithFactory, homeserver: Homeserver,
+        pki: TestPki, tmp_path: Path) -> None:
+    a = await meshed_with(sydent, node_a, kith_factory)
+    token = await a.register()
+    for name in ("x", "y", "z"):
+        await asyncio.to_thread(sydent.bind, f"{name}@sydent.example", f"@{name}:hs.test")
+    await asyncio.to_thread(sydent.unbind, "x@sydent.example", "@x:hs.test")
+    for name in ("p", "q"):
+        await a.bind(f"{name}@kith.example", f"@{name}:hs.test")
+    await sydent_finds(sydent, "q@kith.example", "@q:hs.test")
+    with sqlite3.connect(sydent.db) as conn:
+        sydent_last = conn.execute("SELECT max(id) FROM local_threepid_associations").fetchone()[0]
+
+    async def sydent_pushed_all() -> bool:
+        def sent() -> object:
+            with sqlite3.connect(sydent.db) as conn:
+                return conn.execute("SELECT lastSentVersion FROM peers WHERE name = ?",
+                                    (node_a.name,)).fetchone()[0]
+        return bool(await asyncio.to_thread(sent) == sydent_last)
+
+    await wait_until("Sydent to push all it has", sydent_pushed_all, timeout_s=40)
+    await asyncio.to_thread(sydent.stop)
+
+    # kith takes Sydent's place: its name, certificate, port, key, data and peers.
+    directory = tmp_path / "successor"
+    directory.mkdir()
+    path = write_config(directory, {
+        "general": {"server.name": SYDENT},
+        "http": {"replication.https.certfile": pki.certificate(SYDENT),
+                 "replication.https.cacert": pki.ca_file,
+                 "replication.https.bind_address": "127.0.0.1",
+                 "replication.https.port": sydent.replication_port,
+                 "replication.max_retry_interval": 1,
+                 "federation.test_overrides": f"hs.test={homeserver.url}"}})
+    imported = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "kith", "--config", str(path), "import-sydent",
+        str(sydent.directory / "sydent.conf")], capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0, imported.stderr
+    assert "associations replicated from peers: 2" in imported.stdout
+    successor = KithServer(load_config(str(path), env={}))
+    await successor.start()
+    try:
+        s = RunningKith(successor.config, successor, a.http, homeserver)
+        s_token = await s.register()
+        assert successor.store is not None and successor.replication is not None
+        assert {name: await looked_up(s, s_token, name) for name in (
+            "x@sydent.example", "y@sydent.example", "p@kith.example", "q@kith.example")} == {
+            "x@sydent.example": None, "y@sydent.example": "@y:hs.test",
+            "p@kith.example": "@p:hs.test", "q@kith.example": "@q:hs.test"}
+        # Nothing to resend: the peer's cursor carried over from Sydent's.
+        (status,) = await peer_statuses(successor.store, successor.replication.peers, now_ms())
+        assert (status.name, status.behind) == (node_a.name, 0)
+        assert status.acknowledged_id is not None and status.acknowledged_id > sydent_last
+
+        # The mesh carries on both ways.
+        await s.bind("new@successor.example", "@new:hs.test")
+        assert await wait_until("A to find the successor's bind", lambda: looked_up(
+            a, token, "new@successor.example"), timeout_s=30) == "@new:hs.test"
+        await a.bind("late@kith.example", "@late:hs.test")
+        assert await wait_until("the successor to find A's bind", lambda: looked_up(
+            s, s_token, "late@kith.example"), timeout_s=30) == "@late:hs.test"
+    finally:
+        await successor.stop()

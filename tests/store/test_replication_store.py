@@ -118,3 +118,16 @@ async def test_push_state_of_a_peer(store: Store) -> None:
     assert (await store.peers.push_states())["configured.test"] == PushState(
         10, 3_000, "HTTP 500", 2_000)
     assert (await store.peers.all())[0].active  # a tracked peer counts as active
+
+
+async def test_ids_can_be_moved_past_another_servers(store: Store) -> None:
+    await store.associations.ids_past(5000)  # on an empty table
+    await store.associations.write([binding("a@example.com")])
+    first = (await ids_by_address(store))["a@example.com"]
+    assert first > 5000
+    await store.associations.ids_past(10)  # never backwards
+    await store.associations.write([binding("b@example.com")])
+    assert (await ids_by_address(store))["b@example.com"] > first
+    await store.associations.ids_past(first + 1000)
+    await store.associations.write([binding("a@example.com", None)])
+    assert (await ids_by_address(store))["a@example.com"] > first + 1000
