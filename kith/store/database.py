@@ -216,6 +216,7 @@ class Database:
         self.name = str(engine.url.database) if self.dialect == "sqlite" else \
             engine.url.render_as_string(hide_password=True)
         self.writer = GroupCommitWriter(engine, process_lock)
+        self._lock_fd: int | None = None
 
     # The statements whose SQL differs between SQLite and PostgreSQL, written once.  Both
     # dialects' INSERT constructs take ON CONFLICT clauses the same way.
@@ -345,21 +346,31 @@ class Database:
     @contextlib.asynccontextmanager
     async def _file_lock(self) -> AsyncIterator[None]:
         """On SQLite, an exclusive flock(2) on the database file: it does not touch
-        SQLite's own (POSIX record) locks, and goes with the process if it dies."""
+        SQLite's own (POSIX record) locks, and goes with the process if it dies.
+
+        The descriptor stays open until `close`, after SQLite's connections: closing any
+        descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+        included.  Without its shared lock, another process closing the database (the
+        CLI, say) would think itself the last user and delete the WAL this one writes to."""
         path = self.engine.url.database
         if self.dialect != "sqlite" or not path or path == ":memory:":
             yield
             return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self._lock_fd is None:
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_fd
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
         try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
             yield
         finally:
-            os.close(fd)  # lets the lock go
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     async def close(self) -> None:
         await self.writer.close()
         await self.engine.dispose()
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class GroupCommitWriter:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -376,3 +378,29 @@ async def test_sessions_older_than_a_time_are_deleted(store: Store) -> None:
     assert [await store.sessions.get(row.id) for row in old] == [None] * 3
     assert await store.sessions.get(kept.id) == kept
     assert await store.sessions.delete_older_than(5000) == 0
+
+
+def _read_in_another_process(path: str) -> list[str]:
+    """The addresses another process (the CLI, say) reads from a SQLite store."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sqlite3, sys; print('\\n'.join(a for (a,) in "
+         "sqlite3.connect(sys.argv[1]).execute('SELECT address FROM threepid_associations "
+         "ORDER BY id')))", path], capture_output=True, text=True, check=True, timeout=60)
+    return out.stdout.split()
+
+
+async def test_another_process_opening_the_sqlite_file_loses_no_later_write(
+        tmp_path: Path) -> None:
+    # A process that closes its last connection to a WAL database checkpoints it and
+    # deletes the WAL if it finds no other process holding the database open.  The store
+    # must keep holding it (its SQLite locks) all along, or its later commits go to a WAL
+    # no other process sees, and are lost if it is killed.
+    path = str(tmp_path / "kith.db")
+    store = await Store.open(DbConfig(file=path))
+    try:
+        await store.associations.write([binding("first@example.com")])
+        assert _read_in_another_process(path) == ["first@example.com"]
+        await store.associations.write([binding("second@example.com")])
+        assert _read_in_another_process(path) == ["first@example.com", "second@example.com"]
+    finally:
+        await store.close()
