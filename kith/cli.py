@@ -1,4 +1,5 @@
-"""The `kith` command: serve (default), generate-config, check-config, bind, unbind.
+"""The `kith` command: serve (default), generate-config, check-config, import-sydent,
+onbind, peers, bind, unbind.
 
 Every command that opens the store first makes sure the database is one kith may use,
 and takes over a Sydent database the configuration names (`_prepared`)."""
@@ -255,6 +256,42 @@ def _iso(ts_ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts_ms / 1000))
 
 
+def cmd_peers(args: argparse.Namespace, config: KithConfig) -> int:
+    """Each replication peer: where it is, what it acknowledged, how far behind it is."""
+    from kith.replication.peers import ReplicationPeers
+    from kith.replication.status import PeerStatus, peer_statuses
+    from kith.store import Store
+    from kith.threepid import now_ms
+
+    config = _prepared(config)
+    statuses: list[PeerStatus] = []
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        try:
+            peers = await ReplicationPeers.load(config, store)
+            statuses.extend(await peer_statuses(store, peers, now_ms()))
+        finally:
+            await store.close()
+
+    _run(main())
+    if not config.http.replication_certfile:
+        print("replication is off: [http] replication.https.certfile is not set")
+    if not statuses:
+        print("no replication peers")
+    for s in statuses:
+        acked = "nothing yet" if s.acknowledged_id is None else f"id {s.acknowledged_id}"
+        print(f"{s.name} {s.url}")
+        print(f"  acknowledged: {acked}; behind: {s.behind} changes, "
+              f"{s.lag_ms / 1000:.0f} s")
+        print(f"  last success: {_iso(s.last_success_ts) if s.last_success_ts else 'never'}")
+        if s.last_error_ts:
+            print(f"  last error: {_iso(s.last_error_ts)} {s.last_error}")
+        else:
+            print("  last error: none")
+    return 0
+
+
 def cmd_bind(args: argparse.Namespace, config: KithConfig) -> int:
     signed = _offline(lambda s: s.bindings.bind(args.medium, args.address, args.mxid), config)
     print(json.dumps(signed, indent=2, sort_keys=True))
@@ -306,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     onbind.add_argument("--retry", action="store_true",
                         help="first make the pending ones due now and give those that "
                              "gave up one more attempt")
+    sub.add_parser("peers",
+                   help="list the replication peers: the last id each acknowledged, how "
+                        "far behind it is, its last success and last error")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
@@ -322,6 +362,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "healthcheck": cmd_healthcheck,
     "import-sydent": cmd_import_sydent,
     "onbind": cmd_onbind,
+    "peers": cmd_peers,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
 }

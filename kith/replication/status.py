@@ -19,7 +19,7 @@ from kith.threepid import now_ms
 
 log = logging.getLogger(__name__)
 
-GAUGE_INTERVAL_S = 15.0
+GAUGE_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -135,11 +135,15 @@ async def test_a_certificate_of_another_ca_or_none_is_refused_at_the_handshake(
 
 
 async def test_an_unknown_common_name_is_an_unknown_peer(
-        receiver: RunningKith, node_a: MeshNode, stand_in: MeshNode) -> None:
+        receiver: RunningKith, node_a: MeshNode, stand_in: MeshNode,
+        caplog: pytest.LogCaptureFixture) -> None:
     push = {"1": stand_in.sign(association("a@example.com", "@a:hs.test", 1))}
     stranger = stand_in.pki.certificate("stranger.test")
     status, body = await stand_in.push(node_a, push, certificate=stranger)
     assert (status, body["errcode"]) == (403, "M_UNKNOWN_PEER")
+    refusals = [r.getMessage() for r in caplog.records if "refused a push" in r.getMessage()]
+    assert refusals == ["replication: refused a push from 127.0.0.1: its certificate names "
+                        "'stranger.test', which is not a configured peer"]
     # A certificate made only for servers cannot be used to push at all.
     server_only = stand_in.pki.certificate(stand_in.name, usage="serverAuth")
     with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
