@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class ReplicationPusher:
         """Push to every peer until cancelled (once this instance's turn has come)."""
         held = await self.turn.wait(POLL_INTERVAL_S * 10)
         try:
+            log.info("replication: process %d pushes to %d peers", os.getpid(), len(self._peers))
             await self.store.peers.track(self._peers.names)
             connector = aiohttp.TCPConnector(ssl=self._tls, limit_per_host=1)
             async with aiohttp.ClientSession(
