@@ -23,6 +23,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 import msgspec
@@ -45,6 +46,22 @@ POLL_INTERVAL_S = 1.0
 TIMEOUT_S = 30.0
 FIRST_RETRY_S = 1.0
 _ERROR_BODY_BYTES = 300
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Own changes ready to push: the id of the last one, how many, the request body."""
+
+    last_id: int
+    count: int
+    body: bytes
+
+
+async def _cancel(task: asyncio.Task[Batch] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class PushFailed(Exception):
@@ -90,54 +107,72 @@ class ReplicationPusher:
         wakeup = self._wakeups[peer.name]
         failures = 0
         cursor: int | None = None
-        while True:
-            wakeup.clear()
-            try:
-                if cursor is None:
-                    cursor = await self._cursor(peer)
-                pushed, cursor = await self.push_once(session, peer, cursor)
-            except (PushFailed, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                failures += 1
-                delay = min(self.max_retry_interval_s, FIRST_RETRY_S * 2 ** min(failures - 1, 20))
-                await self._failed(peer, _describe(exc), failures, delay)
-                await asyncio.sleep(delay)
-                continue
-            except Exception:  # noqa: BLE001 - e.g. the store; the next poll tries again
-                log.warning("replication: pushing to %s failed", peer.name, exc_info=True)
-                await asyncio.sleep(self.poll_interval_s)
-                continue
-            if failures:
-                log.warning("replication: %s accepts pushes again (after %d failed tries)",
-                            peer.name, failures)
-                failures = 0
-            if pushed < BATCH:  # all sent: wait for more
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wakeup.wait(), self.poll_interval_s)
+        # While a batch is on its way, the next one is read and signed: the peer,
+        # checking what it receives, is the slower side.
+        ahead: asyncio.Task[Batch] | None = None
+        try:
+            while True:
+                wakeup.clear()
+                try:
+                    if cursor is None:
+                        cursor = await self._cursor(peer)
+                    batch = await ahead if ahead is not None else await self.prepare(cursor)
+                    ahead = None
+                    if batch.count:
+                        ahead = asyncio.create_task(self.prepare(batch.last_id))
+                        await self.send(session, peer, batch)
+                        cursor = batch.last_id
+                except (PushFailed, aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    await _cancel(ahead)
+                    ahead = None
+                    failures += 1
+                    delay = min(self.max_retry_interval_s,
+                                FIRST_RETRY_S * 2 ** min(failures - 1, 20))
+                    await self._failed(peer, _describe(exc), failures, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                except Exception:  # noqa: BLE001 - e.g. the store; the next poll tries again
+                    await _cancel(ahead)
+                    ahead = None
+                    log.warning("replication: pushing to %s failed", peer.name, exc_info=True)
+                    await asyncio.sleep(self.poll_interval_s)
+                    continue
+                if failures:
+                    log.warning("replication: %s accepts pushes again (after %d failed "
+                                "tries)", peer.name, failures)
+                    failures = 0
+                if not batch.count:  # all sent: wait for more
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wakeup.wait(), self.poll_interval_s)
+        finally:
+            await _cancel(ahead)
 
     async def _cursor(self, peer: Peer) -> int:
         state = (await self.store.peers.push_states()).get(peer.name)
         return (state.last_sent_version if state else None) or 0
 
-    async def push_once(self, session: aiohttp.ClientSession, peer: Peer,
-                        cursor: int) -> tuple[int, int]:
-        """Send the next own changes after `cursor`; (how many, the new cursor)."""
-        changes = await self.store.associations.own_changes(cursor, BATCH)
+    async def prepare(self, after: int) -> Batch:
+        """The next own changes after `after`, signed now, as a push body."""
+        changes = await self.store.associations.own_changes(after, BATCH)
         if not changes:
-            return 0, cursor
+            return Batch(after, 0, b"")
         body = await asyncio.to_thread(self._body, changes)
+        return Batch(changes[-1].id, len(changes), body)
+
+    async def send(self, session: aiohttp.ClientSession, peer: Peer, batch: Batch) -> None:
+        """Push `batch`, and move the peer's cursor past it once it took it (any 2xx, as
+        Sydent); PushFailed if it did not."""
         started = time.monotonic()
-        async with session.post(peer.push_url, data=body,
+        async with session.post(peer.push_url, data=batch.body,
                                 headers={"Content-Type": "application/json"}) as response:
             if not 200 <= response.status < 300:
                 text = (await response.content.read(_ERROR_BODY_BYTES)).decode(
                     "utf-8", "replace")
                 raise PushFailed(f"HTTP {response.status}: {' '.join(text.split())}")
-        last = changes[-1].id
-        await self.store.peers.acknowledged(peer.name, last, self._clock())
-        REPLICATION_PUSHED.labels(peer.name).inc(len(changes))
+        await self.store.peers.acknowledged(peer.name, batch.last_id, self._clock())
+        REPLICATION_PUSHED.labels(peer.name).inc(batch.count)
         log.debug("replication: %s took %d changes up to id %d in %.3f s", peer.name,
-                  len(changes), last, time.monotonic() - started)
-        return len(changes), last
+                  batch.count, batch.last_id, time.monotonic() - started)
 
     def _body(self, changes: list[OwnChange]) -> bytes:
         # Signing is CPU work (kept off the event loop by the caller).
