@@ -110,6 +110,10 @@ def cmd_check_config(args: argparse.Namespace, config: KithConfig) -> int:
     from kith.services.terms import TermsSource
 
     TermsSource.from_config(config.general.terms_path)
+    if config.http.replication_certfile:
+        from kith.replication.listener import tls_contexts
+
+        tls_contexts(config.http)
     print(f"{config.path}: OK")
     for key in config.ignored_keys:
         print(f"ignored: {key}")

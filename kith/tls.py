@@ -46,7 +46,7 @@ class ClientTls:
         try:
             tls._load()
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"[http] {_CERTFILE}: {_describe(exc)}") from None
+            raise ConfigError(f"[http] {_CERTFILE}: {describe_problem(exc)}") from None
         return tls
 
     def _load(self) -> None:
@@ -68,13 +68,14 @@ class ClientTls:
             self._load()
         except (OSError, ssl.SSLError) as exc:
             log.error("TLS certificate not reloaded, keeping the old one: %s: %s",
-                      self.certfile, _describe(exc))
+                      self.certfile, describe_problem(exc))
             return False
         log.info("TLS certificate reloaded from %s", self.certfile)
         return True
 
 
-def _describe(exc: OSError | ssl.SSLError) -> str:
+def describe_problem(exc: OSError | ssl.SSLError) -> str:
+    """Why a certificate and key (and CA) could not be loaded, in one line."""
     if isinstance(exc, ssl.SSLError):
         reason = exc.reason or str(exc)
         return f"not a usable PEM certificate and matching private key ({reason})"

@@ -97,6 +97,18 @@ def test_check_config_accepts_ldap_and_proxy_and_lists_unknown_keys(tmp_path: Pa
     assert result.stdout.splitlines() == [f"{path}: OK", "ignored: ldap.colour"]
 
 
+def test_check_config_refuses_an_unusable_replication_certificate(tmp_path: Path) -> None:
+    not_pem = tmp_path / "replication.pem"
+    not_pem.write_text("not a certificate\n")
+    path = write_config(tmp_path, {"http": {"replication.https.certfile": not_pem}})
+    result = kith("--config", str(path), "check-config", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("kith:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("kith: configuration error: [http] replication.https.certfile "
+                                "/ cacert: not a usable PEM certificate and matching private key")
+
+
 def test_port_in_use_is_one_clear_line(tmp_path: Path,
                                        kith_process: KithProcessFactory) -> None:
     path = write_config(tmp_path, {})

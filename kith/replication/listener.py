@@ -18,11 +18,12 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import decode_json, json_response, new_app, read_body
-from kith.config import HttpConfig
+from kith.config import ConfigError, HttpConfig
 from kith.errors import M_NOT_JSON, MatrixError
 from kith.metrics import REPLICATION_REFUSED
 from kith.replication.peers import PUSH_PATH, Peer, ReplicationPeers
 from kith.replication.receiver import ReplicationReceiver
+from kith.tls import describe_problem
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,15 @@ RECEIVER = web.AppKey("replication_receiver", ReplicationReceiver)
 
 class PushBody(msgspec.Struct):
     sgAssocs: dict[str, Any]  # noqa: N815 - Sydent's name on the wire
+
+
+def tls_contexts(http: HttpConfig) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(the listener's, the pusher's) TLS contexts; ConfigError if the files will not do."""
+    try:
+        return server_context(http), client_context(http)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("[http] replication.https.certfile / cacert: "
+                          f"{describe_problem(exc)}") from None
 
 
 def server_context(http: HttpConfig) -> ssl.SSLContext:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kith.config import ConfigError, KithConfig
-from kith.replication.listener import client_context, replication_app, server_context
+from kith.config import KithConfig
+from kith.replication.listener import replication_app, tls_contexts
 from kith.replication.peers import ReplicationPeers
 from kith.replication.pusher import ReplicationPusher
 from kith.replication.receiver import ReplicationReceiver
@@ -38,12 +38,7 @@ class ReplicationNode:
                 log.warning("[peer.*] sections are set but [http] replication.https.certfile "
                             "is not: this server does not replicate")
             return None
-        try:
-            server_tls, client_tls = await asyncio.to_thread(
-                lambda: (server_context(http), client_context(http)))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"[http] replication.https.certfile / cacert: not a usable "
-                              f"PEM certificate, key and CA ({exc})") from None
+        server_tls, client_tls = await asyncio.to_thread(tls_contexts, http)
         peers = await ReplicationPeers.load(config, store)
         receiver = ReplicationReceiver(store, services.index, services.bindings,
                                        services.lookup.pepper)

@@ -59,6 +59,27 @@ async def test_a_push_is_found_by_lookups_and_is_idempotent(
     assert await rows(receiver) == before  # same origin, same id: nothing new
 
 
+async def test_every_lookup_and_store_invite_see_a_peers_binding(
+        receiver: RunningKith, node_a: MeshNode, stand_in: MeshNode) -> None:
+    token = await receiver.register()
+    push = {"7": stand_in.sign(association("frank@example.com", "@frank:hs.test", 1234))}
+    assert (await stand_in.push(node_a, push))[0] == 200
+    assert await receiver.lookup(token, "none", ["frank@example.com email"]) == {
+        "frank@example.com email": "@frank:hs.test"}
+    async with receiver.http.get(f"{receiver.base}/_matrix/identity/api/v1/lookup",
+                                 params={"medium": "email",
+                                         "address": "frank@example.com"}) as resp:
+        v1 = await resp.json()
+    assert (v1["mxid"], v1["ts"]) == ("@frank:hs.test", 1234)  # the peer's association
+    assert node_a.name in v1["signatures"]  # signed by this server, which answers
+    async with receiver.http.post(f"{receiver.base}/_matrix/identity/api/v1/store-invite",
+                                  json={"medium": "email", "address": "frank@example.com",
+                                        "room_id": "!room:hs.test",
+                                        "sender": "@alice:hs.test"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["errcode"] == "M_THREEPID_IN_USE"
+
+
 async def test_newest_ts_wins_and_a_tombstone_removes_the_address(
         receiver: RunningKith, node_a: MeshNode, stand_in: MeshNode) -> None:
     token = await receiver.register()
