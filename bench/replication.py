@@ -5,9 +5,13 @@
 
 Two kith processes on loopback (SQLite, one worker each), certificates from a throwaway
 CA.  Node A's store holds N own bindings that node B has not had; B holds 10k bindings of
-its own, which the lookup load asks for (`../shared/bench/isbench.py`: sha256 lookups,
-every answer checked).  B is started and measured at rest; then A is started and pushes
-everything to B, while the same lookup load runs on B; then B is measured at rest again.
+its own, which the lookup load asks for: `wrk` (../shared/bench/compare.py's, one fixed
+body) at 16 connections for throughput, and isbench's checked sha256 lookups one at a
+time for the latency of a lightly loaded server.  B is started and measured at rest; then
+A is started and pushes everything to B while the same load runs on B; then B is
+measured at rest again.  B runs on CPU 1, everything else (A, the load generators, this
+script) on CPU 0, so that what B's lookups lose is what applying the pushes costs B, not
+A's signing.
 Last, both are stopped, B's copy and A's cursor are wiped, and the catch-up is timed
 again with no lookup load.  Results also go to bench/results/replication-N-<date>.json.
 """
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,10 +40,11 @@ from tests.replication.conftest import MeshNode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT.parent / "shared" / "bench"))
+import compare  # noqa: E402
 import isbench  # noqa: E402
 
 OWN_ON_B = 10_000
-DURING_WINDOW_S = 3.0
+DURING_WINDOW_S = 2.0
 
 
 async def seed(db: DbConfig, count: int, address: Any, mxid: Any) -> None:
@@ -69,24 +76,33 @@ async def wait_received(config: KithConfig, count: int, timeout_s: float = 600) 
     return time.perf_counter() - started
 
 
-def start(path: Path, config: KithConfig) -> KithProcess:
+def start(path: Path, config: KithConfig, cpu: int) -> KithProcess:
     process = KithProcess(path)
     process.start(config.http.client_port, timeout_s=120)
+    assert process.proc is not None
+    # Every thread of it (aiosqlite's, the executor's), and those it starts later.
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(process.proc.pid)],  # noqa: S603, S607
+                   check=True, capture_output=True)
     return process
 
 
 async def lookups(session: aiohttp.ClientSession, base: str, token: str, pepper: str,
-                  domain: str, duration_s: float, pid: int | None) -> list[dict[str, Any]]:
+                  domain: str, duration_s: float, workdir: Path) -> list[dict[str, Any]]:
     runs = []
     for batch in (1, 100):
-        runs.append(await isbench.lookup_run(session, base, token, pepper, OWN_ON_B, batch, 16,
-                                             duration_s, domain, warmup=0.5, server_pid=pid))
+        result = await asyncio.to_thread(compare.run_wrk, base, token, pepper, OWN_ON_B,
+                                         batch, 16, duration_s, workdir)
+        runs.append({**result, "batch": batch, "concurrency": 16})
+    one = await isbench.lookup_run(session, base, token, pepper, OWN_ON_B, 1, 1, duration_s,
+                                   domain, warmup=0.2)
+    runs.append(one)
     return runs
 
 
 def row(phase: str, run: dict[str, Any]) -> str:
-    return (f"| {phase} | {run['batch']} | {run['addresses_per_s']:,.0f} | {run['p50_ms']} | "
-            f"{run['p99_ms']} | {run['errors']} / {run['wrong_answers']} |")
+    return (f"| {phase} | {run['batch']} | {run['concurrency']} | "
+            f"{run['addresses_per_s']:,.0f} | {run.get('p50_ms') or ''} | {run['p99_ms']} | "
+            f"{run['errors']} / {run.get('wrong_answers', '')} |")
 
 
 async def main(n: int) -> dict[str, Any]:
@@ -126,27 +142,26 @@ async def main(n: int) -> dict[str, Any]:
 async def measure(paths: dict[str, Path], config_a: KithConfig, config_b: KithConfig,
                   hs_name: str, n: int, running: list[KithProcess]) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    node_b = start(paths["b"], config_b)
-    running.append(node_b)
-    b_pid = node_b.proc.pid if node_b.proc else None
+    workdir = paths["b"].parent
+    running.append(start(paths["b"], config_b, cpu=1))
     base = f"http://127.0.0.1:{config_b.http.client_port}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         token = await isbench.register(session, base, hs_name)
         async with session.get(f"{base}/_matrix/identity/v2/hash_details",
                                headers={"Authorization": f"Bearer {token}"}) as resp:
             pepper = (await resp.json())["lookup_pepper"]
-        results["before"] = await lookups(session, base, token, pepper, hs_name, 5, b_pid)
+        results["before"] = await lookups(session, base, token, pepper, hs_name, 5, workdir)
 
-        running.append(start(paths["a"], config_a))
+        running.append(start(paths["a"], config_a, cpu=0))
         catch_up = asyncio.create_task(wait_received(config_b, n))
         during: list[dict[str, Any]] = []
         while not catch_up.done():
             during += await lookups(session, base, token, pepper, hs_name,
-                                    DURING_WINDOW_S, b_pid)
+                                    DURING_WINDOW_S, workdir)
         results["catch_up_under_lookups_s"] = round(catch_up.result(), 2)
         # Only the windows that ran wholly while the push was being applied.
-        results["during"] = during[:-2] or during
-        results["after"] = await lookups(session, base, token, pepper, hs_name, 5, b_pid)
+        results["during"] = during[:-3] or during
+        results["after"] = await lookups(session, base, token, pepper, hs_name, 5, workdir)
     while running:
         running.pop().kill(15)
 
@@ -155,8 +170,8 @@ async def measure(paths: dict[str, Path], config_a: KithConfig, config_b: KithCo
         conn.execute("DELETE FROM threepid_associations WHERE origin_server = 'kith-a.test'")
     with sqlite3.connect(config_a.db.file) as conn:
         conn.execute("UPDATE replication_peers SET last_sent_version = NULL")
-    running.append(start(paths["b"], config_b))
-    running.append(start(paths["a"], config_a))
+    running.append(start(paths["b"], config_b, cpu=1))
+    running.append(start(paths["a"], config_a, cpu=0))
     results["catch_up_alone_s"] = round(await wait_received(config_b, n), 2)
     return results
 
@@ -169,8 +184,8 @@ def report(results: dict[str, Any]) -> str:
         f"catch-up of {n} changes under the lookup load: {results['catch_up_under_lookups_s']} s "
         f"({n / results['catch_up_under_lookups_s']:,.0f} changes/s)",
         "",
-        "| B's lookups (16 in flight) | batch | addr/s | p50 ms | p99 ms | errors / wrong |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| B's lookups | batch | in flight | addr/s | p50 ms | p99 ms | errors / wrong |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for phase in ("before", "during", "after"):
         for run in results[phase]:
@@ -180,6 +195,7 @@ def report(results: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    os.sched_setaffinity(0, {0})  # this script and the load generators: CPU 0
     outcome = asyncio.run(main(count))
     text = report(outcome)
     print(text)
