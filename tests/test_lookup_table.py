@@ -8,6 +8,8 @@ import pytest
 from kith.services.lookup_table import ARRAY_BATCH_MIN, HASH_LENGTH, HashArrays, LookupTable
 from kith.threepid import lookup_hash
 
+B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
 
 def h(i: int) -> str:
     return lookup_hash("email", f"user{i}@example.org", "pepper")
@@ -50,11 +52,11 @@ def test_random_binds_and_unbinds_match_a_dict(make: MakeTable) -> None:
 
 @pytest.mark.parametrize("make", tables())
 def test_hashes_sharing_a_bucket_and_fingerprint(make: MakeTable) -> None:
-    # Only the first 16 characters place a hash and make its fingerprint: these 40
-    # collide completely, overflow their bucket into the next ones, and only the whole
-    # hash tells them apart.
-    prefix = h(-1)[:16]
-    crowd = [prefix + h(i)[16:] for i in range(40)]
+    # Only the first 16 bytes of the digest (22 characters hold them) place a hash and
+    # make its fingerprint: these 40 collide completely, overflow their bucket into the
+    # next ones, and only the whole hash tells them apart.
+    prefix = h(-1)[:22]
+    crowd = [prefix + h(i)[22:] for i in range(40)]
     table = make()
     for i, key in enumerate(crowd[::2]):
         table.set(key, f"@even{i}:example.org")
@@ -73,7 +75,10 @@ def test_strings_that_are_not_hashes_never_match(make: MakeTable) -> None:
     table.update((x, "@alice:example.org") for x in good)
     table.set("short", "@mallory:example.org")  # not kept: it could never be asked for
     odd = ["", "short", h(0)[:-1], h(0) + "A", "é" * HASH_LENGTH, h(1)[:42] + "\n",
-           h(2)[:20] + "\n" + h(2)[21:], h(3)[:42], h(3)[42] + h(4)]
+           h(2)[:20] + "\n" + h(2)[21:], h(3)[:42], h(3)[42] + h(4),
+           # another alphabet's characters, and a last character no digest ends with
+           h(7)[:10] + "+" + h(7)[11:], h(8)[:10] + "=" + h(8)[11:],
+           *(good[9][:42] + c for i, c in enumerate(B64URL) if i % 4)]
     assert table.find(odd) == {}
     assert table.find(odd * 30) == {}
     assert table.find(odd + good) == dict.fromkeys(good, "@alice:example.org")
@@ -112,3 +117,36 @@ def test_grows_far_past_its_first_size(make: MakeTable) -> None:
     found = table.find(keys)
     assert len(found) == 10_500
     assert all(found[x] == f"@{x[:8]}:example.org" for x in keys[:10_500])
+
+
+@pytest.mark.parametrize("make", tables())
+def test_many_rebinds_keep_every_answer(make: MakeTable) -> None:
+    # Each rebind leaves the old mxid's bytes behind; the table reclaims them as it goes.
+    table, model = make(), dict[str, str]()
+    keys = [h(i) for i in range(3000)]
+    table.reserve(len(keys))
+    for turn in range(12):
+        batch = [(x, None if (i + turn) % 5 == 0 else f"@t{turn}_{i}{'x' * (turn % 4)}:e.org")
+                 for i, x in enumerate(keys)]
+        table.update(batch)
+        for x, m in batch:
+            model.pop(x, None) if m is None else model.__setitem__(x, m)
+        for i in range(turn, 3000, 97):  # and some one by one
+            mxid = f"@one{turn}_{i}:e.org"
+            table.set(keys[i], mxid)
+            model[keys[i]] = mxid
+        assert len(table) == len(model)
+    assert table.find(keys) == model
+    assert all(table.get(x) == model.get(x) for x in keys[::7])
+    assert table.find(keys[:10]) == expected(model, keys[:10])
+
+
+def test_a_table_reserved_past_its_dict_answers_the_same() -> None:
+    table = LookupTable(arrays_from=100)
+    keys = [h(i) for i in range(300)]
+    table.update((x, "@a:example.org") for x in keys[:100])
+    table.reserve(200)
+    table.update((x, "@b:example.org") for x in keys[100:])
+    assert len(table) == 300
+    assert table.find(keys) == {**dict.fromkeys(keys[:100], "@a:example.org"),
+                                **dict.fromkeys(keys[100:], "@b:example.org")}

@@ -104,8 +104,11 @@ class AssociationIndex:
         store = self._store
         self._seen_changes = self._changes.value()
         start = await store.associations.max_id()
+        for source, count in (await store.associations.count_bound()).items():
+            self.source(source).reserve(count)
         async for chunk in store.associations.stream_bound():
-            self.apply(chunk)
+            self.source(chunk.source).update(zip(chunk.lookup_hashes, chunk.mxids,
+                                                 strict=True))
         self.last_id = start
         await self.catch_up()
 

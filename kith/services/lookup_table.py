@@ -1,43 +1,54 @@
-"""lookup hash → mxid: a dict, and for big maps also flat arrays for big batches.
+"""lookup hash → mxid: a dict while the map is small, compact flat arrays once it is big.
 
-A Python dict answers one probe at a time, and with a million bindings nearly every probe
-misses the CPU caches several times over (the table, the entry, the key object, the
-value object).  `HashArrays` keeps the map in a few flat arrays: a bucketed hash table
-of packed (fingerprint, row) slots, and the lookup hashes and mxids by row.  A batch of
-addresses becomes a handful of array operations whose memory accesses overlap, so a
-1000-address lookup costs nearly the same with 2k or 1M bindings; but those operations
-cost a fixed ~30 µs, so small batches stay with the dict (docs/decisions.md).
+A Python dict costs about 300 bytes a binding (a 43-character key object, an mxid
+object, the table), and with a million bindings nearly every probe misses the CPU
+caches several times over (the table, the entry, the key object, the value object).
+`HashArrays` keeps the map in a few flat arrays instead: a bucketed hash table of packed
+(fingerprint, row) slots, the 32-byte digest of each hash by row, and the mxids as UTF-8
+in one byte buffer with an offset and a length by row; about 100 bytes a binding.  A
+batch of addresses becomes a handful of array operations whose memory accesses overlap,
+so a 1000-address lookup costs nearly the same with 2k or 10M bindings; one address is
+found with a few probes in Python (docs/decisions.md has the figures).
 
-Lookup hashes are 43 characters of unpadded URL-safe base64 (sha256); anything else can
-never match.  Rows are never freed: unbinding empties a row's mxid and binding the same
-hash again fills it, so the arrays grow only with distinct hashes.
+Lookup hashes are the 43 characters of unpadded URL-safe base64 of a sha256 digest;
+anything else (another length, another alphabet, a last character that no digest
+encodes to) can never match.  Rows are never freed: unbinding empties a row's mxid and
+binding the same hash again fills it, so the arrays grow only with distinct hashes.
 """
 
 from __future__ import annotations
 
+import binascii
 import secrets
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
 
 HASH_LENGTH = 43
-# A record is a hash and a pad that starts with a newline, 48 bytes: six aligned
-# little-endian words, so that whole hashes compare in six vector operations (w0 and w1
-# also feed the hash function).
-_PAD = b"\n    "
-_RECORD = HASH_LENGTH + len(_PAD)
-_WORDS = _RECORD // 8
+_DIGEST = 32
+_WORDS = _DIGEST // 8
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# base64 value of each byte, or 255 for bytes outside the URL-safe alphabet
+_VALUE = np.full(256, 255, np.uint8)
+_VALUE[np.frombuffer(_ALPHABET, np.uint8)] = np.arange(64, dtype=np.uint8)
+# The 43rd character carries the digest's last 4 bits and two zero bits.
+_LAST = frozenset(_ALPHABET[::4].decode())
+_TO_STANDARD = str.maketrans("-_", "+/")
 _HEAD = struct.Struct("<QQ")
 _BUCKET = 8        # slots per bucket: one 64-byte cache line of uint64
 _MAX_LOAD = 0.375  # rows per slot before the table doubles
 _MIN_BUCKETS = 16
 _MIN_ROWS = 64
-# Up to this many hashes a dict answers every batch size fastest; past it, batches of
-# ARRAY_BATCH_MIN addresses or more go to the arrays (docs/decisions.md).
+_GROWTH = 1.25     # rows and mxid bytes grow by a quarter: little unused at 10M rows
+# Up to this many hashes a dict answers fastest and costs little; past it, the arrays
+# alone keep the map (docs/decisions.md).
 ARRAYS_FROM = 100_000
-ARRAY_BATCH_MIN = 256
+# Batches this big or bigger are answered with array operations; smaller ones hash by
+# hash (the array operations cost a fixed ~30 µs).
+ARRAY_BATCH_MIN = 16
 # Below this many entries an update is cheaper one by one than in array operations.
 _VECTOR_MIN = 16
 _M64 = (1 << 64) - 1
@@ -51,68 +62,88 @@ U64Array = npt.NDArray[np.uint64]
 class LookupTable:
     """lookup hash → mxid for one source of associations.
 
-    Always a dict: while it fits the CPU caches nothing answers faster, and it answers
-    small batches fastest at any size.  Past `arrays_from` hashes the same map is also
-    kept in `HashArrays`, which answer big batches (`ARRAY_BATCH_MIN` addresses or more)
-    without paying the dict's cache misses one address at a time.
+    A dict while it holds up to `arrays_from` hashes: nothing answers faster while it
+    fits the CPU caches.  Past that the map moves into `HashArrays`, a third of the
+    memory and faster for big batches, and the dict is dropped.
     """
 
     def __init__(self, arrays_from: int = ARRAYS_FROM) -> None:
-        self._mxids: dict[str, str] = {}
+        self._mxids: dict[str, str] | None = {}
         self._arrays_from = arrays_from
-        self._arrays: HashArrays | None = HashArrays() if arrays_from <= 0 else None
+        self._arrays: HashArrays | None = None
+        if arrays_from <= 0:
+            self._move_to_arrays()
 
     def __len__(self) -> int:
-        return len(self._mxids)
+        if self._mxids is not None:
+            return len(self._mxids)
+        assert self._arrays is not None
+        return len(self._arrays)
+
+    def reserve(self, count: int) -> None:
+        """Make room for `count` more hashes at once (a start-up load knows its count)."""
+        if self._mxids is not None and len(self._mxids) + count > self._arrays_from:
+            self._move_to_arrays(count)
+        if self._arrays is not None:
+            self._arrays.reserve(count)
 
     def get(self, lookup_hash: str) -> str | None:
-        return self._mxids.get(lookup_hash)
+        if self._mxids is not None:
+            return self._mxids.get(lookup_hash)
+        assert self._arrays is not None
+        return self._arrays.get(lookup_hash)
 
     def set(self, lookup_hash: str, mxid: str | None) -> None:
         """Bind `lookup_hash` to `mxid`, or unbind it when `mxid` is None.  A string that
         is not a lookup hash could never be asked for, so it is not kept."""
-        if _key_bytes(lookup_hash) is None:
-            return
-        self._remember(lookup_hash, mxid)
-        if self._arrays is not None:
+        if self._mxids is None:
+            assert self._arrays is not None
             self._arrays.set(lookup_hash, mxid)
-        else:
-            self._start_arrays_when_big()
+        elif digest_of(lookup_hash) is not None:
+            _remember(self._mxids, lookup_hash, mxid)
+            self._move_when_big()
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries (the last entry of a hash wins)."""
-        latest = {h: mxid for h, mxid in entries if _key_bytes(h) is not None}
-        for lookup_hash, mxid in latest.items():
-            self._remember(lookup_hash, mxid)
-        if self._arrays is not None:
-            self._arrays.update(latest.items())
-        else:
-            self._start_arrays_when_big()
-
-    def _remember(self, lookup_hash: str, mxid: str | None) -> None:
-        if mxid is None:
-            self._mxids.pop(lookup_hash, None)
-        else:
-            self._mxids[lookup_hash] = mxid
+        if self._mxids is None:
+            assert self._arrays is not None
+            self._arrays.update(entries)
+            return
+        for lookup_hash, mxid in entries:
+            if digest_of(lookup_hash) is not None:
+                _remember(self._mxids, lookup_hash, mxid)
+        self._move_when_big()
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
-        if self._arrays is not None and len(hashes) >= ARRAY_BATCH_MIN:
+        if self._mxids is None:
+            assert self._arrays is not None
             return self._arrays.find(hashes)
         get = self._mxids.get
         return {h: mxid for h in hashes if (mxid := get(h)) is not None}
 
-    def _start_arrays_when_big(self) -> None:
-        if len(self._mxids) <= self._arrays_from:
-            return
-        self._arrays = HashArrays()
-        items = list(self._mxids.items())
+    def _move_when_big(self) -> None:
+        if self._mxids is not None and len(self._mxids) > self._arrays_from:
+            self._move_to_arrays()
+
+    def _move_to_arrays(self, more: int = 0) -> None:
+        arrays = HashArrays()
+        items = list((self._mxids or {}).items())
+        arrays.reserve(len(items) + more)
         for start in range(0, len(items), 50_000):
-            self._arrays.update(items[start:start + 50_000])
+            arrays.update(items[start:start + 50_000])
+        self._arrays, self._mxids = arrays, None
+
+
+def _remember(mxids: dict[str, str], lookup_hash: str, mxid: str | None) -> None:
+    if mxid is None:
+        mxids.pop(lookup_hash, None)
+    else:
+        mxids[lookup_hash] = mxid
 
 
 class HashArrays:
-    """lookup hash → mxid in flat arrays, for answering big batches."""
+    """lookup hash → mxid in flat arrays."""
 
     def __init__(self) -> None:
         # Random odd multipliers: where a hash lands cannot be predicted from outside.
@@ -121,91 +152,88 @@ class HashArrays:
         self._np_k1, self._np_k2 = np.uint64(self._k1), np.uint64(self._k2)
         self._live = 0
         self._rows = 0
-        self._hashes = np.zeros((_MIN_ROWS, _WORDS), "<u8")
-        self._mxids = np.zeros(_MIN_ROWS, "S32")
+        self._digests = np.zeros((_MIN_ROWS, _WORDS), "<u8")
+        # mxid of row r: _text[_starts[r]:_starts[r] + _lengths[r]]; length 0: unbound
+        self._starts = np.zeros(_MIN_ROWS, np.int64)
+        self._lengths = np.zeros(_MIN_ROWS, np.uint16)
+        self._text = np.zeros(1024, np.uint8)
+        self._text_used = 0
+        self._text_dead = 0  # bytes of mxids no row points at any more
         self._views()
         self._resize_table(_MIN_BUCKETS)
 
     def __len__(self) -> int:
         return self._live
 
+    def reserve(self, rows: int) -> None:
+        """Make room for `rows` more hashes at once (a start-up load knows its count)."""
+        self._reserve(rows + rows // 50, exact=True)
+        self._grow_table(self._rows + rows)
+
     # --- one address ------------------------------------------------------------------
 
     def get(self, lookup_hash: str) -> str | None:
-        key = _key_bytes(lookup_hash)
-        if key is None:
+        digest = digest_of(lookup_hash)
+        if digest is None:
             return None
-        row = self._locate(key)
+        row = self._locate(digest)
         return None if row is None else self._mxid_of(row)
 
     def set(self, lookup_hash: str, mxid: str | None) -> None:
         """Bind `lookup_hash` to `mxid`, or unbind it when `mxid` is None.  A string that
         is not a lookup hash could never be asked for, so it is not kept."""
-        key = _key_bytes(lookup_hash)
-        if key is None:
+        digest = digest_of(lookup_hash)
+        if digest is None:
             return
-        row = self._locate(key)
+        row = self._locate(digest)
         if row is None:
             if mxid is None:
                 return
-            row = self._append_row(key)
-        was_live = self._mxid_of(row) is not None
-        encoded = b"" if mxid is None else mxid.encode()
-        if len(encoded) > self._width:
-            self._widen(len(encoded))
-        self._mxids[row] = encoded
-        self._live += (mxid is not None) - was_live
+            row = self._append_row(digest)
+        self._write_mxids(np.array([row], np.intp), [mxid])
 
     # --- many addresses ---------------------------------------------------------------
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
-        raw = _records(hashes)
-        if raw is None:
-            hashes = [h for h in hashes if _key_bytes(h) is not None]
-            if not hashes:
-                return {}
-            raw = _records(hashes)
-            assert raw is not None
-        rows = self._rows_of(hashes, raw)
+        if len(hashes) < ARRAY_BATCH_MIN:
+            return {h: mxid for h in hashes if (mxid := self.get(h)) is not None}
+        digests, valid = _digests(hashes)
+        rows = self._rows_of(digests, valid)
         positions = np.flatnonzero(rows >= 0)
-        mxids = self._mxids.take(rows.take(positions))
-        bound = mxids != b""
+        rows = rows.take(positions)
+        lengths = self._lengths.take(rows)
+        bound = lengths != 0
         if not bound.all():
-            positions, mxids = positions[bound], mxids[bound]
-        return dict(zip(map(hashes.__getitem__, positions.tolist()),
-                        map(bytes.decode, mxids.tolist()), strict=True))
+            positions, rows, lengths = positions[bound], rows[bound], lengths[bound]
+        text = self._text_view
+        return {hashes[p]: str(text[s:s + n], "utf-8") for p, s, n in zip(
+            positions.tolist(), self._starts.take(rows).tolist(), lengths.tolist(),
+            strict=True)}
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries at once (the last entry of a hash wins)."""
-        latest = {h: mxid for h, mxid in entries if _key_bytes(h) is not None}
-        hashes = list(latest)
-        if len(hashes) < _VECTOR_MIN:
+        latest = dict(entries)
+        if len(latest) < _VECTOR_MIN:
             for lookup_hash, mxid in latest.items():
                 self.set(lookup_hash, mxid)
             return
-        raw = _records(hashes)
-        assert raw is not None  # every hash is well-formed
-        rows = self._rows_of(hashes, raw)
+        hashes = list(latest)
         mxids = list(latest.values())
-        new = np.flatnonzero(rows < 0)
-        new = new[[mxids[i] is not None for i in new.tolist()]]
+        digests, valid = _digests(hashes)
+        rows = self._rows_of(digests, valid)
+        new = np.flatnonzero((rows < 0) & valid)
+        if None in mxids:  # an unbind of an unknown hash adds no row
+            new = new[[mxids[i] is not None for i in new.tolist()]]
         if len(new):
-            rows[new] = self._append_rows(_words(raw).take(new, axis=0))
+            rows[new] = self._append_rows(digests.take(new, axis=0))
         known = np.flatnonzero(rows >= 0)
-        rows = rows[known]
-        encoded = [b"" if mxids[i] is None else mxids[i].encode()  # type: ignore[union-attr]
-                   for i in known.tolist()]
-        width = max(map(len, encoded), default=0)
-        if width > self._width:
-            self._widen(width)
-        before = int(np.count_nonzero(self._mxids[rows] != b""))
-        self._mxids[rows] = encoded
-        self._live += int(np.count_nonzero(self._mxids[rows] != b"")) - before
+        if len(known) < len(mxids):
+            mxids = [mxids[i] for i in known.tolist()]
+        self._write_mxids(rows.take(known), mxids)
 
-    def _rows_of(self, hashes: Sequence[str], raw: bytes) -> IntArray:
-        """The row of each hash (well-formed, as records in `raw`), or -1."""
-        asked = _words(raw)
+    def _rows_of(self, asked: U64Array, valid: npt.NDArray[np.bool_]) -> IntArray:
+        """The row of each digest in `asked` where `valid`, or -1."""
         mixed = self._mix(asked[:, 0], asked[:, 1])
         slots = self._table.take((mixed >> self._np_shift).astype(np.intp), axis=0)
         fingerprints = ((mixed & _LOW32) | _ONE).astype(np.uint32)
@@ -213,17 +241,16 @@ class HashArrays:
         matches = np.flatnonzero(slots.view(np.uint32)[:, 1::2] == fingerprints[:, None])
         rows = np.full(len(asked), -1, np.intp)
         rows[matches // _BUCKET] = slots.reshape(-1).take(matches) & _LOW32
-        # Rare, so one by one: a fingerprint that matched another hash, and a hash not
-        # found in a full bucket (it may have overflowed into the next one).
+        rows[~valid] = -1
+        # Rare, so one by one: a fingerprint that matched another digest, and a digest
+        # not found in a full bucket (it may have overflowed into the next one).
         found = np.flatnonzero(rows >= 0)
-        stored, given = self._hashes.take(rows.take(found), axis=0), asked.take(found, axis=0)
-        differ = stored[:, 0] ^ given[:, 0]
-        for word in range(1, _WORDS):
-            differ |= stored[:, word] ^ given[:, word]
-        again = found[differ != 0]
-        overflowed = np.flatnonzero((rows < 0) & (slots[:, -1] != 0))
+        stored, given = self._digests.take(rows.take(found), axis=0), asked.take(found, axis=0)
+        differ = (stored != given).any(axis=1)
+        again = found[differ]
+        overflowed = np.flatnonzero((rows < 0) & valid & (slots[:, -1] != 0))
         for p in [*again.tolist(), *overflowed.tolist()]:
-            row = self._locate(raw[p * _RECORD:p * _RECORD + HASH_LENGTH])
+            row = self._locate(asked[p].tobytes())
             rows[p] = -1 if row is None else row
         return rows
 
@@ -233,17 +260,17 @@ class HashArrays:
         # (uint64 arithmetic on arrays wraps around silently)
         return ((w0 * self._np_k1) ^ w1) * self._np_k2
 
-    def _mix_one(self, key: bytes) -> int:
+    def _mix_one(self, digest: bytes) -> int:
         w0: int
         w1: int
-        w0, w1 = _HEAD.unpack_from(key)
+        w0, w1 = _HEAD.unpack_from(digest)
         return (((w0 * self._k1) & _M64) ^ w1) * self._k2 & _M64
 
-    def _locate(self, key: bytes) -> int | None:
-        mixed = self._mix_one(key)
+    def _locate(self, digest: bytes) -> int | None:
+        mixed = self._mix_one(digest)
         fingerprint = (mixed & _M32) | 1
         bucket = mixed >> self._shift
-        slots, hashes = self._table_view, self._hash_view
+        slots, digests = self._table_view, self._digest_view
         while True:
             base = bucket * _BUCKET
             for i in range(base, base + _BUCKET):
@@ -252,40 +279,94 @@ class HashArrays:
                     return None
                 if slot >> 32 == fingerprint:
                     row = slot & _M32
-                    if hashes[row * _RECORD:row * _RECORD + HASH_LENGTH] == key:
+                    if digests[row * _DIGEST:(row + 1) * _DIGEST] == digest:
                         return row
             bucket = (bucket + 1) & (self._buckets - 1)
 
-    def _append_row(self, key: bytes) -> int:
+    def _append_row(self, digest: bytes) -> int:
         row = self._rows
         self._reserve(1)
-        self._hash_view[row * _RECORD:(row + 1) * _RECORD] = key + _PAD
+        self._digest_view[row * _DIGEST:(row + 1) * _DIGEST] = digest
         self._rows += 1
-        if not self._grow_table():
-            mixed = self._mix_one(key)
+        if not self._grow_table(self._rows):
+            mixed = self._mix_one(digest)
             self._put(mixed >> self._shift, ((mixed & _M32) | 1) << 32 | row)
         return row
 
-    def _append_rows(self, records: U64Array) -> IntArray:
+    def _append_rows(self, digests: U64Array) -> IntArray:
         first = self._rows
-        self._reserve(len(records))
-        rows = np.arange(first, first + len(records), dtype=np.intp)
-        self._hashes[rows] = records
-        self._rows += len(records)
-        if not self._grow_table():
+        self._reserve(len(digests))
+        rows = np.arange(first, first + len(digests), dtype=np.intp)
+        self._digests[rows] = digests
+        self._rows += len(digests)
+        if not self._grow_table(self._rows):
             self._place(rows)
         return rows
 
-    def _reserve(self, count: int) -> None:
-        while self._rows + count > len(self._hashes):
-            self._hashes = _grown(self._hashes)
-            self._mxids = _grown(self._mxids)
-            self._views()
+    def _write_mxids(self, rows: IntArray, mxids: list[str | None]) -> None:
+        """Point `rows` at their new mxids (None: unbound), appended to the text."""
+        if not len(rows):
+            return
+        old = self._lengths.take(rows)
+        if None in mxids:
+            encoded = [b"" if m is None else m.encode() for m in mxids]
+        else:
+            encoded = list(map(str.encode, mxids))  # type: ignore[arg-type]
+        lengths = np.fromiter(map(len, encoded), np.uint16, len(encoded))
+        joined = b"".join(encoded)
+        self._text_dead += int(old.sum(dtype=np.int64))
+        self._lengths[rows] = 0
+        if self._text_used + len(joined) > len(self._text):
+            self._compact_text(len(joined))
+        start = self._text_used
+        self._text[start:start + len(joined)] = np.frombuffer(joined, np.uint8)
+        self._text_used += len(joined)
+        ends = start + np.cumsum(lengths, dtype=np.int64)
+        self._starts[rows] = ends - lengths
+        self._lengths[rows] = lengths
+        self._live += int(np.count_nonzero(lengths)) - int(np.count_nonzero(old))
 
-    def _grow_table(self) -> bool:
-        """Double the table (placing every row again) if it is too full; True if it did."""
+    def _compact_text(self, more: int) -> None:
+        """Make room for `more` bytes of mxids: drop the dead ones if they are many, grow
+        the buffer if it is still too small."""
+        live = self._text_used - self._text_dead
+        compact = self._text_dead > live // 4
+        size = len(self._text)
+        while size < (live if compact else self._text_used) + more:
+            size = int(size * _GROWTH) + 1024
+        old, self._text = self._text, np.zeros(size, np.uint8)
+        if compact:
+            # Copy only the live mxids, a slice of rows at a time (bounded temporaries).
+            used = 0
+            for first in range(0, self._rows, 1 << 16):
+                rows = first + np.flatnonzero(self._lengths[first:first + (1 << 16)])
+                lengths = self._lengths.take(rows).astype(np.int64)
+                ends = np.cumsum(lengths)
+                within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(
+                    ends - lengths, lengths)
+                chunk = old[np.repeat(self._starts.take(rows), lengths) + within]
+                self._text[used:used + len(chunk)] = chunk
+                self._starts[rows] = used + ends - lengths
+                used += len(chunk)
+            self._text_used, self._text_dead = used, 0
+        else:
+            self._text[:self._text_used] = old[:self._text_used]
+        self._views()
+
+    def _reserve(self, count: int, *, exact: bool = False) -> None:
+        needed = self._rows + count
+        if needed <= len(self._digests):
+            return
+        size = needed if exact else max(needed, int(len(self._digests) * _GROWTH) + _MIN_ROWS)
+        self._digests = _resized(self._digests, size)
+        self._starts = _resized(self._starts, size)
+        self._lengths = _resized(self._lengths, size)
+        self._views()
+
+    def _grow_table(self, rows: int) -> bool:
+        """Double the table (placing every row again) until `rows` fit; True if it did."""
         buckets = self._buckets
-        while self._rows > buckets * _BUCKET * _MAX_LOAD:
+        while rows > buckets * _BUCKET * _MAX_LOAD:
             buckets *= 2
         if buckets == self._buckets:
             return False
@@ -299,13 +380,15 @@ class HashArrays:
         self._table = np.zeros((buckets, _BUCKET), np.uint64)
         self._table_view = _flat_view(self._table.reshape(-1))
         if self._rows:
-            self._place(np.arange(self._rows, dtype=np.intp))
+            for start in range(0, self._rows, 1 << 20):  # bounded temporaries
+                self._place(np.arange(start, min(self._rows, start + (1 << 20)),
+                                      dtype=np.intp))
 
     def _place(self, rows: IntArray) -> None:
         """Put `rows` into the table: all at once where the home bucket has room, the
         rest one by one into the next bucket with room."""
-        records = self._hashes.take(rows, axis=0)
-        mixed = self._mix(records[:, 0], records[:, 1])
+        digests = self._digests.take(rows, axis=0)
+        mixed = self._mix(digests[:, 0], digests[:, 1])
         packed = ((mixed & _LOW32) | _ONE) << _THIRTY_TWO | rows.astype(np.uint64)
         buckets = (mixed >> self._np_shift).astype(np.intp)
         order = np.argsort(buckets, kind="stable")
@@ -326,47 +409,64 @@ class HashArrays:
         table[next(i for i in range(base, base + _BUCKET) if table[i] == 0)] = slot
 
     def _mxid_of(self, row: int) -> str | None:
-        width = self._width
-        value = bytes(self._mxid_view[row * width:(row + 1) * width]).rstrip(b"\0")
-        return value.decode() if value else None
-
-    def _widen(self, width: int) -> None:
-        self._mxids = self._mxids.astype(f"S{width + 16}")
-        self._views()
+        length = int(self._lengths[row])
+        if not length:
+            return None
+        start = int(self._starts[row])
+        return str(self._text_view[start:start + length], "utf-8")
 
     def _views(self) -> None:
-        self._width = self._mxids.dtype.itemsize
-        self._hash_view = _flat_view(self._hashes.reshape(-1).view(np.uint8))
-        self._mxid_view = _flat_view(self._mxids.view(np.uint8))
+        self._digest_view = _flat_view(self._digests.reshape(-1).view(np.uint8))
+        self._text_view = _flat_view(self._text)
 
 
-def _key_bytes(lookup_hash: str) -> bytes | None:
-    """The hash as bytes, or None for what cannot be one (so that `_records` accepts
-    any list of strings this accepts)."""
-    if len(lookup_hash) != HASH_LENGTH or not lookup_hash.isascii() or "\n" in lookup_hash:
+def digest_of(lookup_hash: str) -> bytes | None:
+    """The 32 bytes a lookup hash encodes, or None for a string no digest encodes to."""
+    if (len(lookup_hash) != HASH_LENGTH or not lookup_hash.isascii()
+            or lookup_hash[-1] not in _LAST):
         return None
-    return lookup_hash.encode("ascii")
-
-
-def _records(hashes: Sequence[str]) -> bytes | None:
-    """The hashes as records, or None unless every one is 43 ASCII characters.  A hash
-    never holds a newline, so with exactly one newline per hash, each where a record's
-    pad starts, every hash has the right length."""
-    pad = _PAD.decode()
     try:
-        raw = (pad.join(hashes) + pad).encode("ascii")
-    except UnicodeEncodeError:
+        return binascii.a2b_base64(lookup_hash.translate(_TO_STANDARD) + "=",
+                                   strict_mode=True)
+    except binascii.Error:
         return None
+
+
+def _digests(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
+    """The digest of each hash as four little-endian words, and which hashes are valid
+    (the digest of an invalid one is meaningless)."""
     n = len(hashes)
-    if len(raw) != _RECORD * n or raw[HASH_LENGTH::_RECORD] != b"\n" * n:
-        return None
-    if np.count_nonzero(np.frombuffer(raw, np.uint8) == _PAD[0]) != n:
-        return None
-    return raw
+    try:
+        raw = ("\n".join(hashes) + "\n").encode("ascii")
+    except UnicodeEncodeError:
+        raw = b""
+    chars = np.frombuffer(raw, np.uint8)
+    # Every hash 43 characters long: then the n newlines are exactly every 44th byte.
+    if len(chars) != (HASH_LENGTH + 1) * n or np.count_nonzero(chars == 10) != n \
+            or not (chars[HASH_LENGTH::HASH_LENGTH + 1] == 10).all():
+        return _digests_one_by_one(hashes)
+    values = _VALUE.take(chars.reshape(n, HASH_LENGTH + 1)[:, :HASH_LENGTH])
+    valid = (values != 255).all(axis=1) & (values[:, -1] & 3 == 0)
+    six = values.astype(np.uint32)
+    # 40 characters → 30 bytes, four characters (24 bits) at a time; then 3 → 2 bytes.
+    quads = six[:, :40].reshape(n, 10, 4)
+    bits = quads[:, :, 0] << 18 | quads[:, :, 1] << 12 | quads[:, :, 2] << 6 | quads[:, :, 3]
+    out = np.empty((n, _DIGEST), np.uint8)
+    body = out[:, :30].reshape(n, 10, 3)
+    body[:, :, 0] = bits >> 16
+    body[:, :, 1] = bits >> 8 & 0xFF
+    body[:, :, 2] = bits & 0xFF
+    tail = six[:, 40] << 12 | six[:, 41] << 6 | six[:, 42]
+    out[:, 30] = tail >> 10
+    out[:, 31] = tail >> 2 & 0xFF
+    return out.view("<u8"), valid
 
 
-def _words(raw: bytes) -> U64Array:
-    return np.frombuffer(raw, "<u8").reshape(-1, _WORDS)
+def _digests_one_by_one(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
+    digests = [digest_of(h) for h in hashes]
+    valid = np.array([d is not None for d in digests], bool)
+    joined = b"".join(d or bytes(_DIGEST) for d in digests)
+    return np.frombuffer(joined, "<u8").reshape(-1, _WORDS), valid
 
 
 def _flat_view(array: npt.NDArray[np.generic]) -> memoryview:
@@ -374,7 +474,10 @@ def _flat_view(array: npt.NDArray[np.generic]) -> memoryview:
     return memoryview(array.data)
 
 
-def _grown(array: npt.NDArray[np.generic]) -> npt.NDArray[np.generic]:
-    bigger = np.zeros((len(array) * 2, *array.shape[1:]), array.dtype)
+_Array = TypeVar("_Array", bound=npt.NDArray[Any])
+
+
+def _resized(array: _Array, size: int) -> _Array:
+    bigger = np.zeros((size, *array.shape[1:]), array.dtype)
     bigger[:len(array)] = array
-    return bigger
+    return cast(_Array, bigger)

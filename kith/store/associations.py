@@ -78,6 +78,15 @@ class IndexChange:
     mxid: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class BoundChunk:
+    """Live bindings of one source: `lookup_hashes[i]` is bound to `mxids[i]`."""
+
+    source: str
+    lookup_hashes: list[str]
+    mxids: list[str]
+
+
 class AssociationStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -120,15 +129,33 @@ class AssociationStore:
             )
             return [IndexChange(*r) for r in result]
 
-    async def stream_bound(self, batch: int = 20000) -> AsyncIterator[list[IndexChange]]:
-        """Every live binding, in chunks, for building the index at start."""
+    async def stream_bound(self, batch: int = 20000) -> AsyncIterator[BoundChunk]:
+        """Every live binding, in chunks of one source each, for building the index at
+        start (as columns: no object per row)."""
+        async for rows in self._db.stream_tuples(
+                select(t.c.source, t.c.lookup_hash, t.c.mxid).where(t.c.mxid.is_not(None)),
+                batch):
+            sources, hashes, mxids = zip(*rows, strict=True)
+            if sources.count(sources[0]) == len(sources):
+                yield BoundChunk(sources[0], list(hashes), list(mxids))
+                continue
+            by_source: dict[str, BoundChunk] = {}
+            for source, lookup_hash, mxid in rows:
+                chunk = by_source.get(source)
+                if chunk is None:
+                    chunk = by_source[source] = BoundChunk(source, [], [])
+                chunk.lookup_hashes.append(lookup_hash)
+                chunk.mxids.append(mxid)
+            for chunk in by_source.values():
+                yield chunk
+
+    async def count_bound(self) -> dict[str, int]:
+        """How many live bindings each source holds (the index makes room for them)."""
         async with self._db.engine.connect() as conn:
-            result = await conn.stream(
-                select(t.c.id, t.c.source, t.c.lookup_hash, t.c.mxid)
-                .where(t.c.mxid.is_not(None))
-            )
-            async for chunk in result.partitions(batch):
-                yield [IndexChange(*r) for r in chunk]
+            result = await conn.execute(
+                select(t.c.source, func.count()).where(t.c.mxid.is_not(None))
+                .group_by(t.c.source))
+            return {str(source): int(count) for source, count in result}
 
     async def max_id(self) -> int:
         async with self._db.engine.connect() as conn:

@@ -276,10 +276,14 @@ async def test_instances_sharing_postgresql_sync_one_at_a_time(
     await wait_for("three refused turns of the second",
                    lambda: sync_of(second).turns_refused >= 3)
     assert not sync_of(second).syncing and not sync_of(second).last_full
-    # Both answer from the rows the first one synced.
+    # Both answer from the rows the first one synced (the second reads what another
+    # instance wrote within its follow interval).
     token = await second.register("alice")
-    assert await hashed(second, token, ("email", "carol@example.org")) == {
-        "carol@example.org": "@carol:hs.test"}
+
+    async def second_answers() -> bool:
+        return await hashed(second, token, ("email", "carol@example.org")) == {
+            "carol@example.org": "@carol:hs.test"}
+    await wait_for("the second to answer from the synced rows", second_answers)
 
     await first.server.stop()
     await wait_for("the second to take over",

@@ -145,16 +145,16 @@ async def test_stream_bound_yields_only_live_bindings(store: Store) -> None:
     await store.associations.write([binding("gone@example.com"),
                                     binding("live4@example.com", None)])
     await store.associations.write([binding("gone@example.com", None)])
+    await store.associations.write([binding("synced@example.com", "@s:hs.test",
+                                            source="ldap")])
     chunks = [chunk async for chunk in store.associations.stream_bound(batch=2)]
-    assert all(1 <= len(chunk) <= 2 for chunk in chunks)
-    bound = {c.mxid: c for chunk in chunks for c in chunk}
-    assert set(bound) == {f"@u{i}:hs.test" for i in range(4)}
-    ids = await ids_by_address(store)
-    for i in range(4):
-        change = bound[f"@u{i}:hs.test"]
-        assert change.id == ids[f"live{i}@example.com"]
-        assert change.lookup_hash == binding(f"live{i}@example.com").lookup_hash
-        assert change.source == "local"
+    assert all(1 <= len(chunk.lookup_hashes) == len(chunk.mxids) <= 2 for chunk in chunks)
+    bound = {(chunk.source, h): m for chunk in chunks
+             for h, m in zip(chunk.lookup_hashes, chunk.mxids, strict=True)}
+    assert bound == {
+        **{("local", binding(f"live{i}@example.com").lookup_hash): f"@u{i}:hs.test"
+           for i in range(4)},
+        ("ldap", binding("synced@example.com").lookup_hash): "@s:hs.test"}
 
 
 async def test_stream_bound_on_an_empty_store(store: Store) -> None:

@@ -1,0 +1,200 @@
+"""Scale figures for docs/performance.md: a store of N bindings (default 10M), how long
+kith takes to answer its first lookup, how much memory it holds, and its lookup rates.
+
+    .venv/bin/python -m bench.scale [N] [--keep DIR] [--db URL] [--workers W]
+
+The bindings are isbench's (`bench<i>@bench.test` → `@bench<i>:127.0.0.1:48448`), written
+straight into a kith store (SQLite by default; `--db` a PostgreSQL URL) with raw
+executemany/COPY, then kith is started on it as `python -m kith`.  Measured: seconds
+from the start of the process until a sha256 lookup of a bound address answers right,
+resident memory (VmRSS) then and after the load, and isbench's checked lookups
+(`--seeded N`, batches 1, 100, 1000 at 16 in flight).  `--keep DIR` keeps (or reuses) the
+seeded store in DIR, so that runs of several commits can share one store.
+Results also go to bench/results/scale-N-<date>.{json,txt}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from base64 import urlsafe_b64encode
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from kith.config import DbConfig
+from kith.store import Store
+from kith.threepid import new_pepper
+from tests.conftest import KithProcess, free_port, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT.parent / "shared" / "bench"))
+import isbench  # noqa: E402
+
+CHUNK = 200_000
+FIRST_ANSWER_TIMEOUT_S = 900.0
+
+
+def rows(start: int, stop: int, pepper: str) -> list[tuple[Any, ...]]:
+    out = []
+    for i in range(start, stop):
+        address = isbench.address(i)
+        digest = hashlib.sha256(f"{address} email {pepper}".encode()).digest()
+        out.append(("local", "email", address, isbench.mxid(i), 1000 + i, 1000 + i, 10**13,
+                    urlsafe_b64encode(digest).rstrip(b"=").decode()))
+    return out
+
+
+INSERT = ("INSERT INTO threepid_associations (source, medium, address, mxid, ts, not_before, "
+          "not_after, lookup_hash) VALUES ")
+
+
+async def prepare_store(db: DbConfig) -> str:
+    """Migrate the store and answer its pepper."""
+    store = await Store.open(db)
+    try:
+        return await store.state.get_or_create("lookup_pepper", new_pepper())
+    finally:
+        await store.close()
+
+
+def seed_sqlite(path: str, count: int, pepper: str) -> None:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    for start in range(0, count, CHUNK):
+        with conn:
+            conn.executemany(INSERT + "(?, ?, ?, ?, ?, ?, ?, ?)",
+                             rows(start, min(count, start + CHUNK), pepper))
+        print(f"  seeded {min(count, start + CHUNK)}/{count}", flush=True)
+    conn.close()
+
+
+def seed_postgresql(url: str, count: int, pepper: str) -> None:
+    import psycopg  # the store's PostgreSQL driver
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        for start in range(0, count, CHUNK):
+            with conn.cursor() as cursor, cursor.copy(
+                    "COPY threepid_associations (source, medium, address, mxid, ts, "
+                    "not_before, not_after, lookup_hash) FROM STDIN") as copy:
+                for row in rows(start, min(count, start + CHUNK), pepper):
+                    copy.write_row(row)
+            conn.commit()
+            print(f"  seeded {min(count, start + CHUNK)}/{count}", flush=True)
+        conn.execute("ANALYZE threepid_associations")
+        conn.commit()
+
+
+async def first_answer(base: str, pepper: str, hs_name: str, started: float,
+                       count: int) -> float:
+    """Seconds from `started` until a lookup of a bound address is answered right."""
+    wanted = count - 1
+    asked = isbench.sha256_hash(isbench.address(wanted), "email", pepper)
+    deadline = started + FIRST_ANSWER_TIMEOUT_S
+    async with aiohttp.ClientSession() as session:
+        token = None
+        while time.monotonic() < deadline:
+            try:
+                if token is None:
+                    token = await isbench.register(session, base, hs_name)
+                async with session.post(
+                        f"{base}/_matrix/identity/v2/lookup",
+                        json={"addresses": [asked], "algorithm": "sha256", "pepper": pepper},
+                        headers={"Authorization": f"Bearer {token}"}) as response:
+                    body = await response.json(content_type=None)
+                    if body.get("mappings", {}).get(asked) == isbench.mxid(wanted):
+                        return time.monotonic() - started
+            except (aiohttp.ClientError, OSError):
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("no right answer")
+
+
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
+                          capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("count", nargs="?", type=int, default=10_000_000)
+    parser.add_argument("--keep", type=Path, help="keep (or reuse) the seeded store here")
+    parser.add_argument("--db", help="a PostgreSQL URL (default: SQLite in the directory)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--duration", default="5")
+    args = parser.parse_args()
+
+    directory = args.keep or Path(tempfile.mkdtemp(prefix="kith-scale-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    db = DbConfig(url=args.db) if args.db else DbConfig(file=str(directory / "kith.db"))
+    marker = directory / f"seeded-{args.count}{'-pg' if args.db else ''}"
+    pepper = asyncio.run(prepare_store(db))
+    if not marker.exists():
+        started = time.monotonic()
+        if args.db:
+            seed_postgresql(args.db, args.count, pepper)
+        else:
+            seed_sqlite(db.file, args.count, pepper)
+        marker.write_text(f"{time.monotonic() - started:.0f} s\n")
+    print(f"store: {args.count} bindings ({marker.read_text().strip()} to seed)")
+
+    # Only for the token: the lookups below run isbench, with its homeserver on its port.
+    hs_name = isbench.start_fake_homeserver(0)
+    port = free_port()
+    sections: dict[str, dict[str, Any]] = {
+        "general": {"ip.whitelist": "127.0.0.1", "workers": args.workers,
+                    "lookup.budget.account": 10**12, "lookup.budget.ip": 10**12},
+        "http": {"clientapi.http.port": port, "federation.verifycerts": "False"}}
+    if args.db:
+        sections["db"] = {"db.url": args.db}
+    config = write_config(directory, sections)
+    base = f"http://127.0.0.1:{port}"
+    kith = KithProcess(config)
+    started = time.monotonic()
+    kith.start(port, timeout_s=FIRST_ANSWER_TIMEOUT_S)
+    try:
+        assert kith.proc is not None
+        pid = kith.proc.pid
+        seconds = asyncio.run(first_answer(base, pepper, hs_name, started, args.count))
+        rss_loaded = isbench.rss_mb(pid)
+        print(f"first right answer {seconds:.1f} s after the start; VmRSS {rss_loaded} MB "
+              f"({(rss_loaded or 0) * 2**20 / args.count:.0f} bytes a binding)", flush=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        out = ROOT / "bench" / "results" / f"scale-{args.count}-{stamp}"
+        load = subprocess.run(  # noqa: S603 - our own interpreter and script
+            [sys.executable, str(ROOT.parent / "shared" / "bench" / "isbench.py"),
+             "--base", base, "--seeded", str(args.count), "--server-pid", str(pid),
+             "--batches", "1,100,1000", "--concurrency", "16", "--duration", args.duration,
+             "--json", f"{out}.lookups.json"], capture_output=True, text=True, check=False)
+        rss_after = isbench.rss_mb(pid)
+        summary = {"count": args.count, "db": "postgresql" if args.db else "sqlite",
+                   "workers": args.workers, "first_answer_s": round(seconds, 1),
+                   "rss_loaded_mb": rss_loaded, "rss_after_mb": rss_after,
+                   "bytes_per_binding": round((rss_loaded or 0) * 2**20 / args.count),
+                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
+                                            capture_output=True, text=True,
+                                            cwd=ROOT).stdout.strip()}
+        text = f"{json.dumps(summary)}\n{load.stdout}{load.stderr[-3000:]}"
+        print(text)
+        Path(f"{out}.txt").write_text(text)
+        Path(f"{out}.json").write_text(json.dumps(summary, indent=1))
+    finally:
+        kith.kill(15)
+        if not args.keep:
+            shutil.rmtree(directory, ignore_errors=True)
+        for homeserver in isbench._homeservers:
+            homeserver.stop()
+
+
+if __name__ == "__main__":
+    main()
