@@ -153,7 +153,7 @@ async def test_fuzzing_the_spec_finds_no_5xx_and_only_matrix_errors(
     report_path = tmp_path / "schemathesis.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT),
            "KITH_FUZZ_BASE_URL": base, "KITH_FUZZ_ACCESS_TOKEN": token,
-           "KITH_FUZZ_OPENID_TOKEN": openid,
+           "KITH_FUZZ_OPENID_TOKEN": openid, "KITH_FUZZ_USER_ID": homeserver.tokens[openid],
            "KITH_FUZZ_SERVER_NAME": homeserver.server_name}
     started = time.monotonic()
     exit_code, output = await run_schemathesis(schemathesis_command(base, report_path), env)
