@@ -1,10 +1,11 @@
 """Scale figures for docs/performance.md: a store of N bindings (default 10M), how long
 kith takes to answer its first lookup, how much memory it holds, and its lookup rates.
 
-    .venv/bin/python -m bench.scale [N] [--keep DIR] [--db URL] [--workers W]
+    .venv/bin/python -m bench.scale [N] [--keep DIR] [--db URL | --postgresql] [--workers W]
 
 The bindings are isbench's (`bench<i>@bench.test` → `@bench<i>:127.0.0.1:48448`), written
-straight into a kith store (SQLite by default; `--db` a PostgreSQL URL) with raw
+straight into a kith store (SQLite by default; `--db` a PostgreSQL URL, `--postgresql`
+a throwaway PostgreSQL server as the tests start one) with raw
 executemany/COPY, then kith is started on it as `python -m kith`.  Measured: seconds
 from the start of the process until a sha256 lookup of a bound address answers right,
 resident memory (VmRSS) then and after the load, and isbench's checked lookups
@@ -35,6 +36,7 @@ from kith.config import DbConfig
 from kith.store import Store
 from kith.threepid import new_pepper
 from tests.conftest import KithProcess, free_port, write_config
+from tests.pg import PostgresCluster, _run_as_user, find_bindir
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT.parent / "shared" / "bench"))
@@ -79,20 +81,20 @@ def seed_sqlite(path: str, count: int, pepper: str) -> None:
     conn.close()
 
 
-def seed_postgresql(url: str, count: int, pepper: str) -> None:
-    import psycopg  # the store's PostgreSQL driver
+async def seed_postgresql(url: str, count: int, pepper: str) -> None:
+    import asyncpg  # the store's PostgreSQL driver
 
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+    conn = await asyncpg.connect(url)
+    try:
         for start in range(0, count, CHUNK):
-            with conn.cursor() as cursor, cursor.copy(
-                    "COPY threepid_associations (source, medium, address, mxid, ts, "
-                    "not_before, not_after, lookup_hash) FROM STDIN") as copy:
-                for row in rows(start, min(count, start + CHUNK), pepper):
-                    copy.write_row(row)
-            conn.commit()
+            await conn.copy_records_to_table(
+                "threepid_associations", records=rows(start, min(count, start + CHUNK), pepper),
+                columns=["source", "medium", "address", "mxid", "ts", "not_before",
+                         "not_after", "lookup_hash"])
             print(f"  seeded {min(count, start + CHUNK)}/{count}", flush=True)
-        conn.execute("ANALYZE threepid_associations")
-        conn.commit()
+        await conn.execute("ANALYZE threepid_associations")
+    finally:
+        await conn.close()
 
 
 async def first_answer(base: str, pepper: str, hs_name: str, started: float,
@@ -129,20 +131,43 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("count", nargs="?", type=int, default=10_000_000)
     parser.add_argument("--keep", type=Path, help="keep (or reuse) the seeded store here")
-    parser.add_argument("--db", help="a PostgreSQL URL (default: SQLite in the directory)")
+    parser.add_argument("--db", help="a PostgreSQL URL, postgresql://... (default: SQLite "
+                                     "in the directory)")
+    parser.add_argument("--postgresql", action="store_true",
+                        help="start a throwaway PostgreSQL server (as the tests do) for "
+                             "the run, and seed it")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--duration", default="5")
     args = parser.parse_args()
 
     directory = args.keep or Path(tempfile.mkdtemp(prefix="kith-scale-"))
     directory.mkdir(parents=True, exist_ok=True)
+    cluster = None
+    if args.postgresql:
+        bindir = find_bindir()
+        assert bindir is not None, "no PostgreSQL server binaries (apt-get install postgresql)"
+        cluster = PostgresCluster(bindir=bindir, datadir=Path(tempfile.mkdtemp(prefix="kith-pg-")),
+                                  user=_run_as_user())
+        cluster.start()
+        cluster.psql('CREATE DATABASE "kith_scale"')
+        args.db = cluster.url("kith_scale")
+    try:
+        measure(args, directory)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def measure(args: argparse.Namespace, directory: Path) -> None:
     db = DbConfig(url=args.db) if args.db else DbConfig(file=str(directory / "kith.db"))
     marker = directory / f"seeded-{args.count}{'-pg' if args.db else ''}"
+    if args.postgresql:
+        marker.unlink(missing_ok=True)  # a new server each time
     pepper = asyncio.run(prepare_store(db))
     if not marker.exists():
         started = time.monotonic()
         if args.db:
-            seed_postgresql(args.db, args.count, pepper)
+            asyncio.run(seed_postgresql(args.db, args.count, pepper))
         else:
             seed_sqlite(db.file, args.count, pepper)
         marker.write_text(f"{time.monotonic() - started:.0f} s\n")
