@@ -59,3 +59,9 @@ def missing_params(*names: str) -> MatrixError:
 
 def invalid_param(message: str) -> MatrixError:
     return MatrixError(400, M_INVALID_PARAM, message)
+
+
+def database_unreachable() -> MatrixError:
+    """503 for a request kith cannot serve while its database does not answer."""
+    return MatrixError(503, M_UNKNOWN,
+                       "The server cannot reach its database now; try again later")

@@ -108,21 +108,28 @@ class PostgresCluster:
                        check=True, capture_output=True, timeout=120)
         for attempt in range(5):
             self.port = free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
-                       f"-c unix_socket_directories={self.datadir} "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                       "-c max_connections=200")
-            started = subprocess.run(
-                self._cmd(str(self.bindir / "pg_ctl"), "-D", str(pgdata),
-                          "-l", str(self.datadir / "postgres.log"), "-o", options,
-                          "-w", "-t", str(START_TIMEOUT_S), "start"),
-                capture_output=True, text=True, timeout=START_TIMEOUT_S + 30)
+            started = self._pg_ctl_start()
             if started.returncode == 0:
                 break
             if attempt == 4:
                 raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()}\n"
                                    f"{self.log_tail()}")
-        self.pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+        self._watch()
+
+    def _pg_ctl_start(self) -> subprocess.CompletedProcess[str]:
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
+                   f"-c unix_socket_directories={self.datadir} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                   "-c max_connections=200")
+        return subprocess.run(
+            self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir / "data"),
+                      "-l", str(self.datadir / "postgres.log"), "-o", options,
+                      "-w", "-t", str(START_TIMEOUT_S), "start"),
+            capture_output=True, text=True, timeout=START_TIMEOUT_S + 30)
+
+    def _watch(self) -> None:
+        """Read the postmaster's PID and watch it (see WATCHDOG)."""
+        self.pid = int((self.datadir / "data" / "postmaster.pid").read_text().split()[0])
         self.watchdog = subprocess.Popen(
             ["sh", "-c", WATCHDOG, "kith-pg-watchdog", str(os.getpid()), str(self.pid),
              str(self.datadir)],
@@ -134,12 +141,33 @@ class PostgresCluster:
             return (self.datadir / "postgres.log").read_text()[-2000:]
         return ""
 
-    def stop(self) -> None:
-        """Fast shutdown of our postmaster (by PID), then remove the cluster."""
+    def halt(self) -> None:
+        """Fast shutdown of our postmaster (by PID), keeping its data: clients see their
+        connections closed and new ones refused until `resume`."""
+        self._unwatch()
+        self._shut_down()
+
+    def resume(self) -> None:
+        """Start the halted server again, on the same port."""
+        started = self._pg_ctl_start()
+        if started.returncode != 0:
+            raise RuntimeError(f"pg_ctl start failed: {started.stderr.strip()}\n"
+                               f"{self.log_tail()}")
+        self._watch()
+
+    def _unwatch(self) -> None:
         if self.watchdog is not None:
             self.watchdog.terminate()
             self.watchdog.wait(timeout=10)
             self.watchdog = None
+
+    def stop(self) -> None:
+        """Fast shutdown of our postmaster (by PID), then remove the cluster."""
+        self._unwatch()
+        self._shut_down()
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def _shut_down(self) -> None:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGINT)
@@ -149,7 +177,6 @@ class PostgresCluster:
                     time.sleep(0.05)
                 os.kill(self.pid, signal.SIGQUIT)
             self.pid = 0
-        shutil.rmtree(self.datadir, ignore_errors=True)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
@@ -171,6 +198,16 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="session")
 def postgresql_server() -> Iterator[PostgresCluster]:
     """A PostgreSQL server for the whole session (skipped locally if not installed)."""
+    yield from _cluster()
+
+
+@pytest.fixture
+def own_postgresql_server() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server for one test, which may `halt` and `resume` it."""
+    yield from _cluster()
+
+
+def _cluster() -> Iterator[PostgresCluster]:
     bindir = find_bindir()
     if bindir is None:
         _unavailable("PostgreSQL server binaries not found (pg_config --bindir, "

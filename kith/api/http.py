@@ -22,12 +22,13 @@ from kith.errors import (
     M_UNKNOWN,
     M_UNRECOGNIZED,
     MatrixError,
+    database_unreachable,
 )
 from kith.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS, UNMATCHED_ROUTE
 from kith.services import Services
 from kith.services.accounts import Account
 from kith.services.limits import Requester, ip_key
-from kith.store import is_storage_full
+from kith.store import is_storage_full, is_unreachable
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamRes
             return error_response(MatrixError(
                 503, M_UNKNOWN, "The server cannot store anything now: its storage is "
                 "full. Try again later."))
+        if is_unreachable(exc):
+            # Nothing was acknowledged; the pool connects again once the database answers.
+            log.warning("cannot reach the database: %s %s refused: %s",
+                        request.method, request.path, exc)
+            return error_response(database_unreachable())
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
 

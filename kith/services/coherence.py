@@ -13,8 +13,10 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import time
 from typing import Any
 
+from kith.errors import database_unreachable
 from kith.store.locks import HeldLock, NamedLocks
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,49 @@ class SharedCounters:
                 return False
             self._claims[job] = os.getpid()
             return True
+
+
+# A view that follows the store and has not read it for this long (its polls hang, or
+# fail) may miss writes of other instances: it answers 503 rather than a stale answer.
+STALE_AFTER_S = 3.0
+
+
+class StoreContact:
+    """Whether a view that follows the store (the lookup index) is current enough to answer.
+
+    The view is current while its reads of the store succeed.  When one fails, or when
+    none has succeeded for `stale_after_s` while it is `following`, a bind made on
+    another instance may be missing from it: `check` then refuses with 503 M_UNKNOWN
+    (never a stale "not found"), until a read succeeds again.  The failure and the
+    recovery are logged once per outage.
+    """
+
+    def __init__(self, stale_after_s: float = STALE_AFTER_S) -> None:
+        self._stale_after_s = stale_after_s
+        self._following = False
+        self._last_success = time.monotonic()
+        self.failing = False
+
+    def following(self) -> None:
+        """Polls now keep the view current: a lack of success for long makes it stale."""
+        self._following = True
+
+    def succeeded(self) -> None:
+        self._last_success = time.monotonic()
+        if self.failing:
+            self.failing = False
+            log.warning("the database answers again; lookups are served")
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.failing:
+            self.failing = True
+            log.error("cannot read the database (%s); lookups answer 503 until it answers",
+                      exc)
+
+    def check(self) -> None:
+        if self.failing or (self._following
+                            and time.monotonic() - self._last_success > self._stale_after_s):
+            raise database_unreachable()
 
 
 class Turn:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from kith.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.metrics import LOOKUP_ADDRESSES
-from kith.services.coherence import ChangeCounter
+from kith.services.coherence import ChangeCounter, StoreContact
 from kith.services.limits import LookupBudget, Requester
 from kith.services.lookup_table import LookupTable
 from kith.sources.errors import LdapError
@@ -49,6 +49,7 @@ class AssociationIndex:
         self._order = tuple(order)
         self._by_source = {source: LookupTable() for source in self._order}
         self.last_id = 0
+        self.contact = StoreContact()
 
     def __len__(self) -> int:
         return sum(len(mxids) for mxids in self._by_source.values())
@@ -113,14 +114,21 @@ class AssociationIndex:
         await self.catch_up()
 
     async def catch_up(self) -> None:
-        while True:
-            changes = await self._store.associations.changes_since(self.last_id)
-            if not changes:
-                return
-            self.apply(changes)
+        try:
+            while True:
+                changes = await self._store.associations.changes_since(self.last_id)
+                if not changes:
+                    break
+                self.apply(changes)
+        except Exception as exc:
+            self.contact.failed(exc)
+            raise
+        self.contact.succeeded()
 
     async def refresh(self) -> None:
-        """Catch up if another process of this server wrote since we last looked."""
+        """Catch up if another process of this server wrote since we last looked; 503
+        M_UNKNOWN if the index may be missing other instances' writes (`StoreContact`)."""
+        self.contact.check()
         current = self._changes.value()
         if current != self._seen_changes:
             self._seen_changes = current
@@ -128,12 +136,13 @@ class AssociationIndex:
 
     async def follow(self, interval_s: float) -> None:
         """Apply changes by other writers (CLI, other instances) every `interval_s` s."""
+        self.contact.following()
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.catch_up()
             except Exception:
-                log.warning("could not read association changes", exc_info=True)
+                log.debug("could not read association changes", exc_info=True)
 
 
 class LookupService:

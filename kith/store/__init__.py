@@ -14,6 +14,7 @@ from kith.store.database import (
     StoreError,
     inspect_sqlite,
     is_storage_full,
+    is_unreachable,
     sqlite_path,
 )
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
@@ -26,7 +27,8 @@ from kith.store.state import ServerStateStore
 __all__ = ["AccountRow", "AssociationRow", "Charge", "DatabaseKind", "DeliveryReport",
            "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "OwnChange",
            "PushState", "Refusal", "ReplicationPeerRow", "Store", "StoreError",
-           "ValidationSessionRow", "inspect_sqlite", "is_storage_full", "sqlite_path"]
+           "ValidationSessionRow", "inspect_sqlite", "is_storage_full", "is_unreachable",
+           "sqlite_path"]
 
 
 class Store:

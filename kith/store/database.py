@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -82,6 +83,39 @@ def is_storage_full(exc: BaseException) -> bool:
             return True
         pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
     return False
+
+
+# PostgreSQL's connection_exception class, and admin_shutdown, crash_shutdown and
+# cannot_connect_now: the server went away or is not accepting connections yet.
+_UNREACHABLE_SQLSTATES = ("08", "57P01", "57P02", "57P03")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database cannot be reached now: the
+    connection was refused, reset or closed under a query, the server is shutting down
+    or starting, or no pooled connection came in time.  Nothing about it is permanent:
+    the pool connects again once the database answers."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if (isinstance(current, (ConnectionError, sa_exc.TimeoutError))
+                or (isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated)
+                or (isinstance(sqlstate, str) and sqlstate.startswith(_UNREACHABLE_SQLSTATES))
+                or (type(current).__module__.startswith("asyncpg")
+                    and type(current).__name__ in _UNREACHABLE_DRIVER_ERRORS)):
+            return True
+        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
+    return False
+
+
+# asyncpg's errors for a connection that is closed or lost (they carry no SQLSTATE).
+_UNREACHABLE_DRIVER_ERRORS = frozenset(("ConnectionDoesNotExistError",
+                                        "InternalClientError", "InterfaceError"))
 
 
 def sqlite_path(db: DbConfig) -> str | None:
