@@ -58,7 +58,9 @@ from kith.tls import ClientTls
 
 log = logging.getLogger(__name__)
 
-INDEX_FOLLOW_INTERVAL_S = 1.0
+# How often each process reads what other instances wrote: a bind on one instance is
+# found by lookups on the others within about this long (docs/performance.md).
+INDEX_FOLLOW_INTERVAL_S = 0.25
 # Expired sessions (as often as Sydent purges them), invites, empty rate-limit buckets.
 PURGE_INTERVAL_S = 600.0
 

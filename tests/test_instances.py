@@ -7,7 +7,9 @@ acknowledged bind, and serves again when it returns, without a restart."""
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -19,8 +21,9 @@ import aiohttp
 import pytest
 from signedjson.key import encode_signing_key_base64, generate_signing_key
 
-from kith.config import KithConfig, load_config
+from kith.config import DbConfig, KithConfig, load_config
 from kith.services.coherence import STALE_AFTER_S
+from kith.store import Store
 from kith.threepid import lookup_hash
 from tests.conftest import (
     Homeserver,
@@ -145,6 +148,86 @@ async def found_on(instance: Instance, token: str, pepper: str, address: str,
     status, body = await instance.lookup(token, pepper, [address])
     assert status == 200, body
     return bool(body["mappings"].get(lookup_hash("email", address, pepper)) == mxid)
+
+
+async def test_two_instances_on_one_postgresql_behave_as_one(
+        postgresql_url: str, start_instances: Callable[..., Any], smtp: SmtpSink,
+        homeserver: Homeserver) -> None:
+    a, b = await start_instances(postgresql_url)
+    # One pepper, one signing key, one account: a token issued by A works on B.
+    pepper = await a.pepper()
+    token = await a.token()
+    b._token = token
+    assert await b.pepper() == pepper
+    assert (await a.call("GET", f"{V2}/pubkey/ed25519:0"))[1] == \
+        (await b.call("GET", f"{V2}/pubkey/ed25519:0"))[1]
+
+    # A bind on A is found on B within a second (INDEX_FOLLOW_INTERVAL_S decides).
+    delays = []
+    for i in range(20):
+        address, mxid = f"seen{i}@example.com", f"@seen{i}:hs.test"
+        status, body = await a.bind(address, mxid)
+        assert status == 200, body
+        bound = time.monotonic()
+        await wait_for("B to find it", partial(found_on, b, token, pepper, address, mxid),
+                       timeout_s=1.0, poll_s=0.01)
+        delays.append(time.monotonic() - bound)
+    print(f"bind on A -> found on B: median {statistics.median(delays) * 1000:.0f} ms, "
+          f"max {max(delays) * 1000:.0f} ms over {len(delays)}")
+
+    # An unbind on B is gone from A's answers as quickly.
+    assert (await b.unbind("seen0@example.com", "@seen0:hs.test"))[0] == 200
+    await wait_for("A to forget it",
+                   lambda: found_on(a, token, pepper, "seen0@example.com", None),
+                   timeout_s=1.0, poll_s=0.01)
+
+    # A session requested on A (one mail) is validated and bound on B; A finds it.
+    status, body = await a.call("POST", f"{V2}/validate/email/requestToken", {
+        "client_secret": SECRET, "email": "carol@example.com", "send_attempt": 1}, token)
+    assert status == 200, body
+    sid = body["sid"]
+    await wait_for("the validation mail", lambda: len(smtp.messages) == 1)
+    code = re.search(r"token=([A-Za-z0-9]{32})", smtp.messages[0][1])
+    assert code
+    status, body = await b.call("POST", f"{V2}/validate/email/submitToken", {
+        "sid": sid, "client_secret": SECRET, "token": code.group(1)}, token)
+    assert status == 200 and body == {"success": True}, body
+    # The same send_attempt on B sends nothing again: the session is shared.
+    status, body = await b.call("POST", f"{V2}/validate/email/requestToken", {
+        "client_secret": SECRET, "email": "carol@example.com", "send_attempt": 1}, token)
+    assert status == 200 and body["sid"] == sid, body
+    status, body = await b.call("POST", f"{V2}/3pid/bind", {
+        "sid": sid, "client_secret": SECRET, "mxid": "@alice:hs.test"}, token)
+    assert status == 200, body
+    await wait_for("A to find carol",
+                   lambda: found_on(a, token, pepper, "carol@example.com", "@alice:hs.test"),
+                   timeout_s=1.0, poll_s=0.01)
+
+    # An invite stored on A (one mail) is delivered once when the address is bound on B.
+    status, body = await a.call("POST", f"{V2}/store-invite", {
+        "medium": "email", "address": "dave@example.com", "room_id": "!room:hs.test",
+        "sender": "@alice:hs.test"}, token)
+    assert status == 200, body
+    await wait_for("the invite mail", lambda: len(smtp.messages) == 2)
+    assert smtp.messages[1][0] == ["dave@example.com"]
+    status, body = await b.call("POST", f"{V2}/store-invite", {
+        "medium": "email", "address": "dave@example.com", "room_id": "!other:hs.test",
+        "sender": "@alice:hs.test"}, token)
+    assert status == 200, body
+    await wait_for("the second invite mail", lambda: len(smtp.messages) == 3)
+    assert (await b.bind("dave@example.com", "@dave:hs.test"))[0] == 200
+    await wait_for("the onbind", lambda: homeserver.onbinds, timeout_s=15)
+    store = await Store.open(DbConfig(file="", url=postgresql_url))
+    try:
+        async def delivered() -> bool:
+            return [state for _, state in await store.invites.deliveries()] == ["done"]
+        await wait_for("the delivery to be done", delivered, timeout_s=15)
+    finally:
+        await store.close()
+    # ...and both invites went to the homeserver in one onbind, by one instance.
+    assert len(homeserver.onbinds) == 1, homeserver.onbinds
+    assert len(homeserver.onbinds[0]["invites"]) == 2
+    assert len(smtp.messages) == 3
 
 
 async def test_an_instance_that_loses_postgresql_answers_503_and_recovers(
