@@ -1,5 +1,5 @@
 """The `kith` command: serve (default), generate-config, check-config, import-sydent,
-onbind, peers, bind, unbind.
+onbind, peers, migrate-db, bind, unbind.
 
 Every command that opens the store first makes sure the database is one kith may use,
 and takes over a Sydent database the configuration names (`_prepared`)."""
@@ -296,6 +296,53 @@ def cmd_peers(args: argparse.Namespace, config: KithConfig) -> int:
     return 0
 
 
+def cmd_migrate_db(args: argparse.Namespace, config: KithConfig) -> int:
+    """Copy the SQLite store to PostgreSQL, verify it, and say how to switch."""
+    from sqlalchemy.engine import make_url
+
+    from kith.services.migrate_db import Verification, migrate, switch_lines
+    from kith.store import sqlite_path
+
+    source = sqlite_path(config.db)
+    if source is None:
+        print(f"kith: {config.path} already names a database that is not SQLite "
+              "([db] db.url)", file=sys.stderr)
+        return 1
+    if not args.postgresql_url.startswith(("postgresql://", "postgres://")):
+        print("kith: the target must be a postgresql:// URL", file=sys.stderr)
+        return 2
+    target = make_url(args.postgresql_url).render_as_string(hide_password=True)
+    print(f"copying {source} (only read) into {target}")
+
+    def progress(table: str, rows: int) -> None:
+        print(f"  {table}: {rows} rows copied", flush=True)
+
+    results: list[Verification] = []
+
+    async def main() -> None:
+        results.append(await migrate(source, args.postgresql_url,
+                                     from_scratch=args.from_scratch, progress=progress))
+
+    _run(main())
+    result = results[0]
+    for count in result.counts:
+        mark = "" if count.source == count.target else "  <- differs"
+        print(f"  {count.table}: {count.source} in SQLite, {count.target} in PostgreSQL{mark}")
+    print(f"  associations checksum: {result.source_checksum[:16]} in SQLite, "
+          f"{result.target_checksum[:16]} in PostgreSQL")
+    if not result.ok:
+        print("kith: the copy differs from the SQLite store: a kith still running on it "
+              "wrote meanwhile. Stop it and run this command again (it copies only what "
+              "changed)", file=sys.stderr)
+        return 1
+    print("verified: every table's count and the associations' checksum match")
+    print("if a kith still runs on the SQLite file, stop it and run this command once "
+          f"more; then serve from PostgreSQL with, in {config.path}:")
+    for line in switch_lines(args.postgresql_url):
+        print(f"  {line}")
+    return 0
+
+
 def cmd_bind(args: argparse.Namespace, config: KithConfig) -> int:
     signed = _offline(lambda s: s.bindings.bind(args.medium, args.address, args.mxid), config)
     print(json.dumps(signed, indent=2, sort_keys=True))
@@ -350,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("peers",
                    help="list the replication peers: the last id each acknowledged, how "
                         "far behind it is, its last success and last error")
+    migrate_db = sub.add_parser(
+        "migrate-db",
+        help="copy the SQLite store (only read; kith may be running on it) into a "
+             "PostgreSQL database, verify the copy, and print the [db] line to switch; "
+             "run again after an interruption or to copy what changed meanwhile")
+    migrate_db.add_argument("postgresql_url", metavar="POSTGRESQL_URL",
+                            help="postgresql://user:password@host/database")
+    migrate_db.add_argument("--from-scratch", action="store_true",
+                            help="first empty kith's tables in the target, even if they "
+                                 "hold another store")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
@@ -367,6 +424,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "import-sydent": cmd_import_sydent,
     "onbind": cmd_onbind,
     "peers": cmd_peers,
+    "migrate-db": cmd_migrate_db,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
 }

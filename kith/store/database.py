@@ -207,6 +207,11 @@ def _known_revisions() -> tuple[frozenset[str], str]:
             ", ".join(script.get_heads()))
 
 
+def schema_head() -> str:
+    """The newest schema revision this kith knows."""
+    return _known_revisions()[1]
+
+
 def check_revisions(where: str, revisions: Iterable[str]) -> None:
     """Refuse a kith database whose schema is newer than the migrations of this kith."""
     known, head = _known_revisions()
