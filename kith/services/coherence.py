@@ -83,46 +83,57 @@ class SharedCounters:
             return True
 
 
-# A view that follows the store and has not read it for this long (its polls hang, or
-# fail) may miss writes of other instances: it answers 503 rather than a stale answer.
-STALE_AFTER_S = 3.0
+# A view that follows the store, whose read of it has had no answer for this long (the
+# database hangs), may miss writes of other instances: it answers 503, not a stale answer.
+STALE_AFTER_S = 5.0
 
 
 class StoreContact:
     """Whether a view that follows the store (the lookup index) is current enough to answer.
 
-    The view is current while its reads of the store succeed.  When one fails, or when
-    none has succeeded for `stale_after_s` while it is `following`, a bind made on
-    another instance may be missing from it: `check` then refuses with 503 M_UNKNOWN
-    (never a stale "not found"), until a read succeeds again.  The failure and the
+    The view is current while its reads of the store are answered.  When one fails, or
+    when one has waited for an answer for `stale_after_s` while the view is
+    `following`, a bind made on another instance may be missing from it: `check` then
+    refuses with 503 M_UNKNOWN (never a stale "not found") until a read succeeds again.
+    Only a read that waits counts, not the time between reads: a busy process, whose
+    polls start late, is still current when they are answered.  The failure and the
     recovery are logged once per outage.
     """
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S) -> None:
         self._stale_after_s = stale_after_s
         self._following = False
-        self._last_success = time.monotonic()
+        self._waiting_since: float | None = None
         self.failing = False
 
     def following(self) -> None:
-        """Polls now keep the view current: a lack of success for long makes it stale."""
+        """Polls now keep the view current: one that waits for long makes it stale."""
         self._following = True
 
+    def reading(self) -> None:
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+
     def succeeded(self) -> None:
-        self._last_success = time.monotonic()
+        self._waiting_since = None
         if self.failing:
             self.failing = False
             log.warning("the database answers again; lookups are served")
 
     def failed(self, exc: BaseException) -> None:
+        self._waiting_since = None
         if not self.failing:
             self.failing = True
             log.error("cannot read the database (%s); lookups answer 503 until it answers",
                       exc)
 
     def check(self) -> None:
-        if self.failing or (self._following
-                            and time.monotonic() - self._last_success > self._stale_after_s):
+        if self.failing:
+            raise database_unreachable()
+        waiting_since = self._waiting_since
+        if (self._following and waiting_since is not None
+                and time.monotonic() - waiting_since > self._stale_after_s):
+            self.failed(TimeoutError(f"no answer for {self._stale_after_s:.0f} s"))
             raise database_unreachable()
 
 

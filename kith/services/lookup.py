@@ -114,6 +114,7 @@ class AssociationIndex:
         await self.catch_up()
 
     async def catch_up(self) -> None:
+        self.contact.reading()
         try:
             while True:
                 changes = await self._store.associations.changes_since(self.last_id)
