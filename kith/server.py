@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 # How often each process reads what other instances wrote: a bind on one instance is
 # found by lookups on the others within about this long (docs/performance.md).
 INDEX_FOLLOW_INTERVAL_S = 0.25
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # Expired sessions (as often as Sydent purges them), invites, empty rate-limit buckets.
 PURGE_INTERVAL_S = 600.0
 
@@ -386,6 +388,16 @@ async def prepare_store(config: KithConfig) -> None:
         await store.close()
 
 
+def end_with_parent(parent: int) -> None:
+    """Have the kernel stop this worker when the supervising parent dies, even by
+    SIGKILL: a worker left alone would go on serving the shared ports unsupervised."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_workers(config: KithConfig, workers: int,
                 run: Callable[[Coroutine[Any, Any, None]], None]) -> int:
     """Fork `workers` processes that share the listening ports; stop them all together.
@@ -396,11 +408,13 @@ def run_workers(config: KithConfig, workers: int,
     run(prepare_store(config))
     counters = SharedCounters()
     children: list[int] = []
+    parent = os.getpid()
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
+                end_with_parent(parent)
                 run(serve(config, counters))
             except BaseException:
                 log.exception("worker failed")

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from kith.config import load_config
 from kith.threepid import lookup_hash
-from tests.conftest import KithProcessFactory, serving, write_config
+from tests.conftest import KithProcessFactory, serving, wait_for, write_config
 
 V2 = "/_matrix/identity/v2"
 
@@ -74,3 +74,23 @@ async def check_workers(tmp_path: Path, hs_url: str,
                     assert r.status == 401
     finally:
         proc.kill(signal.SIGTERM)
+
+
+async def test_workers_end_with_their_parent_even_killed(tmp_path: Path,
+                                                         kith_process: KithProcessFactory) -> None:
+    path = write_config(tmp_path, {"general": {"workers": 2}})
+    config = load_config(str(path), env={})
+    proc = kith_process(path)
+    proc.start(config.http.client_port)
+    assert proc.proc is not None
+    children = [int(pid) for pid in Path(
+        f"/proc/{proc.proc.pid}/task/{proc.proc.pid}/children").read_text().split()]
+    assert len(children) == 2
+    proc.kill(signal.SIGKILL)
+
+    def gone(pid: int) -> bool:
+        try:  # a zombie (reaped by init soon) serves nothing either
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+    await wait_for("both workers to end", lambda: all(map(gone, children)))
