@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from kith.config import DbConfig, parse_ldap_section
+from kith.services.index import AssociationIndex
 from kith.services.ldap_sync import LdapSync
-from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.lookup import LookupService
+from kith.services.pepper import LookupPeppers
 from kith.sources.ldap import LdapDirectory
 from kith.store import AssociationRow, Store
 from kith.threepid import lookup_hash
@@ -71,10 +73,11 @@ async def measure(slapd: Slapd, tmp: Path, n: int) -> None:
     assert config is not None
     store = await Store.open(DbConfig(file=str(tmp / "kith.db")))
     index = AssociationIndex(store)
-    await index.load()
+    peppers = LookupPeppers(store, index)
+    await peppers.load()
     directory = LdapDirectory(config)
-    pepper = "benchpepper"
-    sync = LdapSync(directory, store, index, pepper, change_margin_s=0)
+    pepper = index.pepper
+    sync = LdapSync(directory, store, index, change_margin_s=0)
     try:
         t = time.perf_counter()
         result = await sync.full()
@@ -106,7 +109,7 @@ async def measure(slapd: Slapd, tmp: Path, n: int) -> None:
         for start in range(0, n, 5000):
             await store.associations.write(local_rows[start:start + 5000])
         await index.catch_up()
-        lookups = LookupService(index, pepper, 100_000, directory=directory)
+        lookups = LookupService(peppers, index, 100_000, directory=directory)
         rng = random.Random(1)
         picks = rng.sample(range(200, n), 1000)
         queries = [f"user{i}@example.org email" for i in picks]

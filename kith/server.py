@@ -43,12 +43,14 @@ from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
 from kith.services.coherence import SharedCounters
 from kith.services.homeserver_auth import HomeserverAuthenticator
+from kith.services.index import AssociationIndex
 from kith.services.invites import InviteService, public_base_url
 from kith.services.keys import ServerKeys
 from kith.services.ldap_sync import LdapSync
 from kith.services.limits import LookupBudget, SendLimits
-from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
+from kith.services.pepper import LookupPeppers
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
@@ -88,17 +90,17 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
                       parse_signing_key(config.crypto.signing_key))
     terms_source = TermsSource.from_config(config.general.terms_path)
     sources = config.sources
-    pepper = await store.state.get_or_create("lookup_pepper", new_pepper())
     index = AssociationIndex(
         store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None,
         order=[source for source in sources.precedence if source != UPSTREAM])
-    await index.load()
+    peppers = LookupPeppers(store, index)
+    await peppers.load()
     directory = LdapDirectory(sources.ldap) if sources.ldap else None
     upstream = UpstreamIdentityServer(sources.proxy, OutboundAddressPolicy(
         config.general.ip_blacklist, config.general.ip_whitelist)) if sources.proxy else None
     general = config.general
     lookup_service = LookupService(
-        index, pepper, general.address_lookup_limit, precedence=sources.precedence,
+        peppers, index, general.address_lookup_limit, precedence=sources.precedence,
         directory=directory, upstream=upstream,
         budget=LookupBudget(store, general.lookup_budget_account, general.lookup_budget_ip))
     limits = SendLimits(store, config)
@@ -119,13 +121,13 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
             counters.counter(SharedCounters.ACCOUNTS) if counters else None, limits),
         index=index,
         lookup=lookup_service,
-        bindings=BindingService(store, index, keys, pepper, lookup=lookup_service,
+        bindings=BindingService(store, index, keys, lookup=lookup_service,
                                 onbind=onbind, validation=validation),
         homeserver_auth=HomeserverAuthenticator(
             ServerKeyFetcher(federation), (keys.server_name, *config.general.server_aliases)),
         validation=validation,
         templates=templates,
-        ldap_sync=LdapSync(directory, store, index, pepper) if directory else None,
+        ldap_sync=LdapSync(directory, store, index) if directory else None,
         invites=invite_service(config, store, keys, lookup_service, templates, onbind, limits),
         limits=limits,
         onbind=onbind,
@@ -265,7 +267,7 @@ class KithServer:
         self.services = await build_services(self.config, self.store, self.federation,
                                              self.counters)
         self.tasks.append(asyncio.create_task(
-            self.services.index.follow(INDEX_FOLLOW_INTERVAL_S)))
+            self.services.lookup.peppers.follow(INDEX_FOLLOW_INTERVAL_S)))
         if self.services.ldap_sync is not None and (
                 self.counters is None or self.counters.claim(SharedCounters.LDAP_SYNC)):
             self.tasks.append(asyncio.create_task(self.services.ldap_sync.run()))

@@ -40,8 +40,7 @@ class ReplicationNode:
             return None
         server_tls, client_tls = await asyncio.to_thread(tls_contexts, http)
         peers = await ReplicationPeers.load(config, store)
-        receiver = ReplicationReceiver(store, services.index, services.bindings,
-                                       services.lookup.pepper)
+        receiver = ReplicationReceiver(store, services.index, services.bindings)
         pusher = ReplicationPusher(store, services.keys, peers, client_tls,
                                    max_retry_interval_s=http.replication_max_retry_interval_s)
         services.bindings.on_change.append(pusher.wake)

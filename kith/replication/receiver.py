@@ -22,9 +22,8 @@ from kith.metrics import REPLICATION_RECEIVED
 from kith.replication.peers import Peer
 from kith.replication.wire import ReceivedAssociation, Unverified, verify
 from kith.services.bindings import BindingService
-from kith.services.lookup import AssociationIndex
+from kith.services.index import AssociationIndex
 from kith.store import AssociationRow, Store
-from kith.threepid import lookup_hash
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,10 @@ MAX_ASSOCIATIONS_PER_PUSH = 1000
 
 
 class ReplicationReceiver:
-    def __init__(self, store: Store, index: AssociationIndex, bindings: BindingService,
-                 pepper: str) -> None:
+    def __init__(self, store: Store, index: AssociationIndex, bindings: BindingService) -> None:
         self._store = store
         self._index = index
         self._bindings = bindings
-        self._pepper = pepper
 
     async def receive(self, peer: Peer, pushed: Mapping[str, Any]) -> int:
         """Store the push `pushed` (origin id → signed association) from `peer`; how many
@@ -67,7 +64,7 @@ class ReplicationReceiver:
         await self._store.associations.write_replicated([
             AssociationRow(source=LOCAL, medium=r.medium, address=r.address, mxid=r.mxid,
                            ts=r.ts, not_before=r.not_before, not_after=r.not_after,
-                           lookup_hash=lookup_hash(r.medium, r.address, self._pepper),
+                           lookup_hash=self._index.hash(r.medium, r.address),
                            origin_server=peer.name, origin_id=r.origin_id)
             for r in usable])
         await self._index.written()

@@ -9,10 +9,11 @@ from kith.delivery.templates import Templates
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
 from kith.services.homeserver_auth import HomeserverAuthenticator
+from kith.services.index import AssociationIndex
 from kith.services.invites import InviteService
 from kith.services.keys import ServerKeys
 from kith.services.limits import SendLimits
-from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService

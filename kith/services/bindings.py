@@ -8,12 +8,13 @@ from typing import Any
 from kith.config import LDAP, LOCAL
 from kith.errors import M_FORBIDDEN, M_UNAUTHORIZED, MatrixError
 from kith.metrics import BINDS, UNBINDS
+from kith.services.index import AssociationIndex
 from kith.services.keys import ServerKeys
-from kith.services.lookup import AssociationIndex, LookupService
+from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
 from kith.services.validation import ValidationService
 from kith.store import AssociationRow, Store
-from kith.threepid import check_mxid, check_threepid, lookup_hash, mxid_server_name, now_ms
+from kith.threepid import check_mxid, check_threepid, mxid_server_name, now_ms
 
 # Associations are valid for a century (as Sydent): they last until unbound.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
@@ -36,7 +37,6 @@ class BindingService:
         store: Store,
         index: AssociationIndex,
         keys: ServerKeys,
-        pepper: str,
         clock: Callable[[], int] = now_ms,
         lookup: LookupService | None = None,
         onbind: OnbindService | None = None,
@@ -48,7 +48,6 @@ class BindingService:
         self._store = store
         self._index = index
         self._keys = keys
-        self._pepper = pepper
         self._clock = clock
         # Called after every committed bind and unbind (the replication pusher's wakeup).
         self.on_change: list[Callable[[], None]] = []
@@ -62,10 +61,10 @@ class BindingService:
         row = AssociationRow(
             source=LOCAL, medium=medium, address=address, mxid=mxid, ts=ts,
             not_before=ts, not_after=ts + VALIDITY_MS,
-            lookup_hash=lookup_hash(medium, address, self._pepper),
+            lookup_hash=self._index.hash(medium, address),
         )
         await self._store.associations.write([row])
-        self._index.set(row.lookup_hash, mxid)
+        self._index.set(medium, address, mxid)
         self._changed()
         BINDS.inc()
         association = association_json(medium, address, mxid, ts, row.not_before,
@@ -162,10 +161,10 @@ class BindingService:
         ts = self._clock()
         tombstone = AssociationRow(
             source=LOCAL, medium=medium, address=address, mxid=None, ts=ts,
-            not_before=ts, not_after=ts, lookup_hash=current.lookup_hash,
+            not_before=ts, not_after=ts, lookup_hash=self._index.hash(medium, address),
         )
         await self._store.associations.write([tombstone])
-        self._index.set(tombstone.lookup_hash, None)
+        self._index.set(medium, address, None)
         self._changed()
         UNBINDS.inc()
         return True
@@ -200,7 +199,7 @@ class BindingService:
                                                  association) is not None
 
     def _bound_mxid(self, medium: str, address: str) -> str | None:
-        hash_ = lookup_hash(medium, address, self._pepper)
+        hash_ = self._index.hash(medium, address)
         directory = self._lookup is not None and self._lookup.directory is not None
         for source in (self._lookup.precedence if self._lookup else (LOCAL,)):
             if source == LOCAL or (source == LDAP and directory):

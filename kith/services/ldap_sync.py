@@ -24,10 +24,10 @@ from kith.config import LDAP
 from kith.services.coherence import Turn
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, pick_owners
 from kith.store import AssociationRow, Store
-from kith.threepid import Threepid, lookup_hash
+from kith.threepid import Threepid
 
 if TYPE_CHECKING:
-    from kith.services.lookup import AssociationIndex
+    from kith.services.index import AssociationIndex
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,14 @@ class SyncResult:
 
 class LdapSync:
     def __init__(self, directory: LdapDirectory, store: Store, index: AssociationIndex,
-                 pepper: str, clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.time,
                  change_margin_s: float = CHANGE_MARGIN_S) -> None:
         self._directory = directory
         self._change_margin_s = change_margin_s
         self._store = store
         self._index = index
-        self._pepper = pepper
         self._clock = clock
-        self._known: dict[Threepid, tuple[str, str]] = {}  # → (mxid, lookup hash)
+        self._known: dict[Threepid, str] = {}  # → mxid
         self._cursor: str | None = None
         self._last_full = 0.0
         self._lock = asyncio.Lock()
@@ -84,8 +83,8 @@ class LdapSync:
             started = time.monotonic()
             entries = await self._directory.entries()
             wanted = pick_owners(entries)
-            self._known = {Threepid(medium, address): (mxid, hash_)
-                           for medium, address, mxid, hash_
+            self._known = {Threepid(medium, address): mxid
+                           for medium, address, mxid, _hash
                            in await self._store.associations.live_rows(LDAP)}
             gone = [t for t in self._known if t not in wanted]
             written, removed = await self._write(wanted.items(), gone)
@@ -104,7 +103,7 @@ class LdapSync:
             entries = await self._directory.entries(since)
             wanted = pick_owners(entries)
             changed_mxids = {entry.mxid for entry in entries}
-            gone = [t for t, (mxid, _) in self._known.items()
+            gone = [t for t, mxid in self._known.items()
                     if mxid in changed_mxids and t not in wanted]
             written, removed = await self._write(wanted.items(), gone)
             self._advance(entries)
@@ -146,26 +145,23 @@ class LdapSync:
         ts = int(self._clock() * 1000)
         rows: list[AssociationRow] = []
         for threepid, mxid in wanted:
-            known = self._known.get(threepid)
-            if known is not None and known[0] == mxid:
+            if self._known.get(threepid) == mxid:
                 continue
-            hash_ = known[1] if known is not None else lookup_hash(
-                threepid.medium, threepid.address, self._pepper)
             rows.append(AssociationRow(LDAP, threepid.medium, threepid.address, mxid, ts, ts,
-                                       ts + VALIDITY_MS, hash_))
+                                       ts + VALIDITY_MS,
+                                       self._index.hash(threepid.medium, threepid.address)))
         written = len(rows)
         for threepid in gone:
-            _, hash_ = self._known[threepid]
             rows.append(AssociationRow(LDAP, threepid.medium, threepid.address, None, ts, ts,
-                                       ts, hash_))
+                                       ts, self._index.hash(threepid.medium, threepid.address)))
         for start in range(0, len(rows), WRITE_BATCH):
             batch = rows[start:start + WRITE_BATCH]
             await self._store.associations.write(batch)
-            self._index.set_many(LDAP, [(row.lookup_hash, row.mxid) for row in batch])
+            self._index.set_many(LDAP, [(row.medium, row.address, row.mxid) for row in batch])
             for row in batch:
                 threepid = Threepid(row.medium, row.address)
                 if row.mxid is None:
                     self._known.pop(threepid, None)
                 else:
-                    self._known[threepid] = (row.mxid, row.lookup_hash)
+                    self._known[threepid] = row.mxid
         return written, len(gone)

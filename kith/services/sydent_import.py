@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from kith.config import LOCAL
 from kith.config_peers import peer_key_b64
 from kith.services.accounts import hash_token
+from kith.services.pepper import read_record, rotate
 from kith.store import AccountRow, AssociationRow, InviteTokenRow, ReplicationPeerRow, Store
 from kith.store.sessions import ValidationSessionRow
 from kith.store.sydent_db import SydentData, read_sydent_db
-from kith.threepid import lookup_hash, new_pepper, normalise_address
+from kith.threepid import lookup_hash, normalise_address
 
 # Sydent lets a session be validated within 24 h of its last change: older ones are over.
 SESSION_LIFETIME_MS = 24 * 60 * 60 * 1000
@@ -46,6 +47,9 @@ async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
     pepper = await _take_pepper(store, data, report)
     sydent_ids = await _import_associations(store, data, pepper, report)
     await _import_replicated(store, data, pepper, report)
+    if report.imported["lookup pepper"]:
+        # Every stored hash, and every process's index, moves to Sydent's pepper.
+        await rotate(store, pepper)
     await _import_accounts(store, data, report)
     await _import_sessions(store, data, now_ms, report)
     await _import_invites(store, data, report)
@@ -56,18 +60,12 @@ async def import_sydent_db(store: Store, sydent_db: str, server_name: str,
 
 
 async def _take_pepper(store: Store, data: SydentData, report: ImportReport) -> str:
-    """Sydent's pepper becomes ours, so that clients' cached peppers stay valid."""
-    if data.pepper is None:  # a Sydent that never started: keep (or make) ours
-        report.imported["lookup pepper"] = 0
-        return await store.state.get_or_create("lookup_pepper", new_pepper())
-    current = await store.state.get("lookup_pepper")
-    if data.pepper == current:
+    """Sydent's pepper becomes ours, so that clients' cached peppers stay valid (the
+    change itself is made once the associations are in)."""
+    current = (await read_record(store)).current
+    if data.pepper is None or data.pepper == current:  # a Sydent that never started
         report.imported["lookup pepper"] = 0
         return current
-    await store.state.set("lookup_pepper", data.pepper)
-    rows = await store.associations.live_threepids()
-    await store.associations.set_lookup_hashes(
-        [(i, lookup_hash(medium, address, data.pepper)) for i, medium, address in rows])
     report.imported["lookup pepper"] = 1
     return data.pepper
 

@@ -3,7 +3,7 @@ for the replication pusher."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, FromClause, and_, bindparam, func, or_, select, text, update
@@ -72,8 +72,13 @@ def _stored_is_as_new(stored: FromClause) -> ColumnElement[bool]:
 
 @dataclass(frozen=True, slots=True)
 class IndexChange:
+    """A row as the lookup index reads it.  `lookup_hash` is what its writer stored,
+    made with the pepper that writer knew (see `rehash`)."""
+
     id: int
     source: str
+    medium: str
+    address: str
     lookup_hash: str
     mxid: str | None
 
@@ -85,6 +90,9 @@ class BoundChunk:
     source: str
     lookup_hashes: list[str]
     mxids: list[str]
+
+
+_INDEX_COLUMNS = (t.c.id, t.c.source, t.c.medium, t.c.address, t.c.lookup_hash, t.c.mxid)
 
 
 class AssociationStore:
@@ -120,21 +128,28 @@ class AssociationStore:
             return None
         return AssociationRow(**{k: row[k] for k in AssociationRow.__slots__})
 
-    async def changes_since(self, last_id: int, limit: int = 50000) -> list[IndexChange]:
-        """Rows written after `last_id`, oldest first (bindings and tombstones)."""
+    async def changes_since(self, last_id: int, limit: int = 50000,
+                            upto: int | None = None) -> list[IndexChange]:
+        """Rows written after `last_id` (and up to `upto`), oldest first (bindings and
+        tombstones)."""
+        query = select(*_INDEX_COLUMNS).where(t.c.id > last_id)
+        if upto is not None:
+            query = query.where(t.c.id <= upto)
         async with self._db.engine.connect() as conn:
-            result = await conn.execute(
-                select(t.c.id, t.c.source, t.c.lookup_hash, t.c.mxid)
-                .where(t.c.id > last_id).order_by(t.c.id).limit(limit)
-            )
+            result = await conn.execute(query.order_by(t.c.id).limit(limit))
             return [IndexChange(*r) for r in result]
 
-    async def stream_bound(self, batch: int = 20000) -> AsyncIterator[BoundChunk]:
-        """Every live binding, in chunks of one source each, for building the index at
-        start (as columns: no object per row)."""
-        async for rows in self._db.stream_tuples(
-                select(t.c.source, t.c.lookup_hash, t.c.mxid).where(t.c.mxid.is_not(None)),
-                batch):
+    async def stream_bound(self, batch: int = 20000, after: int = 0,
+                           upto: int | None = None) -> AsyncIterator[BoundChunk]:
+        """Every live binding (with an id after `after`, up to `upto`), in chunks of one
+        source each, with its stored lookup hash, for building an index (as columns: no
+        object per row).  With `upto`, these rows and the changes after `upto` are
+        exactly the store as it was at `upto`, whatever is written meanwhile."""
+        query = select(t.c.source, t.c.lookup_hash, t.c.mxid).where(
+            t.c.mxid.is_not(None), t.c.id > after)
+        if upto is not None:
+            query = query.where(t.c.id <= upto)
+        async for rows in self._db.stream_tuples(query, batch):
             sources, hashes, mxids = zip(*rows, strict=True)
             if sources.count(sources[0]) == len(sources):
                 yield BoundChunk(sources[0], list(hashes), list(mxids))
@@ -148,6 +163,16 @@ class AssociationStore:
                 chunk.mxids.append(mxid)
             for chunk in by_source.values():
                 yield chunk
+
+    async def stream_bound_threepids(
+            self, after: int, upto: int,
+            batch: int = 20000) -> AsyncIterator[Sequence[Sequence[str]]]:
+        """(source, medium, address, mxid) of the live bindings with an id after `after`,
+        up to `upto`: those whose stored hash is not to be trusted, to hash anew."""
+        async for rows in self._db.stream_tuples(
+                select(t.c.source, t.c.medium, t.c.address, t.c.mxid).where(
+                    t.c.mxid.is_not(None), t.c.id > after, t.c.id <= upto), batch):
+            yield rows
 
     async def count_bound(self) -> dict[str, int]:
         """How many live bindings each source holds (the index makes room for them)."""
@@ -179,14 +204,27 @@ class AssociationStore:
                                         .where(t.c.mxid.is_not(None)))
             return [(int(i), m, a) for i, m, a in result]
 
-    async def set_lookup_hashes(self, hashes: list[tuple[int, str]]) -> None:
-        """Set the lookup hash of rows by id (after the pepper changed)."""
-        if not hashes:
-            return
+    async def rehash(self, hash_of: Callable[[str, str], str], upto: int,
+                     batch: int = 2000) -> int:
+        """Store `hash_of(medium, address)` as the lookup hash of every live row with an
+        id up to `upto`, a batch per transaction; ids stay as they are (no reader of the
+        change cursor needs to see this).  A row rewritten meanwhile has a larger id and
+        is left as its writer stored it.  Returns the number of rows rewritten."""
         stmt = update(t).where(t.c.id == bindparam("row_id")).values(
             lookup_hash=bindparam("new_hash"))
-        async with self._db.engine.begin() as conn:
-            await conn.execute(stmt, [{"row_id": i, "new_hash": h} for i, h in hashes])
+        after, done = 0, 0
+        while True:
+            async with self._db.engine.connect() as conn:
+                rows = (await conn.execute(
+                    select(t.c.id, t.c.medium, t.c.address)
+                    .where(t.c.id > after, t.c.id <= upto, t.c.mxid.is_not(None))
+                    .order_by(t.c.id).limit(batch))).all()
+            if not rows:
+                return done
+            params = [{"row_id": i, "new_hash": hash_of(m, a)} for i, m, a in rows]
+            async with self._db.engine.begin() as conn:
+                await conn.execute(stmt, params)
+            after, done = int(rows[-1][0]), done + len(rows)
 
     # ---------------------------------------------------- the server's own, for peers
 

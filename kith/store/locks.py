@@ -4,7 +4,10 @@ For work that one instance does for all (such as syncing a directory into the sh
 tables).  On PostgreSQL a lock is a session advisory lock, held on a connection of its
 own so that it is let go when the process dies; its key is derived from the name, so
 every kith version agrees on it.  A SQLite file serves one kith, whose workers agree
-among themselves, so there a lock is always granted.
+among themselves, so there a lock is always granted; but work that a command may start
+beside the running server (`across_processes`) is guarded there by a row naming the
+holder's process id, taken over once that process is gone (a SQLite file is only ever
+used from one host).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+from collections.abc import Awaitable, Callable
 
-from sqlalchemy import text
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kith.store.database import Database
+from kith.store.schema import server_state
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +40,16 @@ def lock_key(name: str) -> int:
 class HeldLock:
     """A lock from `NamedLocks.try_hold`, held until `release()` (or the process ends)."""
 
-    def __init__(self, name: str, conn: AsyncConnection | None = None) -> None:
+    def __init__(self, name: str, conn: AsyncConnection | None = None,
+                 on_release: Callable[[], Awaitable[None]] | None = None) -> None:
         self.name = name
         self._conn = conn
+        self._on_release = on_release
 
     async def release(self) -> None:
+        on_release, self._on_release = self._on_release, None
+        if on_release is not None:
+            await on_release()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -57,10 +68,10 @@ class NamedLocks:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def try_hold(self, name: str) -> HeldLock | None:
+    async def try_hold(self, name: str, *, across_processes: bool = False) -> HeldLock | None:
         """Hold the lock `name` until released, or None if another process holds it."""
         if self._db.dialect != "postgresql":
-            return HeldLock(name)
+            return await self._row_lock(name) if across_processes else HeldLock(name)
         conn = await self._db.engine.connect()
         try:
             held = (await conn.execute(text("SELECT pg_try_advisory_lock(:key)"),
@@ -73,3 +84,36 @@ class NamedLocks:
             await conn.close()
             return None
         return HeldLock(name, conn)
+
+    async def _row_lock(self, name: str) -> HeldLock | None:
+        key, me = f"lock.{name}", str(os.getpid())
+        async with self._db.engine.begin() as conn:
+            taken = await conn.execute(self._db.insert_or_ignore(server_state),
+                                       {"name": key, "value": me})
+            if not taken.rowcount:
+                holder = (await conn.execute(select(server_state.c.value).where(
+                    server_state.c.name == key))).scalar()
+                if holder is None or holder == me or _alive(holder):
+                    return None
+                stolen = await conn.execute(update(server_state).where(
+                    server_state.c.name == key, server_state.c.value == holder)
+                    .values(value=me))
+                if stolen.rowcount != 1:
+                    return None
+
+        async def let_go() -> None:
+            async with self._db.engine.begin() as conn:
+                await conn.execute(delete(server_state).where(
+                    server_state.c.name == key, server_state.c.value == me))
+
+        return HeldLock(name, on_release=let_go)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from sqlalchemy import select
 
 from kith.store.database import Database
@@ -28,6 +30,18 @@ class ServerStateStore:
         return stored
 
     async def set(self, name: str, value: str) -> None:
+        await self.set_many({name: value})
+
+    async def get_many(self, names: Iterable[str]) -> dict[str, str]:
+        """The stored values of `names` (those that have one), read together."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(server_state.c.name, server_state.c.value)
+                .where(server_state.c.name.in_(list(names))))
+            return {name: value for name, value in result}
+
+    async def set_many(self, values: Mapping[str, str]) -> None:
+        """Store several values in one transaction: readers see all of them or none."""
         async with self._db.engine.begin() as conn:
             await conn.execute(self._db.upsert(server_state, ["name"], ["value"]),
-                               {"name": name, "value": value})
+                               [{"name": n, "value": v} for n, v in values.items()])
