@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from kith.config import LDAP, LOCAL
 from kith.services.coherence import ChangeCounter, StoreContact
@@ -71,16 +71,28 @@ class AssociationIndex:
         """The lookup hash of an address under the announced pepper."""
         return lookup_hash(medium, address, self.pepper)
 
-    async def build(self, pepper: str, stored_upto: int | None = 0) -> None:
+    async def build(self, pepper: str, stored_upto: int | None = 0,
+                    stored_still: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Index `pepper` beside the peppers held: the store as of the cursor, then what
         changed since, under the lock of `catch_up`.  Stored hashes are used for rows up
-        to `stored_upto` (None: all), the others hashed here."""
+        to `stored_upto` (None: all), the others hashed here; if `stored_still` says
+        after reading that they may have been rewritten meanwhile, every row is hashed
+        here instead."""
         if pepper in self._tables:
             return
         first = not self._tables
-        start = await self._store.associations.max_id() if first else self.last_id
+        start = await self._store.associations.max_id()
         tables = await self._read(pepper, start, stored_upto)
+        if stored_upto != 0 and stored_still is not None and not await stored_still():
+            tables = await self._read(pepper, start, 0)
         async with self._catching_up:
+            if first:
+                self.last_id = start
+            while self.last_id < start:  # the maps held, as far as the new one at least
+                changes = await self._store.associations.changes_since(self.last_id)
+                if not changes:
+                    break
+                self.apply(changes)
             cursor = start
             while cursor < self.last_id:
                 changes = await self._store.associations.changes_since(cursor,
@@ -91,7 +103,6 @@ class AssociationIndex:
                 cursor = changes[-1].id
             self._tables[pepper] = tables
             if first:
-                self.last_id = start
                 self.pepper = pepper
         if first:
             await self.catch_up()
@@ -178,26 +189,36 @@ class AssociationIndex:
 
     async def catch_up(self) -> None:
         async with self._catching_up:
-            self.contact.reading()
-            try:
-                while True:
-                    changes = await self._store.associations.changes_since(self.last_id)
-                    if not changes:
-                        break
-                    self.apply(changes)
-            except Exception as exc:
-                self.contact.failed(exc)
-                raise
-            self.contact.succeeded()
+            await self._catch_up_locked()
+
+    async def _catch_up_locked(self) -> None:
+        self.contact.reading()
+        try:
+            while True:
+                changes = await self._store.associations.changes_since(self.last_id)
+                if not changes:
+                    break
+                self.apply(changes)
+        except Exception as exc:
+            self.contact.failed(exc)
+            raise
+        self.contact.succeeded()
 
     async def refresh(self) -> None:
         """Catch up if another process of this server wrote since we last looked; 503
-        M_UNKNOWN if the index may be missing other instances' writes (`StoreContact`)."""
+        M_UNKNOWN if the index may be missing other instances' writes (`StoreContact`).
+        A lookup arriving while another one's catch-up runs waits for it: it must not
+        answer from the index as it was before a write it may already know of."""
         self.contact.check()
         current = self._changes.value()
-        if current != self._seen_changes:
-            self._seen_changes = current
-            await self.catch_up()
+        if current <= self._seen_changes:
+            return
+        async with self._catching_up:
+            if current <= self._seen_changes:  # caught up meanwhile, by another lookup
+                return
+            seen = self._changes.value()
+            await self._catch_up_locked()
+            self._seen_changes = max(self._seen_changes, seen)
 
     def _new_tables(self) -> Tables:
         return {source: LookupTable() for source in self._order}

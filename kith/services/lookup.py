@@ -81,6 +81,8 @@ class LookupService:
         if requester is not None and self.budget is not None:
             self.budget.spend(len(addresses), requester)
         await self.index.refresh()
+        if not self.index.holds(pepper):  # dropped while this lookup waited
+            raise invalid_pepper(algorithm, self.pepper)
         if algorithm == "sha256":
             return self._lookup_hashes(addresses, pepper)
         queries: dict[Threepid, list[str]] = {}
