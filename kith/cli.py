@@ -1,5 +1,5 @@
 """The `kith` command: serve (default), generate-config, check-config, import-sydent,
-onbind, peers, migrate-db, bind, unbind.
+onbind, peers, migrate-db, bind, unbind, rotate-pepper.
 
 Every command that opens the store first makes sure the database is one kith may use,
 and takes over a Sydent database the configuration names (`_prepared`)."""
@@ -356,6 +356,29 @@ def cmd_unbind(args: argparse.Namespace, config: KithConfig) -> int:
     return 0 if removed else 1
 
 
+def cmd_rotate_pepper(args: argparse.Namespace, config: KithConfig) -> int:
+    """A new lookup pepper, followed by every running worker and instance."""
+    from kith.services.pepper import RotationBusy, rotate
+    from kith.store import Store
+
+    config = _prepared(config)
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        try:
+            await rotate(store)
+        finally:
+            await store.close()
+
+    try:
+        _run(main())
+    except RotationBusy as exc:
+        print(f"kith: {exc}; try again later", file=sys.stderr)
+        return 1
+    print("lookup pepper changed; running servers announce it within seconds")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kith",
@@ -407,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_db.add_argument("--from-scratch", action="store_true",
                             help="first empty kith's tables in the target, even if they "
                                  "hold another store")
+    sub.add_parser("rotate-pepper",
+                   help="change the lookup pepper and every lookup hash; running servers "
+                        "follow without a wrong answer")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
@@ -427,6 +453,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "migrate-db": cmd_migrate_db,
     "bind": cmd_bind,
     "unbind": cmd_unbind,
+    "rotate-pepper": cmd_rotate_pepper,
 }
 
 

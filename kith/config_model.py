@@ -64,6 +64,8 @@ class GeneralConfig:
     client_ip_ratelimit_rate_hz: float = 1 / 10
     # kith: seconds a stored 3PID invite (and its ephemeral key) is kept.
     invite_lifetime_s: float = 365 * 24 * 60 * 60
+    # kith: seconds between changes of the lookup pepper (None: never by itself).
+    lookup_pepper_rotation_s: float | None = None
 
 
 @dataclass(frozen=True)

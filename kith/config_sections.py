@@ -256,6 +256,8 @@ def general(s: Section) -> GeneralConfig:
         client_ip_ratelimit_rate_hz=s.number(
             "client_ip.ratelimit.rate_hz", GeneralConfig.client_ip_ratelimit_rate_hz),
         invite_lifetime_s=s.seconds("invite.lifetime", GeneralConfig.invite_lifetime_s),
+        lookup_pepper_rotation_s=s.seconds("lookup_pepper.rotation")
+        if s.get("lookup_pepper.rotation") else None,
     )
 
 

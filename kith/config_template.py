@@ -114,6 +114,10 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "after store-invite; then it is deleted, delivered or not, and the key "
                 "is no longer valid. Sydent kept them forever. Default: 31536000 (365 "
                 "days).", "31536000"),
+        KeySpec("lookup_pepper.rotation", None,
+                "kith: seconds between changes of the lookup pepper (86400: daily), so "
+                "that hashes computed once stop matching; one instance changes it for all "
+                "sharing the database (also `kith rotate-pepper`). Default: never.", "86400"),
     )),
     ("db", "Storage.", (
         KeySpec("db.file", "sydent.db",

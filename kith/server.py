@@ -50,7 +50,7 @@ from kith.services.ldap_sync import LdapSync
 from kith.services.limits import LookupBudget, SendLimits
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
-from kith.services.pepper import LookupPeppers
+from kith.services.pepper import LookupPeppers, rotate_when_due
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 # found by lookups on the others within about this long (docs/performance.md).
 INDEX_FOLLOW_INTERVAL_S = 0.25
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# How often an instance asks whether the lookup pepper is due for a change.
+PEPPER_CHECK_INTERVAL_S = 60.0
 # Expired sessions (as often as Sydent purges them), invites, empty rate-limit buckets.
 PURGE_INTERVAL_S = 600.0
 
@@ -277,6 +279,13 @@ class KithServer:
                 ("purging empty rate-limit buckets", self.services.limits.purge)):
             self.tasks.append(asyncio.create_task(
                 periodically(PURGE_INTERVAL_S, what, job), name="kith-purge"))
+        rotation_s = self.config.general.lookup_pepper_rotation_s
+        if rotation_s is not None and (
+                self.counters is None or self.counters.claim(SharedCounters.PEPPER_ROTATION)):
+            store = self.store
+            self.tasks.append(asyncio.create_task(periodically(
+                min(rotation_s / 4, PEPPER_CHECK_INTERVAL_S), "rotating the lookup pepper",
+                lambda: rotate_when_due(store, rotation_s)), name="kith-pepper-rotation"))
         if self.services.lookup.budget is not None:
             self.tasks.append(asyncio.create_task(
                 self.services.lookup.budget.run(), name="kith-lookup-budget"))

@@ -63,7 +63,7 @@ class SharedCounters:
     def __init__(self) -> None:
         self._array = multiprocessing.RawArray(ctypes.c_int64, 3)
         self._lock = multiprocessing.Lock()
-        self._claims = multiprocessing.RawArray(ctypes.c_int64, 2)
+        self._claims = multiprocessing.RawArray(ctypes.c_int64, 3)
         # Taken by each worker around its database commits (see kith.store.Database).
         self.write_lock = multiprocessing.Lock()
 
@@ -73,6 +73,7 @@ class SharedCounters:
     # Jobs one worker runs for all (claimed by the first that asks).
     LDAP_SYNC = 0
     REPLICATION_PUSH = 1
+    PEPPER_ROTATION = 2
 
     def claim(self, job: int) -> bool:
         """True for the first worker claiming `job`, False for every other."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,14 +91,17 @@ class PepperRotation:
         self.pepper = pepper
 
     @classmethod
-    async def begin(cls, store: Store, pepper: str | None = None,
-                    wait_s: float = 30.0) -> PepperRotation | None:
+    async def begin(cls, store: Store, pepper: str | None = None, wait_s: float = 30.0,
+                    due: Callable[[PepperRecord], bool] | None = None,
+                    ) -> PepperRotation | None:
         """Name the next pepper (`pepper`, or a new random one); None if `pepper` is
-        already the announced one.  Every process starts indexing it from here on."""
+        already the announced one, or `due` (asked under the lock) says no.  Every
+        process starts indexing it from here on."""
         held = await hold_rotation_lock(store, wait_s)
         try:
             record = await read_record(store)
-            if pepper is not None and pepper == record.current:
+            if (pepper is not None and pepper == record.current) or (
+                    due is not None and not due(record)):
                 await held.release()
                 return None
             pepper = pepper or new_pepper()
@@ -134,6 +138,29 @@ async def rotate(store: Store, pepper: str | None = None, wait_s: float = 30.0) 
     return True
 
 
+async def rotate_when_due(store: Store, period_s: float) -> int:
+    """Rotate if the last change is `period_s` old (1) or not (0); the first period
+    starts when this is first asked.  Of several instances asking, one rotates."""
+    record = await read_record(store)
+    if record.rotated_at is None:
+        await store.state.get_or_create(ROTATED_AT, str(now_ms()))
+        return 0
+
+    def due(record: PepperRecord) -> bool:
+        return record.rotated_at is None or now_ms() - record.rotated_at >= period_s * 1000
+
+    if not due(record):
+        return 0
+    try:
+        rotation = await PepperRotation.begin(store, wait_s=0, due=due)
+    except RotationBusy:
+        return 0
+    if rotation is None:
+        return 0
+    await rotation.complete()
+    return 1
+
+
 class LookupPeppers:
     """What one process does with the store's pepper record: index the peppers it
     names, announce the current one once indexed, drop the ones no longer named."""
@@ -153,7 +180,8 @@ class LookupPeppers:
         """At start: index the announced pepper (and the next one, if named)."""
         record = await read_record(self._store)
         self._record = record
-        await self._index.build(record.current, record.stored_upto(record.current))
+        await self._index.build(record.current, record.stored_upto(record.current),
+                                self._stored_still(record))
         self._index.announce(record.current)
         if record.next and record.next != record.current:
             self._start_build(record.next, record)
@@ -195,14 +223,21 @@ class LookupPeppers:
     def _start_build(self, pepper: str, record: PepperRecord) -> None:
         if pepper in self._builds:
             return
-        task = asyncio.create_task(self._build(pepper, record.stored_upto(pepper)),
-                                   name="kith-pepper-index")
+        task = asyncio.create_task(self._build(pepper, record), name="kith-pepper-index")
         self._builds[pepper] = task
 
-    async def _build(self, pepper: str, stored_upto: int | None) -> None:
+    def _stored_still(self, record: PepperRecord) -> Callable[[], Awaitable[bool]]:
+        async def still() -> bool:
+            """The stored hashes read are as `record` said (no rewrite began since)."""
+            now = await read_record(self._store)
+            return (now.hashed, now.hashed_upto) == (record.hashed, record.hashed_upto)
+        return still
+
+    async def _build(self, pepper: str, record: PepperRecord) -> None:
         try:
             log.info("indexing the lookup hashes of a new lookup pepper")
-            await self._index.build(pepper, stored_upto)
+            await self._index.build(pepper, record.stored_upto(pepper),
+                                    self._stored_still(record))
             if self._record is not None and self._record.current == pepper:
                 self._switch(self._record)
         except Exception:

@@ -16,9 +16,11 @@ from kith.services.pepper import (
     RotationBusy,
     read_record,
     rotate,
+    rotate_when_due,
 )
 from kith.store import AssociationRow, Store
 from kith.threepid import lookup_hash
+from tests.conftest import wait_for
 
 
 @dataclass
@@ -163,3 +165,18 @@ async def test_one_rotation_at_a_time(processes: list[Process]) -> None:
     assert await rotate(b.store, wait_s=0.3)  # let go once done
     current = (await read_record(b.store)).current
     assert not await rotate(b.store, current)  # to the pepper it already is: nothing
+
+
+async def test_a_periodic_rotation_is_made_once_per_period(processes: list[Process]) -> None:
+    a, b = processes
+    assert await rotate_when_due(a.store, 3600) == 0  # the first period starts now
+    before = await read_record(a.store)
+    assert before.rotated_at is not None
+    assert await rotate_when_due(b.store, 3600) == 0
+    assert (await read_record(b.store)).current == before.current
+    # A short period: one of the two rotates, then neither until it is over again.
+    rotated = await wait_for("a rotation", lambda: rotate_when_due(a.store, 0.2), 10)
+    assert rotated == 1
+    assert await rotate_when_due(b.store, 3600) == 0
+    after = await read_record(a.store)
+    assert after.current != before.current and after.rotated_at is not None
