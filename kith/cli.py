@@ -1,5 +1,5 @@
 """The `kith` command: serve (default), generate-config, check-config, import-sydent,
-onbind, peers, migrate-db, bind, unbind, rotate-pepper.
+onbind, peers, migrate-db, bind, unbind, rotate-pepper, forget.
 
 Every command that opens the store first makes sure the database is one kith may use,
 and takes over a Sydent database the configuration names (`_prepared`)."""
@@ -379,6 +379,48 @@ def cmd_rotate_pepper(args: argparse.Namespace, config: KithConfig) -> int:
     return 0
 
 
+def cmd_forget(args: argparse.Namespace, config: KithConfig) -> int:
+    """Erase a user (or one address): see kith.services.erasure."""
+    from kith.services import Services
+    from kith.store.erasure import ErasureReport
+
+    if (args.mxid is None) == (args.address is None):
+        print("kith forget: name either a Matrix ID or --address MEDIUM ADDRESS",
+              file=sys.stderr)
+        return 2
+
+    async def forget(services: Services) -> ErasureReport:
+        assert services.erasure is not None
+        if args.mxid is not None:
+            return await services.erasure.forget_user(args.mxid, dry_run=args.dry_run)
+        medium, address = args.address
+        return await services.erasure.forget_address(medium, address, dry_run=args.dry_run)
+
+    report: ErasureReport = _offline(forget, config)
+    who = args.mxid or " ".join(args.address)
+    verb = "would remove" if args.dry_run else "removed"
+    if report.empty:
+        print(f"{who}: nothing is held; nothing {verb.split()[-1]}")
+        return 0
+    print(f"{who}: {verb}:")
+    for f in report.associations:
+        origin = f" (replicated from {f.origin_server}: forget it there too)" \
+            if f.origin_server else ""
+        directory = " (synced from the directory: remove it there too)" \
+            if f.source != "local" else ""
+        print(f"  binding {f.medium} {f.address} -> {f.mxid}{origin}{directory}")
+    for count, what in ((report.sessions, "validation sessions"),
+                        (report.invites_to, "pending invites to these addresses"),
+                        (report.invites_from, "pending invites the user sent"),
+                        (report.onbind_deliveries, "onbind deliveries"),
+                        (int(report.account), "account"),
+                        (report.tokens, "access tokens"),
+                        (report.terms_acceptances, "terms acceptances")):
+        if count:
+            print(f"  {count} {what}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kith",
@@ -433,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rotate-pepper",
                    help="change the lookup pepper and every lookup hash; running servers "
                         "follow without a wrong answer")
+    forget = sub.add_parser(
+        "forget",
+        help="erase a user: its bindings (tombstoned and pushed to replication peers), "
+             "the validation sessions and pending invites of its addresses, its account, "
+             "access tokens and terms acceptances, in one transaction; or the same for "
+             "one address")
+    forget.add_argument("mxid", nargs="?", metavar="MXID", help="the Matrix user ID")
+    forget.add_argument("--address", nargs=2, metavar=("MEDIUM", "ADDRESS"),
+                        help="forget one address instead (its binding, whoever it names)")
+    forget.add_argument("--dry-run", action="store_true",
+                        help="list what would be removed, and remove nothing")
     for name, verb in (("bind", "bind"), ("unbind", "remove the binding of")):
         p = sub.add_parser(name, help=f"{verb} a 3PID to a Matrix ID directly in the "
                                       "store, without validation (as the internal API)")
@@ -454,6 +507,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "bind": cmd_bind,
     "unbind": cmd_unbind,
     "rotate-pepper": cmd_rotate_pepper,
+    "forget": cmd_forget,
 }
 
 

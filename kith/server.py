@@ -42,6 +42,7 @@ from kith.services import Services
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
 from kith.services.coherence import SharedCounters
+from kith.services.erasure import ErasureService
 from kith.services.homeserver_auth import HomeserverAuthenticator
 from kith.services.index import AssociationIndex
 from kith.services.invites import InviteService, public_base_url
@@ -114,7 +115,7 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
                            changes=counters.counter(SharedCounters.INVITES)
                            if counters else None)
     validation = validation_service(config, store, templates, limits)
-    return Services(
+    services = Services(
         keys=keys,
         terms=terms_source,
         accounts=AccountService(
@@ -134,6 +135,9 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         limits=limits,
         onbind=onbind,
     )
+    services.erasure = ErasureService(store, index, services.accounts,
+                                      services.bindings.on_change)
+    return services
 
 
 def invite_service(config: KithConfig, store: Store, keys: ServerKeys,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from kith.delivery.templates import Templates
 from kith.services.accounts import AccountService
 from kith.services.bindings import BindingService
+from kith.services.erasure import ErasureService
 from kith.services.homeserver_auth import HomeserverAuthenticator
 from kith.services.index import AssociationIndex
 from kith.services.invites import InviteService
@@ -39,3 +40,4 @@ class Services:
     limits: SendLimits
     ldap_sync: LdapSync | None = None
     onbind: OnbindService | None = None
+    erasure: ErasureService | None = None

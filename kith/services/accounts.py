@@ -135,6 +135,12 @@ class AccountService:
         await self._store.accounts.delete_token(token_hash)
         self._changed()
 
+    def forget_cached_tokens(self) -> None:
+        """Tokens were deleted from the store by another path (erasure): drop every
+        cached answer, here and in the other workers."""
+        self._tokens.clear()
+        self._changed()
+
     async def accept_terms(self, account: Account, urls: list[str]) -> None:
         terms = self._terms.current()
         unknown = set(urls) - terms.all_urls()

@@ -519,16 +519,33 @@ class GroupCommitWriter:
         finally:
             self._process_lock.release()
 
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, commit: bool = True) -> AsyncIterator[AsyncConnection]:
+        """One transaction of several statements, taking its turn with the group commits
+        (and their locks) so that ids still become visible in order.  With `commit`
+        False it is rolled back: what it would have done, without doing it."""
+        async with self._turn(), self._engine.connect() as conn:
+            async with conn.begin() as transaction:
+                await self._lock_writes(conn)
+                yield conn
+                if not commit:
+                    await transaction.rollback()
+
     @staticmethod
-    async def _apply(
-        conn: AsyncConnection,
-        batch: Sequence[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]],
-    ) -> None:
+    async def _lock_writes(conn: AsyncConnection) -> None:
         if conn.dialect.name == "postgresql":
             # Writers in other processes wait until this transaction is committed, so ids
             # become visible in id order and a reader of changes_since skips none.
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": WRITE_LOCK_KEY})
+
+    @classmethod
+    async def _apply(
+        cls,
+        conn: AsyncConnection,
+        batch: Sequence[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]],
+    ) -> None:
+        await cls._lock_writes(conn)
         i = 0
         while i < len(batch):
             statement = batch[i][0]
