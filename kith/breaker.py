@@ -20,7 +20,9 @@ _log = logging.getLogger(__name__)
 class CircuitBreaker:
     def __init__(self, name: str, *, threshold: int, cooldown_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 on_state: Callable[[bool], None] | None = None) -> None:
+        """`on_state(is_open)` is told the state now and at every change (a gauge)."""
         if threshold < 1 or cooldown_s <= 0:
             raise ValueError("a breaker needs threshold >= 1 and cooldown_s > 0")
         self.name = name
@@ -31,6 +33,8 @@ class CircuitBreaker:
         self._failures = 0
         self._is_open = False
         self._next_trial = 0.0
+        self._on_state = on_state or (lambda _is_open: None)
+        self._on_state(False)
 
     @property
     def is_open(self) -> bool:
@@ -53,6 +57,7 @@ class CircuitBreaker:
         self._failures = 0
         if self._is_open:
             self._is_open = False
+            self._on_state(False)
             self._log.info("%s answers again", self.name)
 
     def failed(self, reason: str) -> bool:
@@ -64,6 +69,7 @@ class CircuitBreaker:
         if self._failures < self.threshold:
             return False
         self._is_open = True
+        self._on_state(True)
         self._failures = 0
         in_a_row = f" {self.threshold} times in a row" if self.threshold > 1 else ""
         self._log.warning("%s failed%s (%s); not asked again until it answers (tried "

@@ -82,6 +82,20 @@ def _prepared(config: KithConfig) -> KithConfig:
 
 
 def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
+    workers = args.workers or config.general.workers
+    if workers > 1 and config.general.prometheus_port is not None:
+        from kith import metrics_multiprocess
+
+        metrics_dir, ours = metrics_multiprocess.prepare()  # before the metrics exist
+        try:
+            return _serve(args, config, workers)
+        finally:
+            if ours:
+                metrics_multiprocess.remove(metrics_dir)
+    return _serve(args, config, workers)
+
+
+def _serve(args: argparse.Namespace, config: KithConfig, workers: int) -> int:
     from kith.server import ListenError, run_workers, serve, write_pidfile
 
     _setup_logging(config)
@@ -90,7 +104,6 @@ def cmd_serve(args: argparse.Namespace, config: KithConfig) -> int:
     config = _prepared(config)
     write_pidfile(config.general.pidfile_path)
     _raise_open_file_limit()
-    workers = args.workers or config.general.workers
     if workers > 1:
         return run_workers(config, workers, _run)
     try:

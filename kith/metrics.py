@@ -1,11 +1,16 @@
 """The Prometheus metrics kith exports (Sydent's `[general] prometheus_port`).
 
-They live in prometheus_client's default registry, so they are per process: with several
-workers each serves its own counters (see docs/decisions.md).  Label values are bounded:
-`route` is the matched route's template, never the raw path.
+With one process they live in prometheus_client's default registry.  With several
+workers every process writes them to a shared directory (kith.metrics_multiprocess) and
+a scrape sums the counters over all workers; each gauge says how its workers' values
+combine (`multiprocess_mode`): a value read from the shared store is the most recent
+one, a per-process state (a breaker) the largest of the live workers.  Label values are
+bounded: `route` is the matched route's template, never the raw path.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -37,20 +42,43 @@ REPLICATION_RECEIVED = Counter(
     ["peer"])
 REPLICATION_REFUSED = Counter(
     "kith_replication_refused_pushes", "Pushes received and refused, by errcode", ["errcode"])
+# Gauges of the shared store: whichever worker read it last is right.
+STORED: Final = "livemostrecent"
 REPLICATION_ACKED_ID = Gauge(
     "kith_replication_acknowledged_id",
-    "Id of the last own association each peer acknowledged (0: none)", ["peer"])
+    "Id of the last own association each peer acknowledged (0: none)", ["peer"],
+    multiprocess_mode=STORED)
 REPLICATION_LAG_CHANGES = Gauge(
     "kith_replication_lag_changes", "Own binds and unbinds a peer has not acknowledged yet",
-    ["peer"])
+    ["peer"], multiprocess_mode=STORED)
 REPLICATION_LAG_SECONDS = Gauge(
     "kith_replication_lag_seconds",
-    "Age of the oldest own change a peer has not acknowledged (0: none waiting)", ["peer"])
+    "Age of the oldest own change a peer has not acknowledged (0: none waiting)", ["peer"],
+    multiprocess_mode=STORED)
 REPLICATION_LAST_SUCCESS = Gauge(
     "kith_replication_last_success_timestamp_seconds",
-    "When a push to the peer last succeeded (0: never)", ["peer"])
+    "When a push to the peer last succeeded (0: never)", ["peer"], multiprocess_mode=STORED)
 REPLICATION_LAST_ERROR = Gauge(
     "kith_replication_last_error_timestamp_seconds",
-    "When a push to the peer last failed (0: never)", ["peer"])
-BUILD_INFO = Gauge("kith_build_info", "The running kith's version (always 1)", ["version"])
+    "When a push to the peer last failed (0: never)", ["peer"], multiprocess_mode=STORED)
+ONBIND_QUEUE = Gauge(
+    "kith_onbind_queue", "onbind deliveries in the store, by state (pending, gave_up)",
+    ["state"], multiprocess_mode=STORED)
+ONBIND_OLDEST_PENDING = Gauge(
+    "kith_onbind_oldest_pending_age_seconds",
+    "Age of the oldest onbind delivery still pending (0: none)", multiprocess_mode=STORED)
+BINDINGS = Gauge(
+    "kith_bindings", "Live bindings lookups answer from, by source (local, ldap)",
+    ["source"], multiprocess_mode=STORED)
+LDAP_LAST_SYNC = Gauge(
+    "kith_ldap_last_sync_timestamp_seconds",
+    "When the LDAP directory was last synced successfully (0: not yet)",
+    multiprocess_mode="livemax")
+# Each worker has its own breakers: one open is enough to say the dependency is failing.
+BREAKER_OPEN = Gauge(
+    "kith_breaker_open",
+    "1 while the circuit breaker of a dependency (ldap, upstream) is open, else 0",
+    ["dependency"], multiprocess_mode="livemax")
+BUILD_INFO = Gauge("kith_build_info", "The running kith's version (always 1)", ["version"],
+                   multiprocess_mode="max")
 BUILD_INFO.labels(version=__version__).set(1)

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from kith import metrics_multiprocess
 from kith.api import (
     account,
     internal,
@@ -30,7 +32,7 @@ from kith.api import (
 )
 from kith.api.edge import EdgeAppRunner
 from kith.api.http import OBEY_X_FORWARDED_FOR, SERVICES, V1_PREFIX, new_app
-from kith.config import LDAP, UPSTREAM, ConfigError, KithConfig, parse_signing_key
+from kith.config import LDAP, LOCAL, UPSTREAM, ConfigError, KithConfig, parse_signing_key
 from kith.delivery.email import EmailSender, EmailTemplates
 from kith.delivery.sms import SmsProvider, sms_provider_from_config
 from kith.delivery.templates import Templates
@@ -52,12 +54,13 @@ from kith.services.limits import LookupBudget, SendLimits
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
 from kith.services.pepper import LookupPeppers, rotate_when_due
+from kith.services.status import export_binding_gauges, export_queue_gauges
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
 from kith.sources.ldap import LdapDirectory
 from kith.sources.upstream import UpstreamIdentityServer
 from kith.store import Store
-from kith.threepid import new_pepper
+from kith.threepid import new_pepper, now_ms
 from kith.tls import ClientTls
 
 log = logging.getLogger(__name__)
@@ -218,20 +221,35 @@ def internal_app(config: KithConfig, services: Services) -> web.Application:
     return app
 
 
-async def serve_metrics(_request: web.Request) -> web.Response:
-    response = web.Response(body=generate_latest())
+GaugeRefresh = Callable[[], Awaitable[None]]
+REFRESH_GAUGES: web.AppKey[GaugeRefresh] = web.AppKey("refresh_gauges")
+
+
+async def serve_metrics(request: web.Request) -> web.Response:
+    try:
+        await request.app[REFRESH_GAUGES]()
+    except Exception:  # noqa: BLE001 - the other metrics are still worth answering
+        log.warning("cannot read the gauges from the store", exc_info=True)
+    if metrics_multiprocess.enabled():
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        body = await asyncio.to_thread(generate_latest, registry)
+    else:
+        body = generate_latest()
+    response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 
 
-def metrics_app() -> web.Application:
+def metrics_app(refresh_gauges: Callable[[], Awaitable[None]]) -> web.Application:
     """`GET /metrics` for Prometheus (Sydent's `[general] prometheus_port`).
 
-    The metrics are per process: with several workers, which share this port by
-    SO_REUSEPORT as they share the others, each scrape is answered by one worker with its
-    own counters (docs/decisions.md).
+    Several workers share this port by SO_REUSEPORT as they share the others; whichever
+    answers reads every worker's samples (kith.metrics_multiprocess), so counters are
+    summed over workers.  The gauges read from the store are refreshed first.
     """
     app = web.Application()
+    app[REFRESH_GAUGES] = refresh_gauges
     app.router.add_get("/metrics", serve_metrics)
     return app
 
@@ -312,8 +330,8 @@ class KithServer:
                                                  .claim(SharedCounters.REPLICATION_PUSH))
         general = self.config.general
         if general.prometheus_port is not None:
-            await self._listen(metrics_app(), general.prometheus_addr or "127.0.0.1",
-                               general.prometheus_port)
+            await self._listen(metrics_app(self._refresh_gauges),
+                               general.prometheus_addr or "127.0.0.1", general.prometheus_port)
         log.info("kith started: %d bindings, client API on %s://[%s]:%d",
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)
@@ -321,6 +339,13 @@ class KithServer:
         if self.services.ldap_sync is None and synced:
             log.warning("%d addresses synced from an LDAP directory are in the store but "
                         "not served: [ldap] is not configured", synced)
+
+    async def _refresh_gauges(self) -> None:
+        assert self.store is not None and self.services is not None
+        await export_queue_gauges(self.store, now_ms())
+        await self.services.index.refresh()
+        export_binding_gauges({source: len(self.services.index.source(source))
+                               for source in (LOCAL, LDAP)})
 
     async def reload(self) -> None:
         """SIGHUP: load the client API's TLS certificate and key again."""
@@ -453,6 +478,8 @@ def run_workers(config: KithConfig, workers: int,
         pid, code = os.wait()
         if pid in children:
             children.remove(pid)
+            if metrics_multiprocess.enabled():
+                metrics_multiprocess.worker_exited(pid)
             if code != 0:
                 status = 1
                 forward(signal.SIGTERM, None)

@@ -20,7 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from kith.config import LDAP
+from kith.metrics import LDAP_LAST_SYNC
 from kith.services.coherence import Turn
 from kith.sources.ldap import DirectoryEntry, LdapDirectory, pick_owners
 from kith.store import AssociationRow, Store
@@ -37,6 +40,31 @@ SYNC_LOCK = "ldap-sync"
 CHANGE_MARGIN_S = 60.0
 # As local bindings: valid until the directory drops them.
 VALIDITY_MS = 100 * 365 * 24 * 60 * 60 * 1000
+
+
+# server_state: how the last syncs went, for `kith status` (JSON of SyncState).
+SYNC_STATE = "ldap_sync"
+
+
+class SyncState(msgspec.Struct, omit_defaults=True):
+    """What the instance that syncs last saw (times in ms since the epoch)."""
+
+    last_success_ts: int | None = None
+    last_full_ts: int | None = None
+    entries: int | None = None
+    last_error: str | None = None
+    last_error_ts: int | None = None
+
+
+async def load_sync_state(store: Store) -> SyncState | None:
+    """The last syncs' state as stored (None: the directory was never synced here)."""
+    text = await store.state.get(SYNC_STATE)
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=SyncState)
+    except msgspec.DecodeError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -61,6 +89,7 @@ class LdapSync:
         self._lock = asyncio.Lock()
         self._turn = Turn(store.locks, SYNC_LOCK,
                           "syncs the LDAP directory into the shared database")
+        self._state = SyncState()
 
     @property
     def syncing(self) -> bool:
@@ -124,16 +153,35 @@ class LdapSync:
         try:
             while True:
                 try:
-                    if self._cursor is None or self._clock() - self._last_full >= full_interval_s:
-                        await self.full()
-                    else:
-                        await self.incremental()
+                    full = self._cursor is None or \
+                        self._clock() - self._last_full >= full_interval_s
+                    result = await (self.full() if full else self.incremental())
                 except Exception as exc:  # noqa: BLE001 - a dead directory must not stop kith
                     log.warning("LDAP sync failed: %s", exc)
+                    await self._record(error=str(exc) or type(exc).__name__)
+                else:
+                    await self._record(full=full, entries=result.entries)
                 await asyncio.sleep(interval_s)
         finally:
             self._turn.held = False
             await held.release()
+
+    async def _record(self, *, full: bool = False, entries: int | None = None,
+                      error: str | None = None) -> None:
+        """Keep how this sync went in the store (for `kith status`) and the gauge."""
+        now = int(self._clock() * 1000)
+        if error is not None:
+            self._state.last_error, self._state.last_error_ts = error[:500], now
+        else:
+            self._state.last_success_ts = now
+            LDAP_LAST_SYNC.set(now / 1000)
+            if full:
+                self._state.last_full_ts, self._state.entries = now, entries
+        try:
+            await self._store.state.set(SYNC_STATE,
+                                        msgspec.json.encode(self._state).decode())
+        except Exception as exc:  # noqa: BLE001 - only the status report misses it
+            log.warning("cannot record the LDAP sync state: %s", exc)
 
     def _advance(self, entries: Iterable[DirectoryEntry]) -> None:
         latest = max((e.changed for e in entries if e.changed), default=None)

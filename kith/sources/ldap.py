@@ -37,6 +37,7 @@ from ldap3.utils.conv import escape_filter_chars
 from kith.breaker import CircuitBreaker
 from kith.caches import AnswerCache
 from kith.config import LdapConfig
+from kith.metrics import BREAKER_OPEN
 from kith.sources.errors import LdapError, LdapUnavailable
 from kith.sources.ldap_numbers import directory_forms, normalise_msisdn
 from kith.threepid import EMAIL, MEDIUMS, MSISDN, Threepid, is_valid_mxid, normalise_address
@@ -76,7 +77,8 @@ class LdapDirectory:
         self.searches = 0
         self._breaker = CircuitBreaker(f"LDAP directory {config.uri}", threshold=1,
                                        cooldown_s=config.breaker_cooldown_s, clock=clock,
-                                       logger=log)
+                                       logger=log,
+                                       on_state=BREAKER_OPEN.labels(dependency="ldap").set)
         self._probes: set[asyncio.Task[None]] = set()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()

@@ -26,6 +26,7 @@ from kith.breaker import CircuitBreaker
 from kith.caches import AnswerCache
 from kith.config import ProxyConfig
 from kith.federation.policy import OutboundAddressPolicy, PolicyResolver
+from kith.metrics import BREAKER_OPEN
 from kith.threepid import EMAIL, Threepid, is_valid_mxid, lookup_hash, plain_query
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,8 @@ class UpstreamIdentityServer:
             config.cache_ttl_s, config.negative_cache_ttl_s, clock=clock)
         self._breaker = CircuitBreaker(
             f"upstream identity server {config.identity}", threshold=config.breaker_failures,
-            cooldown_s=config.breaker_cooldown_s, clock=clock, logger=log)
+            cooldown_s=config.breaker_cooldown_s, clock=clock, logger=log,
+            on_state=BREAKER_OPEN.labels(dependency="upstream").set)
         self._terms_logged = False
         self.forwarded = 0  # addresses sent upstream
         self.requests = 0

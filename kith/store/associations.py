@@ -257,3 +257,11 @@ class AssociationStore:
             result = await conn.execute(select(t.c.medium, t.c.address, t.c.id)
                                         .where(self._own))
             return {(m, a): int(i) for m, a, i in result}
+
+    async def count_live(self) -> dict[tuple[str, str | None], int]:
+        """(source, origin server or None for the server's own) → live bindings."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(t.c.source, t.c.origin_server, func.count())
+                .where(t.c.mxid.is_not(None)).group_by(t.c.source, t.c.origin_server))
+            return {(source, origin): int(n) for source, origin, n in result}

@@ -288,6 +288,17 @@ class InviteStore:
                 deliveries.c.state != PENDING,
                 deliveries.c.finished_ts < finished_before_ms))
 
+    async def counts(self) -> QueueCounts:
+        async with self._db.engine.connect() as conn:
+            invites = (await conn.execute(select(func.count()).select_from(tokens).where(
+                tokens.c.sent_ts.is_(None)))).scalar()
+            result = await conn.execute(
+                select(deliveries.c.state, func.count()).group_by(deliveries.c.state))
+            states = {str(state): int(n) for state, n in result}
+            oldest = (await conn.execute(select(func.min(deliveries.c.created_ts)).where(
+                deliveries.c.state == PENDING))).scalar()
+        return QueueCounts(int(invites or 0), states, None if oldest is None else int(oldest))
+
     async def deliveries(self, state: str | None = None) -> list[tuple[OnbindDelivery, str]]:
         """Every delivery with its state (for the CLI and tests)."""
         async with self._db.engine.connect() as conn:
@@ -296,6 +307,15 @@ class InviteStore:
                 query = query.where(and_(deliveries.c.state == state))
             result = await conn.execute(query)
             return [(OnbindDelivery(*row[:-1]), str(row[-1])) for row in result]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """The invites and the onbind queue at a glance."""
+
+    invites_pending: int
+    onbind: dict[str, int]  # state → deliveries
+    oldest_pending_ts: int | None  # created_ts of the oldest pending delivery
 
 
 def _invite_tokens_of(body: str) -> list[str]:

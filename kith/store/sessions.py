@@ -102,3 +102,12 @@ class ValidationSessionStore:
             await conn.execute(self._insert_ignore, [
                 {name: getattr(row, name) for name in ValidationSessionRow.__slots__}
                 for row in rows])
+
+    async def count(self) -> tuple[int, int]:
+        """(sessions waiting for their token, sessions validated)."""
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(sessions.c.validated_at.is_(None), func.count())
+                .group_by(sessions.c.validated_at.is_(None)))
+            counts = {bool(waiting): int(n) for waiting, n in result}
+        return counts.get(True, 0), counts.get(False, 0)
