@@ -1,5 +1,5 @@
 """The `kith` command: serve (default), generate-config, check-config, import-sydent,
-onbind, peers, migrate-db, bind, unbind, rotate-pepper, forget.
+onbind, peers, migrate-db, bind, unbind, rotate-pepper, forget, status.
 
 Every command that opens the store first makes sure the database is one kith may use,
 and takes over a Sydent database the configuration names (`_prepared`)."""
@@ -15,11 +15,14 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kith.config import ConfigError, KithConfig, load_config
 from kith.errors import MatrixError
 from kith.threepid import MEDIUMS
+
+if TYPE_CHECKING:
+    from kith.services.status import ServerStatus
 
 log = logging.getLogger("kith")
 
@@ -434,6 +437,74 @@ def cmd_forget(args: argparse.Namespace, config: KithConfig) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace, config: KithConfig) -> int:
+    """What kith holds and how its queues, peers and directory sync are doing."""
+    import msgspec
+
+    from kith.services.status import server_status
+    from kith.store import Store
+    from kith.threepid import now_ms
+
+    config = _prepared(config)
+    found: list[ServerStatus] = []
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        try:
+            found.append(await server_status(config, store, now_ms()))
+        finally:
+            await store.close()
+
+    _run(main())
+    status = found[0]
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status), indent=2, sort_keys=True))
+        return 0
+    for line in _status_lines(status):
+        print(line)
+    return 0
+
+
+def _status_lines(s: ServerStatus) -> list[str]:
+    bindings = ", ".join(f"{n} {source}" for source, n in s.bindings.items()) or "none"
+    lines = [f"bindings:  {sum(s.bindings.values())} ({bindings})",
+             f"sessions:  {s.sessions_waiting} waiting for their token, "
+             f"{s.sessions_validated} validated",
+             f"invites:   {s.invites_pending} waiting for their address to be bound"]
+    oldest = s.onbind_oldest_pending_age_s
+    lines.append(f"onbind:    {s.onbind.get('pending', 0)} pending"
+                 + (f" (oldest {_age(oldest)})" if oldest is not None else "")
+                 + f", {s.onbind.get('gave_up', 0)} gave up, {s.onbind.get('done', 0)} done")
+    if not s.peers:
+        lines.append("peers:     none")
+    for p in s.peers:
+        state = "error" if p.last_error_ts and (p.last_success_ts or 0) < p.last_error_ts \
+            else "ok" if p.last_success_ts else "never reached"
+        lines.append(f"peer {p.name}: {state}, {p.behind} changes behind"
+                     + (f" ({_age(p.lag_ms / 1000)})" if p.behind else ""))
+    sync = s.ldap_sync
+    if not s.ldap_configured and sync is None:
+        lines.append("ldap:      not configured")
+    elif sync is None or sync.last_success_ts is None and sync.last_error_ts is None:
+        lines.append("ldap:      not synced yet")
+    else:
+        last = f"last sync {_iso(sync.last_success_ts)}" if sync.last_success_ts \
+            else "never synced"
+        full = f", last full sync {_iso(sync.last_full_ts)} ({sync.entries} entries)" \
+            if sync.last_full_ts else ""
+        error = f"; last error {_iso(sync.last_error_ts)}: {sync.last_error}" \
+            if sync.last_error_ts and (sync.last_success_ts or 0) < sync.last_error_ts else ""
+        lines.append(f"ldap:      {last}{full}{error}")
+    return lines
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kith",
@@ -488,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rotate-pepper",
                    help="change the lookup pepper and every lookup hash; running servers "
                         "follow without a wrong answer")
+    status = sub.add_parser(
+        "status",
+        help="bindings per source, validation sessions, invites, the onbind queue, "
+             "replication peers and the LDAP sync, read from the store")
+    status.add_argument("--json", action="store_true", help="print it as JSON")
     forget = sub.add_parser(
         "forget",
         help="erase a user: its bindings (tombstoned and pushed to replication peers), "
@@ -521,6 +597,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, KithConfig], int]] = {
     "unbind": cmd_unbind,
     "rotate-pepper": cmd_rotate_pepper,
     "forget": cmd_forget,
+    "status": cmd_status,
 }
 
 

@@ -24,7 +24,7 @@ def kith(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
 def test_help_explains_every_subcommand(tmp_path: Path) -> None:
     out = kith("--help", cwd=tmp_path).stdout
     for command in ("serve", "generate-config", "check-config", "healthcheck", "bind",
-                    "unbind", "onbind", "peers", "import-sydent", "forget"):
+                    "unbind", "onbind", "peers", "import-sydent", "forget", "status"):
         assert command in out
 
 
