@@ -29,8 +29,12 @@ V2 = "/_matrix/identity/v2"
 MAX_SEND_ATTEMPT = 2**31 - 1
 _DECIMAL_DIGITS = re.compile(r"[0-9]{1,10}")
 
-VALIDATED_MESSAGE = "Verification successful! Please return to your Matrix client to continue."
-FAILED_MESSAGE = "Verification failed: you may need to request another verification email."
+# What a person reads after clicking the mailed link: what happened and what to do next.
+VALIDATED_MESSAGE = ("Verification successful! Your email address is confirmed. Please "
+                     "return to your Matrix client to continue; you can close this page.")
+FAILED_MESSAGE = ("Verification failed: this link has expired, was used already or is "
+                  "incomplete. Ask your Matrix client to send a new verification email, "
+                  "and open the link in the newest one.")
 
 
 class EmailRequestToken(msgspec.Struct):
@@ -109,6 +113,19 @@ async def submit_token_post(request: web.Request) -> web.Response:
     return json_response({"success": True})
 
 
+# The page needs no script: none may run on it, whatever a brand's template holds (it
+# carries a token in its URL).  Styles, pictures and fonts a template names may load.
+PAGE_POLICY = ("default-src 'none'; script-src 'none'; style-src 'unsafe-inline' https:; "
+               "img-src 'self' data: https:; font-src 'self' data: https:; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def html_page(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", headers={
+        "Content-Security-Policy": PAGE_POLICY, "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-store"})
+
+
 async def submit_token_get(request: web.Request) -> web.Response:
     """The mail's link: an HTML page for a person, or a 302 to next_link.
 
@@ -126,11 +143,11 @@ async def submit_token_get(request: web.Request) -> web.Response:
         if exc.status >= 500:
             raise
         page = await templates.render_verify_response_async(FAILED_MESSAGE, brand)
-        return web.Response(text=page, status=400, content_type="text/html")
+        return html_page(page, status=400)
     if session.next_link is not None and is_safe_redirect(session.next_link):
         raise web.HTTPFound(next_link_with_sid(session.next_link, sid))
     page = await templates.render_verify_response_async(VALIDATED_MESSAGE, brand)
-    return web.Response(text=page, content_type="text/html")
+    return html_page(page)
 
 
 def add_routes(router: web.UrlDispatcher, prefix: str = V2) -> None:
