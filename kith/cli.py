@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import json
 import logging
-import logging.handlers
 import resource
 import sys
 import time
@@ -27,25 +26,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("kith")
 
 
-# Libraries that log what kith's store sends (SQL parameters: client secrets, tokens)
-# below this level: they are held at it, whatever `log.level` says.
-QUIET_LOGGERS = {"aiosqlite": logging.INFO, "sqlalchemy.engine": logging.WARNING}
-
-
 def _setup_logging(config: KithConfig) -> None:
-    handler: logging.Handler
-    if config.general.log_path:
-        handler = logging.handlers.TimedRotatingFileHandler(
-            config.general.log_path, when="midnight", backupCount=365, encoding="utf-8")
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.general.log_level)
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
+    from kith import logs
+
+    general = config.general
+    logs.setup(general.log_path, general.log_level, general.log_format,
+               config.crypto.signing_key)
 
 
 def _raise_open_file_limit() -> None:

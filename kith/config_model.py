@@ -37,6 +37,7 @@ class GeneralConfig:
     server_aliases: tuple[str, ...] = ()
     log_path: str = ""
     log_level: str = "INFO"
+    log_format: str = "text"  # kith: or "json"
     pidfile_path: str = "sydent.pid"
     terms_path: str = ""
     address_lookup_limit: int = 10000

@@ -230,6 +230,7 @@ def general(s: Section) -> GeneralConfig:
         server_aliases=tuple(s.csv("server.aliases")),
         log_path=s.text("log.path"),
         log_level=level,
+        log_format=s.choice("log.format", ("text", "json"), "text"),
         pidfile_path=s.text("pidfile.path"),
         terms_path=s.readable_file("terms.path"),
         address_lookup_limit=lookup_limit,

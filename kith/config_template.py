@@ -44,8 +44,12 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
                 "id_server they were given), comma-separated; a homeserver-signed unbind "
                 "must be addressed to server.name or one of these."),
         KeySpec("log.path", "",
-                "File to log to, rotated at midnight, 365 kept. Empty: log to stderr."),
+                "File to log to, rotated at midnight, 365 kept (several workers share it; "
+                "SIGHUP reopens it, for logrotate). Empty: log to stderr."),
         KeySpec("log.level", "INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
+        KeySpec("log.format", "text",
+                "kith: text, or json (one object a line, for log shippers). Email "
+                "addresses and phone numbers are logged as keyed hashes either way."),
         KeySpec("pidfile.path", "sydent.pid",
                 "The process id is written here at start. First start: $SYDENT_PID_FILE."),
         KeySpec("terms.path", "",

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from kith import metrics_multiprocess
+from kith import logs, metrics_multiprocess
 from kith.api import (
     account,
     internal,
@@ -348,7 +348,9 @@ class KithServer:
                                for source in (LOCAL, LDAP)})
 
     async def reload(self) -> None:
-        """SIGHUP: load the client API's TLS certificate and key again."""
+        """SIGHUP: reopen the log file (logrotate), load the client API's TLS
+        certificate and key again."""
+        logs.reopen()
         if self.client_tls is not None:
             await self.client_tls.reload()
 
@@ -391,7 +393,8 @@ class KithServer:
 
 
 async def serve(config: KithConfig, counters: SharedCounters | None = None) -> None:
-    """Run until SIGTERM or SIGINT; SIGHUP reloads the TLS certificate."""
+    """Run until SIGTERM or SIGINT; SIGHUP reopens the log and reloads the TLS
+    certificate."""
     server = KithServer(config, counters)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -466,6 +469,8 @@ def run_workers(config: KithConfig, workers: int,
     log.info("kith: %d workers started: %s", workers, children)
 
     def forward(signum: int, _frame: object) -> None:
+        if signum == signal.SIGHUP:
+            logs.reopen()
         for child in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from kith.config import KithConfig, load_config
 from kith.server import KithServer
+from tests import log_audit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # that runs kith on PostgreSQL.
     if not config.pluginmanager.has_plugin("tests.pg"):
         config.pluginmanager.import_plugin("tests.pg")
+    # Every log of the run is searched for the addresses and secrets the tests used.
+    if not config.pluginmanager.has_plugin("tests.log_audit"):
+        config.pluginmanager.register(log_audit, "tests.log_audit")
 
 
 async def wait_for(what: str, check: Callable[[], Any], timeout_s: float = 10.0,
@@ -132,6 +136,7 @@ class Homeserver:
 
     def issue(self, localpart: str) -> str:
         token = f"openid-{localpart}-{len(self.tokens)}"
+        log_audit.remember("OpenID token", token)
         self.tokens[token] = f"@{localpart}:{self.server_name}"
         return token
 
@@ -184,6 +189,8 @@ class OpenMarket:
     async def handle(self, request: web.Request) -> web.Response:
         self.requests.append((request.headers.get("Authorization", ""),
                               await request.json()))
+        destination = self.requests[-1][1].get("mobileTerminate", {}).get("destination", {})
+        log_audit.remember("phone number", str(destination.get("address", "")))
         return web.json_response({}, status=self.status,
                                  headers={"Location": "https://om.test/mt/ticket-1"})
 
@@ -226,7 +233,9 @@ class RunningKith:
             "matrix_server_name": self.homeserver.server_name, "expires_in": 3600,
         }) as resp:
             assert resp.status == 200, await resp.text()
-            return str((await resp.json())["token"])
+            token = str((await resp.json())["token"])
+            log_audit.remember("access token", token)
+            return token
 
     async def lookup(self, token: str, algorithm: str, addresses: list[str]) -> dict[str, str]:
         """The mappings of POST /v2/lookup, with the server's pepper (answer must be 200)."""
@@ -239,6 +248,7 @@ class RunningKith:
             return dict(body["mappings"])
 
     async def bind(self, address: str, mxid: str, medium: str = "email") -> dict[str, Any]:
+        log_audit.remember(f"{medium} address", address)
         async with self.http.post(f"{self.internal}/_matrix/identity/internal/bind", json={
             "medium": medium, "address": address, "mxid": mxid}) as resp:
             assert resp.status == 200, await resp.text()
@@ -298,6 +308,7 @@ class KithProcess:
         it with that soft RLIMIT_NOFILE (the hard limit stays), as a service manager
         would."""
         env = {**os.environ, "SYDENT_CONF": str(self.config_path)}
+        log_audit.watch(self.config_path.parent / "kith.log")
 
         def limit_open_files() -> None:
             if open_files_soft_limit is not None:
@@ -366,6 +377,7 @@ class SmtpSink:
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         self.messages.append((list(envelope.rcpt_tos), envelope.content.decode()))
+        log_audit.remember_mail(*self.messages[-1])
         return "250 OK"
 
     def start(self) -> None:

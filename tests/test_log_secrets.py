@@ -18,6 +18,7 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 from unpaddedbase64 import encode_base64
 
 from kith.config import load_config, parse_signing_key
+from tests import log_audit
 from tests.api.test_invites import mailed_invite
 from tests.api.test_validation import mailed_token
 from tests.conftest import (
@@ -78,6 +79,7 @@ class Flows:
 
     def secret(self, what: str, value: str) -> str:
         self.secrets[what] = value
+        log_audit.remember(what, value)
         return value
 
     async def call(self, method: str, path: str, body: Any = None, *, auth: str = "",

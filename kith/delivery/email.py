@@ -218,7 +218,7 @@ class EmailSender:
             pass
         finally:
             smtp.close()
-        log.info("sent an email via %s:%d in %.0f ms", self.host, self.port,
+        log.info("sent an email to %s via %s:%d in %.0f ms", to_address, self.host, self.port,
                  (time.monotonic() - started) * 1000)
 
     def _error(self, problem: str) -> EmailSendError:
