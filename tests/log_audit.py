@@ -27,8 +27,8 @@ from kith import logs
 # keep no access log).  Their lines are not kith's.
 STAND_INS = ("mail.log", "aiohttp.access")
 
-# Shorter values (a test's "abc") could turn up anywhere by chance.
-MIN_LENGTH = 6
+# Shorter values (a test's client secret "pending") are words a log says anyway.
+MIN_LENGTH = 8
 
 _remembered: dict[str, str] = {}
 _watched: set[Path] = set()
