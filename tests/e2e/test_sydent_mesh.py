@@ -185,11 +185,15 @@ async def test_kith_and_sydent_replicate_both_ways(sydent: Sydent, node_a: MeshN
         return await looked_up(kith, token, "from-sydent@example.com") is None
 
     await wait_until("Sydent's unbind to reach kith", gone, timeout_s=40)
-    # Each side acknowledged the other: Sydent moved its cursor for kith.
-    with sqlite3.connect(sydent.db) as conn:
-        sent = conn.execute("SELECT lastSentVersion FROM peers WHERE name = ?",
-                            (node_a.name,)).fetchone()[0]
-    assert sent is not None and sent >= 2
+    # Each side acknowledged the other: Sydent moved its cursor for kith (it commits
+    # the cursor after kith's answer, so a moment after kith has stored the push).
+    def sydent_cursor() -> int | None:
+        with sqlite3.connect(sydent.db) as conn:
+            sent = conn.execute("SELECT lastSentVersion FROM peers WHERE name = ?",
+                                (node_a.name,)).fetchone()[0]
+        return sent if sent is not None and sent >= 2 else None
+
+    assert await wait_until("Sydent to record kith's acknowledgement", sydent_cursor)
 
 
 async def test_kith_takes_over_a_sydent_in_the_mesh_without_a_full_resend(
