@@ -82,7 +82,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 for value, what in _remembered.items()]
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
+        folded = text.lower()
         for what, value, pattern in patterns:
+            if value.lower() not in folded:  # the cheap test first: most never appear
+                continue
             match = pattern.search(text)
             if match:
                 line = text[text.rfind("\n", 0, match.start()) + 1:
