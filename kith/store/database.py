@@ -12,7 +12,7 @@ import logging
 import os
 import sqlite3
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,9 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
 
 
-def is_storage_full(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the database's disk is full: SQLite's
-    SQLITE_FULL, PostgreSQL's disk_full, or ENOSPC.  Reads still work then, and writes
-    work again once there is room: nothing about it is permanent."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception behind it: what the driver raised (`orig`), what it was
+    raised from and what it was raised while handling, each once."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -76,13 +75,19 @@ def is_storage_full(exc: BaseException) -> bool:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if (getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-                or _DISK_FULL_SQLSTATE in (getattr(current, "sqlstate", None),
-                                           getattr(current, "pgcode", None))
-                or (isinstance(current, OSError) and current.errno == errno.ENOSPC)):
-            return True
+        yield current
         pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
-    return False
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the database's disk is full: SQLite's
+    SQLITE_FULL, PostgreSQL's disk_full, or ENOSPC.  Reads still work then, and writes
+    work again once there is room: nothing about it is permanent."""
+    return any(getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+               or _DISK_FULL_SQLSTATE in (getattr(current, "sqlstate", None),
+                                          getattr(current, "pgcode", None))
+               or (isinstance(current, OSError) and current.errno == errno.ENOSPC)
+               for current in _chain(exc))
 
 
 # PostgreSQL's connection_exception class, and admin_shutdown, crash_shutdown and
@@ -95,13 +100,7 @@ def is_unreachable(exc: BaseException) -> bool:
     connection was refused, reset or closed under a query, the server is shutting down
     or starting, or no pooled connection came in time.  Nothing about it is permanent:
     the pool connects again once the database answers."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _chain(exc):
         sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
         if (isinstance(current, (ConnectionError, sa_exc.TimeoutError))
                 or (isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated)
@@ -109,7 +108,6 @@ def is_unreachable(exc: BaseException) -> bool:
                 or (type(current).__module__.startswith("asyncpg")
                     and type(current).__name__ in _UNREACHABLE_DRIVER_ERRORS)):
             return True
-        pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
     return False
 
 
