@@ -7,6 +7,10 @@ timeout; after `breaker_failures` failures in a row the upstream is asked once p
 `breaker_cooldown` seconds only, until it answers again.  Answers, positive and
 negative, are cached.  Only allowed mediums and email domains leave the server; they
 are counted, never logged.
+
+With `[proxy] adopt_pepper`, sha256 hashes made with the upstream's pepper are
+forwarded as they are (`lookup_hashes`), under the same timeout, breaker and cache;
+a hash says neither its medium nor its domain, so those filters cannot apply.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import asyncio
 import ipaddress
 import json
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +37,8 @@ from kith.threepid import EMAIL, Threepid, is_valid_mxid, lookup_hash, plain_que
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+# A lookup hash: unpadded URL-safe base64 of a SHA-256 digest.  Nothing else is forwarded.
+LOOKUP_HASH = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class UpstreamError(Exception):
@@ -40,6 +47,10 @@ class UpstreamError(Exception):
 
 class TermsNotSigned(UpstreamError):
     """The upstream wants its terms accepted for our access token (logged once)."""
+
+
+class PepperRejected(Exception):
+    """The upstream answered M_INVALID_PEPPER: its pepper is no longer the one asked with."""
 
 
 class UpstreamIdentityServer:
@@ -51,6 +62,8 @@ class UpstreamIdentityServer:
         self._session: aiohttp.ClientSession | None = None
         self._hash_details: tuple[tuple[str, ...], str] | None = None  # (algorithms, pepper)
         self._cache: AnswerCache[Threepid, str] = AnswerCache(
+            config.cache_ttl_s, config.negative_cache_ttl_s, clock=clock)
+        self._hash_cache: AnswerCache[tuple[str, str], str] = AnswerCache(  # (pepper, hash)
             config.cache_ttl_s, config.negative_cache_ttl_s, clock=clock)
         self._breaker = CircuitBreaker(
             f"upstream identity server {config.identity}", threshold=config.breaker_failures,
@@ -83,6 +96,39 @@ class UpstreamIdentityServer:
         found.update(answers)
         return found
 
+    async def lookup_hashes(self, hashes: Sequence[str], pepper: str) -> dict[str, str]:
+        """What the upstream maps of sha256 `hashes` made with its `pepper`, in one
+        request; never raises but PepperRejected (a dead upstream answers nothing)."""
+        cached, ask = self._hash_cache.split(
+            (pepper, h) for h in hashes if LOOKUP_HASH.fullmatch(h))
+        found = {h: mxid for (_pepper, h), mxid in cached.items()}
+        if not ask or not self._breaker.allow():
+            return found
+        asked = [h for _pepper, h in ask]
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                self.forwarded += len(asked)
+                status, body = await self._request("POST", "/lookup", {
+                    "algorithm": "sha256", "pepper": pepper, "addresses": asked})
+            errcode = body.get("errcode") if isinstance(body, dict) else None
+            if status == 400 and errcode == "M_INVALID_PEPPER":
+                self._breaker.succeeded()  # it answered; the pepper is what changed
+                raise PepperRejected
+            answers = _mappings(status, errcode, body, set(asked))
+        except (UpstreamError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            self._failed(exc)
+            return found
+        self._breaker.succeeded()
+        self._hash_cache.remember(ask, {(pepper, h): mxid for h, mxid in answers.items()})
+        found.update(answers)
+        return found
+
+    async def hash_details(self) -> tuple[tuple[str, ...], str]:
+        """The upstream's algorithms and pepper, read now (within the timeout); raises
+        UpstreamError, aiohttp.ClientError, TimeoutError, OSError or ValueError."""
+        async with asyncio.timeout(self.config.timeout_s):
+            return await self._details(refresh=True)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -114,13 +160,7 @@ class UpstreamIdentityServer:
             errcode = body.get("errcode") if isinstance(body, dict) else None
             if status == 400 and errcode == "M_INVALID_PEPPER" and attempt == 1:
                 continue
-            if status != 200:
-                raise UpstreamError(f"lookup answered {status} {errcode or ''}".strip())
-            mappings = body.get("mappings") if isinstance(body, dict) else None
-            if not isinstance(mappings, dict):
-                raise UpstreamError("lookup answer has no mappings object")
-            return {keys[k]: v for k, v in mappings.items()
-                    if k in keys and isinstance(v, str) and is_valid_mxid(v)}
+            return {keys[k]: v for k, v in _mappings(status, errcode, body, keys).items()}
         raise UpstreamError("pepper rejected twice")
 
     async def _details(self, refresh: bool) -> tuple[tuple[str, ...], str]:
@@ -177,3 +217,15 @@ class UpstreamIdentityServer:
                 trust_env=False,
             )
         return self._session
+
+
+def _mappings(status: int, errcode: object, body: Any,
+              asked: Container[str]) -> dict[str, str]:
+    """The valid mappings of a /lookup answer, for the keys asked only."""
+    if status != 200:
+        raise UpstreamError(f"lookup answered {status} {errcode or ''}".strip())
+    mappings = body.get("mappings") if isinstance(body, dict) else None
+    if not isinstance(mappings, dict):
+        raise UpstreamError("lookup answer has no mappings object")
+    return {k: v for k, v in mappings.items()
+            if k in asked and isinstance(v, str) and is_valid_mxid(v)}
