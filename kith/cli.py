@@ -231,7 +231,7 @@ def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
         store = await Store.open(config.db)
         federation = FederationClient.from_config(config.general, config.http)
         try:
-            services = await build_services(config, store, federation)
+            services = await build_services(config, store, federation, serving=False)
             result.append(await action(services))
         finally:
             await federation.close()
@@ -363,6 +363,11 @@ def cmd_rotate_pepper(args: argparse.Namespace, config: KithConfig) -> int:
     from kith.services.pepper import RotationBusy, rotate
     from kith.store import Store
 
+    proxy = config.sources.proxy
+    if proxy is not None and proxy.adopt_pepper:
+        print("kith: the lookup pepper is the upstream identity server's ([proxy] "
+              "adopt_pepper); it changes when the upstream's does", file=sys.stderr)
+        return 2
     config = _prepared(config)
 
     async def main() -> None:

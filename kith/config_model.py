@@ -223,6 +223,8 @@ class ProxyConfig:
     email_domains: tuple[str, ...] = ()
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
+    # kith announces the upstream's lookup pepper, so that sha256 lookups are forwarded.
+    adopt_pepper: bool = True
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ def proxy(s: Section) -> ProxyConfig | None:
         email_domains=tuple(domain.lower().lstrip("@") for domain in s.csv("email_domains")),
         breaker_failures=s.integer("breaker_failures", 1, ProxyConfig.breaker_failures),
         breaker_cooldown_s=s.seconds("breaker_cooldown", ProxyConfig.breaker_cooldown_s),
+        adopt_pepper=s.flag("adopt_pepper", ProxyConfig.adopt_pepper),
     )
 
 

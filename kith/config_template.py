@@ -364,6 +364,12 @@ SECTIONS: tuple[tuple[str, str, tuple[KeySpec, ...]], ...] = (
         KeySpec("breaker_cooldown", None,
                 "Seconds between tries of a skipped upstream. Default: 30.", "30"),
         KeySpec("precedence", None, "As in [ldap]; both must agree.", "local, ldap, upstream"),
+        KeySpec("adopt_pepper", None,
+                "Announce the upstream's lookup pepper as kith's own and follow it, so that "
+                "the sha256 lookups (all that Element and Synapse send) no local source "
+                "answers are forwarded to the upstream as hashes: mediums and email_domains "
+                "cannot apply to them. kith's own pepper rotation is then refused. "
+                "Default: true.", "false"),
     )),
 )
 

@@ -42,6 +42,7 @@ from kith.federation.policy import OutboundAddressPolicy
 from kith.replication.node import ReplicationNode
 from kith.services import Services
 from kith.services.accounts import AccountService
+from kith.services.adopted_pepper import AdoptedPepper
 from kith.services.bindings import BindingService
 from kith.services.coherence import SharedCounters
 from kith.services.erasure import ErasureService
@@ -71,6 +72,9 @@ INDEX_FOLLOW_INTERVAL_S = 0.25
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # How often an instance asks whether the lookup pepper is due for a change.
 PEPPER_CHECK_INTERVAL_S = 60.0
+# How often, with [proxy] adopt_pepper, each process reads the upstream's hash_details
+# (a forwarded lookup answered M_INVALID_PEPPER has it read at once).
+UPSTREAM_PEPPER_INTERVAL_S = 300.0
 # Expired sessions (as often as Sydent purges them), invites, empty rate-limit buckets.
 PURGE_INTERVAL_S = 600.0
 
@@ -89,8 +93,10 @@ class ListenError(Exception):
 
 
 async def build_services(config: KithConfig, store: Store, federation: FederationClient,
-                         counters: SharedCounters | None = None) -> Services:
-    """Everything one process serves with; `counters` when it is one of several workers."""
+                         counters: SharedCounters | None = None, *,
+                         serving: bool = True) -> Services:
+    """Everything one process serves with; `counters` when it is one of several workers.
+    Not `serving` (a command run offline): the upstream's pepper is not adopted."""
     # The config falls back to the host name (with a warning) when server.name is empty.
     keys = ServerKeys(config.general.server_name,
                       parse_signing_key(config.crypto.signing_key))
@@ -100,14 +106,18 @@ async def build_services(config: KithConfig, store: Store, federation: Federatio
         store, counters.counter(SharedCounters.ASSOCIATIONS) if counters else None,
         order=[source for source in sources.precedence if source != UPSTREAM])
     peppers = LookupPeppers(store, index)
-    await peppers.load()
-    directory = LdapDirectory(sources.ldap) if sources.ldap else None
     upstream = UpstreamIdentityServer(sources.proxy, OutboundAddressPolicy(
         config.general.ip_blacklist, config.general.ip_whitelist)) if sources.proxy else None
+    adopted = None
+    if serving and upstream is not None and upstream.config.adopt_pepper:
+        adopted = AdoptedPepper(store, peppers, upstream)
+        await adopted.start()
+    await peppers.load()
+    directory = LdapDirectory(sources.ldap) if sources.ldap else None
     general = config.general
     lookup_service = LookupService(
         peppers, index, general.address_lookup_limit, precedence=sources.precedence,
-        directory=directory, upstream=upstream,
+        directory=directory, upstream=upstream, adopted=adopted,
         budget=LookupBudget(store, general.lookup_budget_account, general.lookup_budget_ip))
     limits = SendLimits(store, config)
     templates = Templates.from_config(config)
@@ -255,8 +265,10 @@ def metrics_app(refresh_gauges: Callable[[], Awaitable[None]]) -> web.Applicatio
 
 
 async def periodically(interval_s: float, what: str,
-                       job: Callable[[], Awaitable[int]]) -> None:
-    """Run `job` now and every `interval_s`; a failure is logged and tried next time."""
+                       job: Callable[[], Awaitable[int]], first_after_s: float = 0) -> None:
+    """Run `job` after `first_after_s` and every `interval_s`; a failure is logged and
+    tried next time."""
+    await asyncio.sleep(first_after_s)
     while True:
         try:
             done = await job()
@@ -301,8 +313,17 @@ class KithServer:
                 ("purging empty rate-limit buckets", self.services.limits.purge)):
             self.tasks.append(asyncio.create_task(
                 periodically(PURGE_INTERVAL_S, what, job), name="kith-purge"))
+        adopted = self.services.lookup.adopted
+        if adopted is not None:
+            self.tasks.append(asyncio.create_task(periodically(
+                UPSTREAM_PEPPER_INTERVAL_S, "following the upstream's lookup pepper",
+                adopted.check, first_after_s=UPSTREAM_PEPPER_INTERVAL_S),
+                name="kith-upstream-pepper"))
         rotation_s = self.config.general.lookup_pepper_rotation_s
-        if rotation_s is not None and (
+        if rotation_s is not None and adopted is not None:
+            log.warning("[general] lookup_pepper.rotation is ignored: with [proxy] "
+                        "adopt_pepper the lookup pepper is the upstream's")
+        elif rotation_s is not None and (
                 self.counters is None or self.counters.claim(SharedCounters.PEPPER_ROTATION)):
             store = self.store
             self.tasks.append(asyncio.create_task(periodically(

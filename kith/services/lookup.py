@@ -7,16 +7,18 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from kith.config import DEFAULT_PRECEDENCE, LDAP, LOCAL
+from kith.config import DEFAULT_PRECEDENCE, LDAP, LOCAL, UPSTREAM
 from kith.errors import M_INVALID_PEPPER, M_TOO_LARGE, MatrixError, invalid_param
 from kith.metrics import LOOKUP_ADDRESSES
 from kith.services.index import AssociationIndex
 from kith.services.limits import LookupBudget, Requester
 from kith.services.pepper import LookupPeppers
 from kith.sources.errors import LdapError
+from kith.sources.upstream import PepperRejected
 from kith.threepid import Threepid, lookup_hash, normalise_address, parse_plain_query
 
 if TYPE_CHECKING:
+    from kith.services.adopted_pepper import AdoptedPepper
     from kith.sources.ldap import LdapDirectory
     from kith.sources.upstream import UpstreamIdentityServer
 
@@ -31,9 +33,10 @@ class LookupService:
     Sources are probed in `precedence` order (by default LDAP, then local bindings,
     then the upstream identity server) and each address is answered by the first source
     that maps it, never by two.  sha256 lookups are answered from the index (synced LDAP
-    rows and local bindings); plain-text ones ask the directory live and, for what is
-    still unresolved, the upstream.  A failing directory or upstream costs its own part
-    of the answer only.
+    rows and local bindings) and, when kith announces the upstream's pepper
+    (`adopted`), by the upstream for the hashes still unresolved; plain-text ones ask
+    the directory live and, for what is still unresolved, the upstream.  A failing
+    directory or upstream costs its own part of the answer only.
     """
 
     def __init__(self, peppers: LookupPeppers, index: AssociationIndex,
@@ -41,6 +44,7 @@ class LookupService:
                  precedence: Sequence[str] = DEFAULT_PRECEDENCE,
                  directory: LdapDirectory | None = None,
                  upstream: UpstreamIdentityServer | None = None,
+                 adopted: AdoptedPepper | None = None,
                  budget: LookupBudget | None = None) -> None:
         self.peppers = peppers
         self.index = index
@@ -49,6 +53,7 @@ class LookupService:
         self.precedence = tuple(precedence)
         self.directory = directory
         self.upstream = upstream
+        self.adopted = adopted
         # Addresses answered, per source: kith_lookup_addresses_total{source}.
         self.answered = {source: LOOKUP_ADDRESSES.labels(source) for source in self.precedence}
 
@@ -59,6 +64,8 @@ class LookupService:
 
     async def close(self) -> None:
         await self.peppers.close()
+        if self.adopted is not None:
+            await self.adopted.close()
         if self.directory is not None:
             await self.directory.close()
         if self.upstream is not None:
@@ -84,7 +91,9 @@ class LookupService:
         if not self.index.holds(pepper):  # dropped while this lookup waited
             raise invalid_pepper(algorithm, self.pepper)
         if algorithm == "sha256":
-            return self._lookup_hashes(addresses, pepper)
+            if self.adopted is None:
+                return self._lookup_hashes(addresses, pepper, self.precedence)
+            return await self._lookup_hashes_forwarding(addresses, pepper, self.adopted)
         queries: dict[Threepid, list[str]] = {}
         for query in addresses:
             threepid = parse_plain_query(query)
@@ -112,9 +121,10 @@ class LookupService:
                                          count=False)
         return found.get(threepid)
 
-    def _lookup_hashes(self, hashes: Sequence[str], pepper: str) -> dict[str, str]:
+    def _lookup_hashes(self, hashes: Sequence[str], pepper: str,
+                       precedence: Sequence[str]) -> dict[str, str]:
         # The hot path: one dict probe per address and source, counted once per request.
-        sources = [source for source in self.precedence if self._serves_hashes(source)]
+        sources = [source for source in precedence if self._serves_hashes(source)]
         mappings: dict[str, str] = {}
         remaining = hashes
         for i, source in enumerate(sources):
@@ -131,9 +141,36 @@ class LookupService:
         return mappings
 
     def _serves_hashes(self, source: str) -> bool:
-        # Synced LDAP rows count only while LDAP is configured; upstream hashes use
-        # another pepper, so sha256 lookups are never proxied.
+        # Synced LDAP rows count only while LDAP is configured; the upstream only when
+        # kith announces its pepper (`_lookup_hashes_forwarding`).
         return source == LOCAL or (source == LDAP and self.directory is not None)
+
+    async def _lookup_hashes_forwarding(self, hashes: Sequence[str], pepper: str,
+                                        adopted: AdoptedPepper) -> dict[str, str]:
+        """sha256 lookups with the upstream's pepper: the index's sources in precedence
+        order, the upstream asked for what is unresolved at its turn, in one request."""
+        upstream_pepper = await adopted.pepper_for(pepper)
+        if upstream_pepper is None or self.upstream is None:
+            return self._lookup_hashes(hashes, pepper, self.precedence)
+        if upstream_pepper != pepper:  # kith is changing to the upstream's new pepper
+            raise invalid_pepper("sha256", upstream_pepper)
+        turn = self.precedence.index(UPSTREAM)
+        mappings = self._lookup_hashes(hashes, pepper, self.precedence[:turn])
+        remaining = [h for h in hashes if h not in mappings]
+        if remaining:
+            try:
+                found = await self.upstream.lookup_hashes(remaining, pepper)
+            except PepperRejected:
+                changed = await adopted.rejected(pepper)
+                if changed is not None:
+                    raise invalid_pepper("sha256", changed) from None
+                found = {}
+            if found:
+                self.answered[UPSTREAM].inc(len(found))
+                mappings.update(found)
+                remaining = [h for h in remaining if h not in mappings]
+        mappings.update(self._lookup_hashes(remaining, pepper, self.precedence[turn + 1:]))
+        return mappings
 
     async def _resolve_many(self, threepids: list[Threepid], *, include_upstream: bool = True,
                             count: bool = True) -> dict[Threepid, tuple[str, str]]:

@@ -1,4 +1,7 @@
-"""[proxy]: unresolved plain-text lookups asked of an upstream identity server."""
+"""[proxy]: unresolved plain-text lookups asked of an upstream identity server.
+
+These run with adopt_pepper off, as an operator who forwards plain-text lookups only
+would; forwarded sha256 lookups are in test_adopt_pepper.py."""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ async def fake_upstream(handler: Callable[[web.Request], Any]) -> AsyncIterator[
 async def proxied_kith(kith_factory: KithFactory, identity: str,
                        **proxy: Any) -> tuple[RunningKith, str]:
     kith: RunningKith = await kith_factory({"proxy": {
-        "identity": identity, "timeout": 0.5, "breaker_failures": 3, **proxy}})
+        "identity": identity, "timeout": 0.5, "breaker_failures": 3, "adopt_pepper": "false",
+        **proxy}})
     token = await kith.register("alice")
     await kith.bind("local@example.org", "@local:hs.test")
     return kith, token
@@ -59,7 +63,8 @@ async def test_upstream_answers_what_no_local_source_knows(kith_factory: KithFac
     assert await kith.lookup(token, "none", queries) == {
         "far@example.org email": "@far:hs.test", "local@example.org email": "@local:hs.test"}
     assert client.requests == requests  # positive and negative answers are cached
-    # sha256 lookups are never proxied (the upstream's pepper is not ours).
+    # Without adopt_pepper, sha256 lookups are never proxied (the upstream's pepper is
+    # not ours).
     assert await kith.lookup(token, "sha256", ["x"]) == {}
     assert client.requests == requests
 
