@@ -129,8 +129,10 @@ def sqlite_path(db: DbConfig) -> str | None:
 def inspect_sqlite(path: str) -> DatabaseKind:
     """What the SQLite file at `path` is, for kith; a `StoreError` if kith cannot use it.
 
-    Reads without writing anything: the file is opened `immutable`, so SQLite takes no
-    lock and creates no journal, WAL or shared-memory file beside it.
+    Reads without writing anything: a file in rollback-journal mode (Sydent's) is
+    opened `immutable`, so SQLite takes no lock and creates no journal, WAL or
+    shared-memory file beside it; one in WAL mode (kith's), which a running server may
+    be writing, is opened read-only through its WAL, which `immutable` would ignore.
     """
     folder = os.path.dirname(path)
     if not os.path.lexists(path):
@@ -174,7 +176,8 @@ def inspect_sqlite(path: str) -> DatabaseKind:
 
 def _read_schema(path: str) -> tuple[set[str], list[str], int]:
     """(tables, kith's schema revisions, `PRAGMA user_version`) of a SQLite file."""
-    uri = f"file:{urllib.parse.quote(path)}?immutable=1"
+    in_wal_mode = os.path.exists(f"{path}-wal")
+    uri = f"file:{urllib.parse.quote(path)}?{'mode=ro' if in_wal_mode else 'immutable=1'}"
     try:
         conn = sqlite3.connect(uri, uri=True)
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from sqlalchemy import insert, inspect, text
 
 from kith.config import DbConfig
 from kith.store import AssociationRow, Store
-from kith.store.database import MIGRATIONS
+from kith.store.database import MIGRATIONS, DatabaseKind, inspect_sqlite
 from kith.store.schema import server_state
 from kith.store.sessions import ValidationSessionRow
 
@@ -402,5 +403,23 @@ async def test_another_process_opening_the_sqlite_file_loses_no_later_write(
         assert _read_in_another_process(path) == ["first@example.com"]
         await store.associations.write([binding("second@example.com")])
         assert _read_in_another_process(path) == ["first@example.com", "second@example.com"]
+    finally:
+        await store.close()
+
+
+async def test_a_database_a_server_is_writing_is_read_through_its_wal(tmp_path: Path) -> None:
+    # What an offline command (kith status, forget, rotate-pepper, ...) sees of the store
+    # of a running server: the schema and rows still in the WAL count.
+    path = str(tmp_path / "kith.db")
+    store = await Store.open(DbConfig(file=path))
+    try:
+        await store.associations.write([binding("first@example.com")])
+        assert os.path.getsize(f"{path}-wal") > 0
+        assert inspect_sqlite(path) == DatabaseKind.KITH
+        other = await Store.open(DbConfig(file=path))
+        try:
+            assert await other.associations.max_id() == await store.associations.max_id()
+        finally:
+            await other.close()
     finally:
         await store.close()
