@@ -241,6 +241,25 @@ def _offline(action: Callable[[Any], Coroutine[Any, Any, Any]],
     return result[0]
 
 
+def _with_store(action: Callable[[Any, KithConfig], Coroutine[Any, Any, Any]],
+                config: KithConfig) -> Any:
+    """Run `action(store, config)` against the store alone (nothing else is started)."""
+    from kith.store import Store
+
+    config = _prepared(config)
+    result: list[Any] = []
+
+    async def main() -> None:
+        store = await Store.open(config.db)
+        try:
+            result.append(await action(store, config))
+        finally:
+            await store.close()
+
+    _run(main())
+    return result[0]
+
+
 def cmd_onbind(args: argparse.Namespace, config: KithConfig) -> int:
     async def report(services: Any) -> list[Any]:
         if args.retry:
@@ -266,23 +285,12 @@ def cmd_peers(args: argparse.Namespace, config: KithConfig) -> int:
     """Each replication peer: where it is, what it acknowledged, how far behind it is."""
     from kith.replication.peers import ReplicationPeers
     from kith.replication.status import PeerStatus, peer_statuses
-    from kith.store import Store
     from kith.threepid import now_ms
 
-    config = _prepared(config)
-    statuses: list[PeerStatus] = []
+    async def statuses_of(store: Any, config: KithConfig) -> list[PeerStatus]:
+        return await peer_statuses(store, await ReplicationPeers.load(config, store), now_ms())
 
-    async def main() -> None:
-        store = await Store.open(config.db)
-        try:
-            peers = await ReplicationPeers.load(config, store)
-            statuses.extend(await peer_statuses(store, peers, now_ms()))
-        finally:
-            await store.close()
-
-    _run(main())
-    if not config.http.replication_certfile:
-        print("replication is off: [http] replication.https.certfile is not set")
+    statuses: list[PeerStatus] = _with_store(statuses_of, config)
     if not statuses:
         print("no replication peers")
     for s in statuses:
@@ -361,24 +369,14 @@ def cmd_unbind(args: argparse.Namespace, config: KithConfig) -> int:
 def cmd_rotate_pepper(args: argparse.Namespace, config: KithConfig) -> int:
     """A new lookup pepper, followed by every running worker and instance."""
     from kith.services.pepper import RotationBusy, rotate
-    from kith.store import Store
 
     proxy = config.sources.proxy
     if proxy is not None and proxy.adopt_pepper:
         print("kith: the lookup pepper is the upstream identity server's ([proxy] "
               "adopt_pepper); it changes when the upstream's does", file=sys.stderr)
         return 2
-    config = _prepared(config)
-
-    async def main() -> None:
-        store = await Store.open(config.db)
-        try:
-            await rotate(store)
-        finally:
-            await store.close()
-
     try:
-        _run(main())
+        _with_store(lambda store, _config: rotate(store), config)
     except RotationBusy as exc:
         print(f"kith: {exc}; try again later", file=sys.stderr)
         return 1
@@ -433,21 +431,10 @@ def cmd_status(args: argparse.Namespace, config: KithConfig) -> int:
     import msgspec
 
     from kith.services.status import server_status
-    from kith.store import Store
     from kith.threepid import now_ms
 
-    config = _prepared(config)
-    found: list[ServerStatus] = []
-
-    async def main() -> None:
-        store = await Store.open(config.db)
-        try:
-            found.append(await server_status(config, store, now_ms()))
-        finally:
-            await store.close()
-
-    _run(main())
-    status = found[0]
+    status: ServerStatus = _with_store(
+        lambda store, config: server_status(config, store, now_ms()), config)
     if args.json:
         print(json.dumps(msgspec.to_builtins(status), indent=2, sort_keys=True))
         return 0
