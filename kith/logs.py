@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 # Libraries that log what kith's store sends (SQL parameters: client secrets, tokens)
@@ -55,6 +56,39 @@ class Redactor:
             text = _EMAIL.sub(lambda m: self._hash("email", m.group(0)), text)
         return _PHONE.sub(lambda m: self._hash("msisdn", m.group(0).lstrip("+")), text)
 
+    def message(self, record: logging.LogRecord) -> str:
+        """The record's message, its text and text arguments redacted, its numbers left
+        alone: a count of 10000000 is not a phone number, a string of digits may be."""
+        args = record.args
+        if not args:
+            return self(str(record.msg))
+        try:
+            if isinstance(args, Mapping):
+                return self(str(record.msg)) % {k: self._arg(v) for k, v in args.items()}
+            return self(str(record.msg)) % tuple(self._arg(a) for a in args)
+        except (TypeError, ValueError, KeyError):  # e.g. %d given a text: redact it all
+            return self(record.getMessage())
+
+    def _arg(self, value: object) -> object:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value
+        return _Redacted(self(str(value)), self(repr(value)))
+
+
+class _Redacted:
+    """A log argument as its redacted text, for %s and %r alike."""
+
+    __slots__ = ("_repr", "_str")
+
+    def __init__(self, text: str, representation: str) -> None:
+        self._str, self._repr = text, representation
+
+    def __str__(self) -> str:
+        return self._str
+
+    def __repr__(self) -> str:
+        return self._repr
+
 
 def redactor_for(signing_key: str) -> Redactor:
     """A redactor keyed by this server's signing key: stable across workers and
@@ -68,7 +102,22 @@ class RedactingFormatter(logging.Formatter):
         self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.redact(super().format(record))
+        # Another handler may have cached the traceback's text unredacted on the record.
+        cached, record.exc_text = record.exc_text, None
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = cached
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - the library's
+        record.message = self.redact.message(record)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - the library's name
+        return self.redact(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - the library's name
+        return self.redact(super().formatStack(stack_info))
 
 
 class JsonFormatter(logging.Formatter):
@@ -84,7 +133,7 @@ class JsonFormatter(logging.Formatter):
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname, "logger": record.name,
-            "message": self.redact(record.getMessage()), "pid": record.process}
+            "message": self.redact.message(record), "pid": record.process}
         if record.exc_info:
             entry["exception"] = self.redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)

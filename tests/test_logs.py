@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -114,3 +115,26 @@ async def test_sighup_reopens_the_log_of_every_worker(
     old = lines_of(log_path.with_suffix(".log.1"))
     assert sum("kith started" in line for line in old) == 2
     assert not any("reopened" in line for line in old)
+
+
+def test_numbers_stay_readable_and_text_arguments_are_redacted(tmp_path: Path) -> None:
+    path = tmp_path / "kith.log"
+    handler = make_handler(str(path), "text", redactor_for(KEY))
+    log = logging.getLogger("kith.test.numbers")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.info("kith started: %d bindings, %s sessions", 10_000_000, 12_345_678)
+        log.info("sent a text to %s and %r", "447700900123", "+14155550100")
+        log.info("lookup of %(address)s took %(ms).1f ms", {"address": "a@b.org", "ms": 2.5})
+        # a number of another type, which %d takes and the redaction does not: all redacted
+        log.info("%d is a number", Decimal(447700900123))
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    started, texted, mapped, other = lines_of(path)
+    assert started.endswith("kith started: 10000000 bindings, 12345678 sessions")
+    assert re.search(r"sent a text to <msisdn:[0-9a-f]{8}> and '<msisdn:[0-9a-f]{8}>'$",
+                     texted), texted
+    assert re.search(r"lookup of <email:[0-9a-f]{8}> took 2.5 ms$", mapped), mapped
+    assert "447700900123" not in other and "<msisdn:" in other
