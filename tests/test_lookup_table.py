@@ -52,11 +52,11 @@ def test_random_binds_and_unbinds_match_a_dict(make: MakeTable) -> None:
 
 @pytest.mark.parametrize("make", tables())
 def test_hashes_sharing_a_bucket_and_fingerprint(make: MakeTable) -> None:
-    # Only the first 16 bytes of the digest (22 characters hold them) place a hash and
-    # make its fingerprint: these 40 collide completely, overflow their bucket into the
-    # next ones, and only the whole hash tells them apart.
-    prefix = h(-1)[:22]
-    crowd = [prefix + h(i)[22:] for i in range(40)]
+    # Only the first 16 characters place a hash and make its fingerprint: these 40
+    # collide completely, overflow their bucket into the next ones, and only the whole
+    # hash tells them apart.
+    prefix = h(-1)[:16]
+    crowd = [prefix + h(i)[16:] for i in range(40)]
     table = make()
     for i, key in enumerate(crowd[::2]):
         table.set(key, f"@even{i}:example.org")

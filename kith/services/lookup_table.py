@@ -4,21 +4,21 @@ A Python dict costs about 300 bytes a binding (a 43-character key object, an mxi
 object, the table), and with a million bindings nearly every probe misses the CPU
 caches several times over (the table, the entry, the key object, the value object).
 `HashArrays` keeps the map in a few flat arrays instead: a bucketed hash table of packed
-(fingerprint, row) slots, the 32-byte digest of each hash by row, and the mxids as UTF-8
-in one byte buffer with an offset and a length by row; about 100 bytes a binding.  A
-batch of addresses becomes a handful of array operations whose memory accesses overlap,
-so a 1000-address lookup costs nearly the same with 2k or 10M bindings; one address is
-found with a few probes in Python (docs/decisions.md has the figures).
+(fingerprint, row) slots, each hash's 43 characters by row, and the mxids as UTF-8
+in one byte buffer with an offset and a length by row; about 120 bytes a binding.  A
+batch of addresses becomes a handful of array operations whose memory accesses overlap;
+one address is found with a few probes in Python (docs/decisions.md has the figures).
 
 Lookup hashes are the 43 characters of unpadded URL-safe base64 of a sha256 digest;
 anything else (another length, another alphabet, a last character that no digest
-encodes to) can never match.  Rows are never freed: unbinding empties a row's mxid and
-binding the same hash again fills it, so the arrays grow only with distinct hashes.
+encodes to) is never stored, so it can never match.  Rows are never freed: unbinding
+empties a row's mxid and binding the same hash again fills it, so the arrays grow only
+with distinct hashes.
 """
 
 from __future__ import annotations
 
-import binascii
+import re
 import secrets
 import struct
 from collections.abc import Iterable, Sequence
@@ -28,15 +28,15 @@ import numpy as np
 import numpy.typing as npt
 
 HASH_LENGTH = 43
-_DIGEST = 32
-_WORDS = _DIGEST // 8
-_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-# base64 value of each byte, or 255 for bytes outside the URL-safe alphabet
-_VALUE = np.full(256, 255, np.uint8)
-_VALUE[np.frombuffer(_ALPHABET, np.uint8)] = np.arange(64, dtype=np.uint8)
-# The 43rd character carries the digest's last 4 bits and two zero bits.
-_LAST = frozenset(_ALPHABET[::4].decode())
-_TO_STANDARD = str.maketrans("-_", "+/")
+# A key is a hash and a pad that starts with a newline, 48 bytes: six aligned
+# little-endian words, so that whole keys compare in six vector operations (w0 and w1
+# also feed the hash function).
+_PAD = b"\n    "
+_KEY = HASH_LENGTH + len(_PAD)
+_WORDS = _KEY // 8
+# What a lookup hash can be: 43 characters of URL-safe base64, the last of which
+# carries the digest's last 4 bits and two zero bits.
+_HASH = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 _HEAD = struct.Struct("<QQ")
 _BUCKET = 8        # slots per bucket: one 64-byte cache line of uint64
 _MAX_LOAD = 0.375  # rows per slot before the table doubles
@@ -99,7 +99,7 @@ class LookupTable:
         if self._mxids is None:
             assert self._arrays is not None
             self._arrays.set(lookup_hash, mxid)
-        elif digest_of(lookup_hash) is not None:
+        elif key_of(lookup_hash) is not None:
             _remember(self._mxids, lookup_hash, mxid)
             self._move_when_big()
 
@@ -110,7 +110,7 @@ class LookupTable:
             self._arrays.update(entries)
             return
         for lookup_hash, mxid in entries:
-            if digest_of(lookup_hash) is not None:
+            if key_of(lookup_hash) is not None:
                 _remember(self._mxids, lookup_hash, mxid)
         self._move_when_big()
 
@@ -152,7 +152,7 @@ class HashArrays:
         self._np_k1, self._np_k2 = np.uint64(self._k1), np.uint64(self._k2)
         self._live = 0
         self._rows = 0
-        self._digests = np.zeros((_MIN_ROWS, _WORDS), "<u8")
+        self._keys = np.zeros((_MIN_ROWS, _WORDS), "<u8")
         # mxid of row r: _text[_starts[r]:_starts[r] + _lengths[r]]; length 0: unbound
         self._starts = np.zeros(_MIN_ROWS, np.int64)
         self._lengths = np.zeros(_MIN_ROWS, np.uint16)
@@ -173,23 +173,23 @@ class HashArrays:
     # --- one address ------------------------------------------------------------------
 
     def get(self, lookup_hash: str) -> str | None:
-        digest = digest_of(lookup_hash)
-        if digest is None:
+        key = key_of(lookup_hash)
+        if key is None:
             return None
-        row = self._locate(digest)
+        row = self._locate(key)
         return None if row is None else self._mxid_of(row)
 
     def set(self, lookup_hash: str, mxid: str | None) -> None:
         """Bind `lookup_hash` to `mxid`, or unbind it when `mxid` is None.  A string that
         is not a lookup hash could never be asked for, so it is not kept."""
-        digest = digest_of(lookup_hash)
-        if digest is None:
+        key = key_of(lookup_hash)
+        if key is None:
             return
-        row = self._locate(digest)
+        row = self._locate(key)
         if row is None:
             if mxid is None:
                 return
-            row = self._append_row(digest)
+            row = self._append_row(key)
         self._write_mxids(np.array([row], np.intp), [mxid])
 
     # --- many addresses ---------------------------------------------------------------
@@ -198,18 +198,25 @@ class HashArrays:
         """The mxid of each of `hashes` that is bound."""
         if len(hashes) < ARRAY_BATCH_MIN:
             return {h: mxid for h in hashes if (mxid := self.get(h)) is not None}
-        digests, valid = _digests(hashes)
-        rows = self._rows_of(digests, valid)
+        keys, valid = _keys(hashes)
+        rows = self._rows_of(keys, valid)
         positions = np.flatnonzero(rows >= 0)
         rows = rows.take(positions)
         lengths = self._lengths.take(rows)
         bound = lengths != 0
         if not bound.all():
             positions, rows, lengths = positions[bound], rows[bound], lengths[bound]
-        text = self._text_view
-        return {hashes[p]: str(text[s:s + n], "utf-8") for p, s, n in zip(
-            positions.tolist(), self._starts.take(rows).tolist(), lengths.tolist(),
-            strict=True)}
+        # The mxids found, gathered into one string and cut at their ends.
+        lengths = lengths.astype(np.int64)
+        ends = np.cumsum(lengths)
+        firsts = ends - lengths
+        gathered = self._text[np.repeat(self._starts.take(rows) - firsts, lengths)
+                              + np.arange(int(ends[-1]) if len(ends) else 0)].tobytes()
+        cuts = map(slice, firsts.tolist(), ends.tolist())
+        found = map(hashes.__getitem__, positions.tolist())
+        if gathered.isascii():  # as Matrix IDs are: characters are bytes
+            return dict(zip(found, map(gathered.decode("ascii").__getitem__, cuts), strict=True))
+        return dict(zip(found, map(bytes.decode, map(gathered.__getitem__, cuts)), strict=True))
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries at once (the last entry of a hash wins)."""
@@ -220,20 +227,20 @@ class HashArrays:
             return
         hashes = list(latest)
         mxids = list(latest.values())
-        digests, valid = _digests(hashes)
-        rows = self._rows_of(digests, valid)
+        keys, valid = _keys(hashes)
+        rows = self._rows_of(keys, valid)
         new = np.flatnonzero((rows < 0) & valid)
         if None in mxids:  # an unbind of an unknown hash adds no row
             new = new[[mxids[i] is not None for i in new.tolist()]]
         if len(new):
-            rows[new] = self._append_rows(digests.take(new, axis=0))
+            rows[new] = self._append_rows(keys.take(new, axis=0))
         known = np.flatnonzero(rows >= 0)
         if len(known) < len(mxids):
             mxids = [mxids[i] for i in known.tolist()]
         self._write_mxids(rows.take(known), mxids)
 
     def _rows_of(self, asked: U64Array, valid: npt.NDArray[np.bool_]) -> IntArray:
-        """The row of each digest in `asked` where `valid`, or -1."""
+        """The row of each key in `asked` where `valid`, or -1."""
         mixed = self._mix(asked[:, 0], asked[:, 1])
         slots = self._table.take((mixed >> self._np_shift).astype(np.intp), axis=0)
         fingerprints = ((mixed & _LOW32) | _ONE).astype(np.uint32)
@@ -242,10 +249,10 @@ class HashArrays:
         rows = np.full(len(asked), -1, np.intp)
         rows[matches // _BUCKET] = slots.reshape(-1).take(matches) & _LOW32
         rows[~valid] = -1
-        # Rare, so one by one: a fingerprint that matched another digest, and a digest
+        # Rare, so one by one: a fingerprint that matched another key, and a key
         # not found in a full bucket (it may have overflowed into the next one).
         found = np.flatnonzero(rows >= 0)
-        stored, given = self._digests.take(rows.take(found), axis=0), asked.take(found, axis=0)
+        stored, given = self._keys.take(rows.take(found), axis=0), asked.take(found, axis=0)
         differ = (stored != given).any(axis=1)
         again = found[differ]
         overflowed = np.flatnonzero((rows < 0) & valid & (slots[:, -1] != 0))
@@ -260,17 +267,17 @@ class HashArrays:
         # (uint64 arithmetic on arrays wraps around silently)
         return ((w0 * self._np_k1) ^ w1) * self._np_k2
 
-    def _mix_one(self, digest: bytes) -> int:
+    def _mix_one(self, key: bytes) -> int:
         w0: int
         w1: int
-        w0, w1 = _HEAD.unpack_from(digest)
+        w0, w1 = _HEAD.unpack_from(key)
         return (((w0 * self._k1) & _M64) ^ w1) * self._k2 & _M64
 
-    def _locate(self, digest: bytes) -> int | None:
-        mixed = self._mix_one(digest)
+    def _locate(self, key: bytes) -> int | None:
+        mixed = self._mix_one(key)
         fingerprint = (mixed & _M32) | 1
         bucket = mixed >> self._shift
-        slots, digests = self._table_view, self._digest_view
+        slots, keys = self._table_view, self._key_view
         while True:
             base = bucket * _BUCKET
             for i in range(base, base + _BUCKET):
@@ -279,26 +286,26 @@ class HashArrays:
                     return None
                 if slot >> 32 == fingerprint:
                     row = slot & _M32
-                    if digests[row * _DIGEST:(row + 1) * _DIGEST] == digest:
+                    if keys[row * _KEY:(row + 1) * _KEY] == key:
                         return row
             bucket = (bucket + 1) & (self._buckets - 1)
 
-    def _append_row(self, digest: bytes) -> int:
+    def _append_row(self, key: bytes) -> int:
         row = self._rows
         self._reserve(1)
-        self._digest_view[row * _DIGEST:(row + 1) * _DIGEST] = digest
+        self._key_view[row * _KEY:(row + 1) * _KEY] = key
         self._rows += 1
         if not self._grow_table(self._rows):
-            mixed = self._mix_one(digest)
+            mixed = self._mix_one(key)
             self._put(mixed >> self._shift, ((mixed & _M32) | 1) << 32 | row)
         return row
 
-    def _append_rows(self, digests: U64Array) -> IntArray:
+    def _append_rows(self, keys: U64Array) -> IntArray:
         first = self._rows
-        self._reserve(len(digests))
-        rows = np.arange(first, first + len(digests), dtype=np.intp)
-        self._digests[rows] = digests
-        self._rows += len(digests)
+        self._reserve(len(keys))
+        rows = np.arange(first, first + len(keys), dtype=np.intp)
+        self._keys[rows] = keys
+        self._rows += len(keys)
         if not self._grow_table(self._rows):
             self._place(rows)
         return rows
@@ -355,10 +362,10 @@ class HashArrays:
 
     def _reserve(self, count: int, *, exact: bool = False) -> None:
         needed = self._rows + count
-        if needed <= len(self._digests):
+        if needed <= len(self._keys):
             return
-        size = needed if exact else max(needed, int(len(self._digests) * _GROWTH) + _MIN_ROWS)
-        self._digests = _resized(self._digests, size)
+        size = needed if exact else max(needed, int(len(self._keys) * _GROWTH) + _MIN_ROWS)
+        self._keys = _resized(self._keys, size)
         self._starts = _resized(self._starts, size)
         self._lengths = _resized(self._lengths, size)
         self._views()
@@ -387,8 +394,8 @@ class HashArrays:
     def _place(self, rows: IntArray) -> None:
         """Put `rows` into the table: all at once where the home bucket has room, the
         rest one by one into the next bucket with room."""
-        digests = self._digests.take(rows, axis=0)
-        mixed = self._mix(digests[:, 0], digests[:, 1])
+        keys = self._keys.take(rows, axis=0)
+        mixed = self._mix(keys[:, 0], keys[:, 1])
         packed = ((mixed & _LOW32) | _ONE) << _THIRTY_TWO | rows.astype(np.uint64)
         buckets = (mixed >> self._np_shift).astype(np.intp)
         order = np.argsort(buckets, kind="stable")
@@ -416,56 +423,39 @@ class HashArrays:
         return str(self._text_view[start:start + length], "utf-8")
 
     def _views(self) -> None:
-        self._digest_view = _flat_view(self._digests.reshape(-1).view(np.uint8))
+        self._key_view = _flat_view(self._keys.reshape(-1).view(np.uint8))
         self._text_view = _flat_view(self._text)
 
 
-def digest_of(lookup_hash: str) -> bytes | None:
-    """The 32 bytes a lookup hash encodes, or None for a string no digest encodes to."""
-    if (len(lookup_hash) != HASH_LENGTH or not lookup_hash.isascii()
-            or lookup_hash[-1] not in _LAST):
+def key_of(lookup_hash: str) -> bytes | None:
+    """The key of a lookup hash, or None for a string no sha256 key encodes to."""
+    if _HASH.fullmatch(lookup_hash) is None:
         return None
-    try:
-        return binascii.a2b_base64(lookup_hash.translate(_TO_STANDARD) + "=",
-                                   strict_mode=True)
-    except binascii.Error:
-        return None
+    return lookup_hash.encode("ascii") + _PAD
 
 
-def _digests(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
-    """The digest of each hash as four little-endian words, and which hashes are valid
-    (the digest of an invalid one is meaningless)."""
+def _keys(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
+    """The key of each hash as six little-endian words, and which hashes can be lookup
+    hashes (the key of another string is meaningless).  A batch of 43-character ASCII
+    strings is taken as it is: a string outside the alphabet matches no stored key."""
     n = len(hashes)
+    pad = _PAD.decode()
     try:
-        raw = ("\n".join(hashes) + "\n").encode("ascii")
+        raw = (pad.join(hashes) + pad).encode("ascii")
     except UnicodeEncodeError:
-        raw = b""
-    chars = np.frombuffer(raw, np.uint8)
-    # Every hash 43 characters long: then the n newlines are exactly every 44th byte.
-    if len(chars) != (HASH_LENGTH + 1) * n or np.count_nonzero(chars == 10) != n \
-            or not (chars[HASH_LENGTH::HASH_LENGTH + 1] == 10).all():
-        return _digests_one_by_one(hashes)
-    values = _VALUE.take(chars.reshape(n, HASH_LENGTH + 1)[:, :HASH_LENGTH])
-    valid = (values != 255).all(axis=1) & (values[:, -1] & 3 == 0)
-    six = values.astype(np.uint32)
-    # 40 characters → 30 bytes, four characters (24 bits) at a time; then 3 → 2 bytes.
-    quads = six[:, :40].reshape(n, 10, 4)
-    bits = quads[:, :, 0] << 18 | quads[:, :, 1] << 12 | quads[:, :, 2] << 6 | quads[:, :, 3]
-    out = np.empty((n, _DIGEST), np.uint8)
-    body = out[:, :30].reshape(n, 10, 3)
-    body[:, :, 0] = bits >> 16
-    body[:, :, 1] = bits >> 8 & 0xFF
-    body[:, :, 2] = bits & 0xFF
-    tail = six[:, 40] << 12 | six[:, 41] << 6 | six[:, 42]
-    out[:, 30] = tail >> 10
-    out[:, 31] = tail >> 2 & 0xFF
-    return out.view("<u8"), valid
+        return _keys_one_by_one(hashes)
+    # A hash never holds a newline, so with exactly one newline per hash, each where a
+    # key's pad starts, every hash has the right length.
+    if len(raw) != _KEY * n or raw[HASH_LENGTH::_KEY] != b"\n" * n \
+            or np.count_nonzero(np.frombuffer(raw, np.uint8) == _PAD[0]) != n:
+        return _keys_one_by_one(hashes)
+    return np.frombuffer(raw, "<u8").reshape(n, _WORDS), np.ones(n, bool)
 
 
-def _digests_one_by_one(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
-    digests = [digest_of(h) for h in hashes]
-    valid = np.array([d is not None for d in digests], bool)
-    joined = b"".join(d or bytes(_DIGEST) for d in digests)
+def _keys_one_by_one(hashes: Sequence[str]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
+    keys = [key_of(h) for h in hashes]
+    valid = np.array([k is not None for k in keys], bool)
+    joined = b"".join(k or bytes(_KEY) for k in keys)
     return np.frombuffer(joined, "<u8").reshape(-1, _WORDS), valid
 
 
