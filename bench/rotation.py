@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,15 @@ from typing import Any
 import aiohttp
 
 from bench import scale
-from bench.scale import FIRST_ANSWER_TIMEOUT_S, ROOT, first_answer, prepare_store, seed_sqlite
+from bench.scale import (
+    FIRST_ANSWER_TIMEOUT_S,
+    ROOT,
+    commit,
+    first_answer,
+    prepare_store,
+    seed_sqlite,
+    stop,
+)
 from kith.config import DbConfig
 from tests.conftest import KithProcess, free_port, write_config
 
@@ -107,19 +114,13 @@ def main() -> None:
             "new_pepper_answered_after_s": round(announced_s, 1),
             "serving_vmhwm_before_mb": round(serving_before),
             "serving_vmhwm_after_mb": round(vm_hwm_mb(pid)),
-            "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
-                                     capture_output=True, text=True, cwd=ROOT,
-                                     check=False).stdout.strip()}
+            "commit": commit()}
         print(json.dumps(summary), flush=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         (ROOT / "bench" / "results" / f"rotation-{args.count}-{stamp}.json").write_text(
             json.dumps(summary, indent=1))
     finally:
-        kith.kill(15)
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-        for homeserver in isbench._homeservers:
-            homeserver.stop()
+        stop(kith, None if args.keep else directory)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,15 @@ async def first_answer(base: str, pepper: str, hs_name: str, started: float,
     raise TimeoutError("no right answer")
 
 
+def stop(kith: KithProcess, directory: Path | None) -> None:
+    """Stop kith and the fake homeservers; remove `directory` unless None (kept)."""
+    kith.kill(15)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+    for homeserver in isbench._homeservers:
+        homeserver.stop()
+
+
 def commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
                           capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
@@ -206,19 +215,13 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                    "workers": args.workers, "first_answer_s": round(seconds, 1),
                    "rss_loaded_mb": rss_loaded, "rss_after_mb": rss_after,
                    "bytes_per_binding": round((rss_loaded or 0) * 2**20 / args.count),
-                   "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
-                                            capture_output=True, text=True,
-                                            cwd=ROOT).stdout.strip()}
+                   "commit": commit()}
         text = f"{json.dumps(summary)}\n{load.stdout}{load.stderr[-3000:]}"
         print(text)
         Path(f"{out}.txt").write_text(text)
         Path(f"{out}.json").write_text(json.dumps(summary, indent=1))
     finally:
-        kith.kill(15)
-        if not args.keep:
-            shutil.rmtree(directory, ignore_errors=True)
-        for homeserver in isbench._homeservers:
-            homeserver.stop()
+        stop(kith, None if args.keep else directory)
 
 
 if __name__ == "__main__":
