@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -25,13 +27,24 @@ def lines_of(path: Path) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
 
 
-def test_addresses_are_hashed_the_same_way_every_time(tmp_path: Path) -> None:
-    path = tmp_path / "kith.log"
+@contextmanager
+def logging_to(path: Path, name: str) -> Iterator[logging.Logger]:
+    """A logger that writes only to kith's text handler at `path`, for the test."""
     handler = make_handler(str(path), "text", redactor_for(KEY))
-    log = logging.getLogger("kith.test.redaction")
+    log = logging.getLogger(name)
     log.addHandler(handler)
     log.propagate = False
+    log.setLevel(logging.INFO)
     try:
+        yield log
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def test_addresses_are_hashed_the_same_way_every_time(tmp_path: Path) -> None:
+    path = tmp_path / "kith.log"
+    with logging_to(path, "kith.test.redaction") as log:
         log.warning("mail to %s failed", "Alice.Smith@Example.org")
         log.warning("again: alice.smith@example.org; SMS to +447700900123 and 14155550100")
         log.warning("sid 6916299466410583327 of @alice:hs.test on port 8090 at 12:00:01")
@@ -39,9 +52,6 @@ def test_addresses_are_hashed_the_same_way_every_time(tmp_path: Path) -> None:
             raise ValueError("bad address jöran@exämple.org")
         except ValueError:
             log.exception("failed")
-    finally:
-        log.removeHandler(handler)
-        handler.close()
     text = path.read_text(encoding="utf-8")
     for clear in ("alice.smith", "Alice.Smith", "447700900123", "14155550100", "jöran"):
         assert clear.casefold() not in text.casefold(), text
@@ -119,19 +129,12 @@ async def test_sighup_reopens_the_log_of_every_worker(
 
 def test_numbers_stay_readable_and_text_arguments_are_redacted(tmp_path: Path) -> None:
     path = tmp_path / "kith.log"
-    handler = make_handler(str(path), "text", redactor_for(KEY))
-    log = logging.getLogger("kith.test.numbers")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
+    with logging_to(path, "kith.test.numbers") as log:
         log.info("kith started: %d bindings, %s sessions", 10_000_000, 12_345_678)
         log.info("sent a text to %s and %r", "447700900123", "+14155550100")
         log.info("lookup of %(address)s took %(ms).1f ms", {"address": "a@b.org", "ms": 2.5})
         # a number of another type, which %d takes and the redaction does not: all redacted
         log.info("%d is a number", Decimal(447700900123))
-    finally:
-        log.removeHandler(handler)
-        handler.close()
     started, texted, mapped, other = lines_of(path)
     assert started.endswith("kith started: 10000000 bindings, 12345678 sessions")
     assert re.search(r"sent a text to <msisdn:[0-9a-f]{8}> and '<msisdn:[0-9a-f]{8}>'$",
