@@ -219,7 +219,8 @@ class HashArrays:
         return dict(zip(found, map(bytes.decode, map(gathered.__getitem__, cuts)), strict=True))
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
-        """`set` for many entries at once (the last entry of a hash wins)."""
+        """`set` for many entries at once (the last entry of a hash wins).  The entries
+        are hashes kith made; of a big batch only the length is checked."""
         latest = dict(entries)
         if len(latest) < _VECTOR_MIN:
             for lookup_hash, mxid in latest.items():
