@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,9 +37,6 @@ HASHED = "lookup_pepper.hashed"
 HASHED_UPTO = "lookup_pepper.hashed_upto"
 ROTATED_AT = "lookup_pepper.rotated_at"
 KEYS = (CURRENT, NEXT, HASHED, HASHED_UPTO, ROTATED_AT)
-# A lookup with a pepper this process does not hold reads the store's record again, at
-# most this often (the follow loop reads it every 0.25 s anyway).
-UNKNOWN_PEPPER_RECHECK_S = 0.25
 # Held by whoever changes the pepper (a server or `kith rotate-pepper`).
 ROTATION_LOCK = "lookup-pepper"
 
@@ -175,7 +171,6 @@ class LookupPeppers:
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._record: PepperRecord | None = None
         self._sync_lock = asyncio.Lock()
-        self._synced_at = -math.inf
 
     @property
     def current(self) -> str:
@@ -191,15 +186,11 @@ class LookupPeppers:
         if record.next and record.next != record.current:
             self._start_build(record.next, record)
 
-    async def sync(self, unless_younger_than_s: float = 0.0) -> None:
+    async def sync(self) -> None:
         """Follow the store's record: start indexing a named pepper, announce the
-        current one once it is indexed, drop the others.  Not if the record was read
-        less than `unless_younger_than_s` ago."""
+        current one once it is indexed, drop the others."""
         async with self._sync_lock:
-            if time.monotonic() - self._synced_at < unless_younger_than_s:
-                return
             record = await read_record(self._store)
-            self._synced_at = time.monotonic()
             self._record = record
             wanted = {record.current} | ({record.next} if record.next else set())
             for pepper in wanted:
@@ -214,9 +205,7 @@ class LookupPeppers:
         if self._index.holds(pepper):
             return True
         if pepper not in self._builds:
-            # A pepper another instance announced may be new here; but lookups with
-            # made-up peppers must not cost a read of the store each.
-            await self.sync(unless_younger_than_s=UNKNOWN_PEPPER_RECHECK_S)
+            await self.sync()
         build = self._builds.get(pepper)
         if build is not None:
             await asyncio.shield(build)  # a failed build is logged by `_build`

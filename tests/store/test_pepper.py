@@ -3,10 +3,8 @@ an AssociationIndex and its LookupPeppers, as a worker or instance has)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
@@ -182,21 +180,3 @@ async def test_a_periodic_rotation_is_made_once_per_period(processes: list[Proce
     assert await rotate_when_due(b.store, 3600) == 0
     after = await read_record(a.store)
     assert after.current != before.current and after.rotated_at is not None
-
-
-async def test_lookups_with_made_up_peppers_do_not_each_read_the_store(
-        processes: list[Process]) -> None:
-    process = processes[0]
-    reads = 0
-    get_many = process.store.state.get_many
-
-    async def counted(keys: Any) -> Any:
-        nonlocal reads
-        reads += 1
-        return await get_many(keys)
-
-    process.store.state.get_many = counted  # type: ignore[method-assign, assignment]
-    answers = await asyncio.gather(*(process.peppers.accepts(f"made-up-{i}")
-                                     for i in range(200)))
-    assert not any(answers)
-    assert reads <= 1
