@@ -103,14 +103,26 @@ def digest(path: Path) -> str:
 
 @pytest.fixture
 def sydent_dir(tmp_path: Path, smtp: SmtpSink) -> Iterator[tuple[Path, int, int]]:
-    python = sydent_python()
+    sydent_python()  # skipped at once without the Sydent venv
     port, internal = free_port(), free_port()
     (tmp_path / "res" / "matrix-org").mkdir(parents=True)
     (tmp_path / "res" / "matrix-org" / "verification_template.eml").write_text(VERIFICATION)
     (tmp_path / "res" / "matrix-org" / "invite_template.eml").write_text(INVITE)
-    (tmp_path / "sydent.conf").write_text(f"""[general]
-server.name = sydent.test
-pidfile.path = {tmp_path}/sydent.pid
+    with running_sydent(tmp_path, "sydent.test", port, internal, smtp_port=smtp.port,
+                        http_keys="# The test's homeserver has a certificate from a "
+                                  "throwaway CA.\nfederation.verifycerts = False\n"):
+        yield tmp_path, port, internal
+
+
+@contextlib.contextmanager
+def running_sydent(directory: Path, server_name: str, port: int, internal: int, *,
+                   smtp_port: int = 9, http_keys: str = "",
+                   sections: str = "") -> Iterator[subprocess.Popen[bytes]]:
+    """Sydent 2.6.1 on loopback in `directory`, with its own sydent.conf (plus
+    `http_keys` in [http] and further `sections`), until the block ends."""
+    (directory / "sydent.conf").write_text(f"""[general]
+server.name = {server_name}
+pidfile.path = {directory}/sydent.pid
 ip.whitelist = 127.0.0.1
 
 [db]
@@ -121,22 +133,21 @@ clientapi.http.bind_address = 127.0.0.1
 clientapi.http.port = {port}
 internalapi.http.bind_address = 127.0.0.1
 internalapi.http.port = {internal}
-# The test's homeserver has a certificate from a throwaway CA.
-federation.verifycerts = False
-
+{http_keys}
+{sections}
 [email]
 email.smtphost = 127.0.0.1
-email.smtpport = {smtp.port}
+email.smtpport = {smtp_port}
 
 [crypto]
 """)
-    log = open(tmp_path / "sydent.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([python, "-m", "sydent.sydent"], cwd=tmp_path, stdout=log,
-                            stderr=log, env={**os.environ,
-                                             "SYDENT_CONF": str(tmp_path / "sydent.conf")})
+    log = open(directory / "sydent.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sydent_python(), "-m", "sydent.sydent"], cwd=directory,
+                            stdout=log, stderr=log,
+                            env={**os.environ, "SYDENT_CONF": str(directory / "sydent.conf")})
     try:
         wait_for(f"http://127.0.0.1:{port}/_matrix/identity/versions", proc, "Sydent")
-        yield tmp_path, port, internal
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -10,7 +10,6 @@ server's own API must then be found (or be gone) by lookups on the other.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
@@ -29,7 +28,7 @@ from kith.server import KithServer
 from kith.threepid import lookup_hash, now_ms
 from tests.conftest import Homeserver, KithFactory, RunningKith, free_port, write_config
 from tests.conftest import wait_for as wait_until
-from tests.e2e.test_sydent_import import http, sydent_python, wait_for
+from tests.e2e.test_sydent_import import http, running_sydent
 from tests.federation.conftest import TestPki
 from tests.replication.conftest import MeshNode
 
@@ -87,49 +86,18 @@ def node_a(pki: TestPki) -> MeshNode:
 
 @pytest.fixture
 def sydent(tmp_path: Path, pki: TestPki, node_a: MeshNode) -> Iterator[Sydent]:
-    python = sydent_python()
     port, internal, replication = free_port(), free_port(), free_port()
     directory = tmp_path / "sydent"
     directory.mkdir()
-    (directory / "sydent.conf").write_text(f"""[general]
-server.name = {SYDENT}
-pidfile.path = {directory}/sydent.pid
-ip.whitelist = 127.0.0.1
-
-[db]
-db.file = sydent.db
-
-[http]
-clientapi.http.bind_address = 127.0.0.1
-clientapi.http.port = {port}
-internalapi.http.bind_address = 127.0.0.1
-internalapi.http.port = {internal}
-replication.https.certfile = {pki.certificate(SYDENT)}
-replication.https.cacert = {pki.ca_file}
-replication.https.bind_address = 127.0.0.1
-replication.https.port = {replication}
-
-[peer.{node_a.name}]
-base_replication_url = {node_a.url}
-
-[email]
-email.smtphost = 127.0.0.1
-email.smtpport = 9
-
-[crypto]
-""")
-    log = open(directory / "sydent.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([python, "-m", "sydent.sydent"], cwd=directory, stdout=log,
-                            stderr=log, env={**os.environ,
-                                             "SYDENT_CONF": str(directory / "sydent.conf")})
-    running = Sydent(directory, f"http://127.0.0.1:{internal}", f"http://127.0.0.1:{port}",
+    with running_sydent(
+            directory, SYDENT, port, internal,
+            http_keys=f"replication.https.certfile = {pki.certificate(SYDENT)}\n"
+                      f"replication.https.cacert = {pki.ca_file}\n"
+                      "replication.https.bind_address = 127.0.0.1\n"
+                      f"replication.https.port = {replication}\n",
+            sections=f"[peer.{node_a.name}]\nbase_replication_url = {node_a.url}\n") as proc:
+        yield Sydent(directory, f"http://127.0.0.1:{internal}", f"http://127.0.0.1:{port}",
                      replication, proc)
-    try:
-        wait_for(f"http://127.0.0.1:{port}/_matrix/identity/versions", proc, "Sydent")
-        yield running
-    finally:
-        running.stop()
-        log.close()
 
 
 async def looked_up(kith: RunningKith, token: str, address: str) -> str | None:
