@@ -310,8 +310,8 @@ def cmd_migrate_db(args: argparse.Namespace, config: KithConfig) -> int:
     """Copy the SQLite store to PostgreSQL, verify it, and say how to switch."""
     from sqlalchemy.engine import make_url
 
-    from kith.services.migrate_db import Verification, migrate, switch_lines
     from kith.store import sqlite_path
+    from kith.store.migrate_db import Verification, migrate, switch_lines
 
     source = sqlite_path(config.db)
     if source is None:

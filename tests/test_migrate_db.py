@@ -16,8 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from kith.config import DbConfig
-from kith.services import migrate_db
-from kith.store import AssociationRow, ReplicationPeerRow, StoreError
+from kith.store import AssociationRow, ReplicationPeerRow, StoreError, migrate_db
 from kith.store.database import database_url
 from kith.store.schema import metadata, threepid_associations
 from kith.threepid import lookup_hash, now_ms

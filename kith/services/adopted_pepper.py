@@ -21,8 +21,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 from kith.services.pepper import LookupPeppers, PepperRotation, RotationBusy, read_record
 from kith.sources.upstream import UpstreamError, UpstreamIdentityServer
 from kith.store import Store
@@ -107,8 +105,8 @@ class AdoptedPepper:
         self._read_at = self._clock()
         try:
             algorithms, pepper = await self._upstream.hash_details()
-        except (UpstreamError, aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-            self._keep(f"its hash_details could not be read ({str(exc) or type(exc).__name__})")
+        except UpstreamError as exc:
+            self._keep(f"its hash_details could not be read ({exc})")
             return
         if "sha256" not in algorithms:
             self._keep("it offers no sha256 lookups")

@@ -125,9 +125,12 @@ class UpstreamIdentityServer:
 
     async def hash_details(self) -> tuple[tuple[str, ...], str]:
         """The upstream's algorithms and pepper, read now (within the timeout); raises
-        UpstreamError, aiohttp.ClientError, TimeoutError, OSError or ValueError."""
-        async with asyncio.timeout(self.config.timeout_s):
-            return await self._details(refresh=True)
+        UpstreamError, saying why, if they cannot be read."""
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                return await self._details(refresh=True)
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise UpstreamError(str(exc) or type(exc).__name__) from exc
 
     async def close(self) -> None:
         if self._session is not None:
