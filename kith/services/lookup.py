@@ -80,13 +80,15 @@ class LookupService:
         against the requester's lookup budget (429 M_LIMIT_EXCEEDED when spent)."""
         if algorithm not in ALGORITHMS:
             raise invalid_param(f"Unsupported algorithm: {algorithm!r}")
-        if not await self.peppers.accepts(pepper):
-            raise invalid_pepper(algorithm, self.pepper)
         if len(addresses) > self.limit:
             raise MatrixError(400, M_TOO_LARGE,
                               f"More than the maximum of {self.limit} addresses in one lookup")
         if requester is not None and self.budget is not None:
-            self.budget.spend(len(addresses), requester)
+            # A pepper this process does not hold costs a read of the store (it may be
+            # one another process has just announced): as much as one address more.
+            self.budget.spend(len(addresses) + (not self.index.holds(pepper)), requester)
+        if not await self.peppers.accepts(pepper):
+            raise invalid_pepper(algorithm, self.pepper)
         await self.index.refresh()
         if not self.index.holds(pepper):  # dropped while this lookup waited
             raise invalid_pepper(algorithm, self.pepper)

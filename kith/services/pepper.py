@@ -171,6 +171,9 @@ class LookupPeppers:
         self._builds: dict[str, asyncio.Task[None]] = {}
         self._record: PepperRecord | None = None
         self._sync_lock = asyncio.Lock()
+        # Reads of the record begun, and the number of the last one finished.
+        self._reads_begun = 0
+        self._read_done = 0
 
     @property
     def current(self) -> str:
@@ -188,10 +191,19 @@ class LookupPeppers:
 
     async def sync(self) -> None:
         """Follow the store's record: start indexing a named pepper, announce the
-        current one once it is indexed, drop the others."""
+        current one once it is indexed, drop the others.
+
+        The record is read once more unless a read that began after this call has
+        finished meanwhile: reads run one at a time, and one answers every caller that
+        waited for it, so made-up peppers in flight at once cost the store one read."""
+        asked = self._reads_begun
         async with self._sync_lock:
+            if self._read_done > asked:
+                return
+            self._reads_begun += 1
+            begun = self._reads_begun
             record = await read_record(self._store)
-            self._record = record
+            self._record, self._read_done = record, begun
             wanted = {record.current} | ({record.next} if record.next else set())
             for pepper in wanted:
                 if not self._index.holds(pepper):

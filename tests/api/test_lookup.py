@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -92,6 +93,43 @@ async def test_wrong_pepper(kith: RunningKith, token: str) -> None:
     assert status == 400
     assert body["errcode"] == "M_INVALID_PEPPER"
     assert body["lookup_pepper"] == pepper and body["algorithm"] == "sha256"
+
+
+async def test_made_up_peppers_spend_the_budget_and_share_reads(
+        kith_factory: KithFactory) -> None:
+    """A pepper the process does not hold is looked for in the store (another process
+    may just have announced it): each such lookup costs one address of the budget, and
+    lookups in flight at once share one read of the store."""
+    kith = await kith_factory({"general": {"address_lookup_limit": 10,
+                                           "lookup.budget.account": 10}})
+    token = await kith.register("alice")
+    for i in range(10):
+        status, body = await lookup(kith, token, {"algorithm": "sha256",
+                                                  "pepper": f"made-up-{i}", "addresses": []})
+        assert (status, body["errcode"]) == (400, "M_INVALID_PEPPER")
+    status, body = await lookup(kith, token, {"algorithm": "sha256", "pepper": "made-up",
+                                              "addresses": []})
+    assert (status, body["errcode"]) == (429, "M_LIMIT_EXCEEDED")
+
+    services = kith.server.services
+    state = kith.server.store.state
+    reads = 0
+    get_many = state.get_many
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await get_many(*args, **kwargs)
+
+    state.get_many = counted
+    try:
+        held = await asyncio.gather(*(services.lookup.peppers.accepts(f"made-up-{i}")
+                                      for i in range(50)))
+    finally:
+        del state.get_many
+    assert not any(held)
+    # The first read, and one more for the lookups that came while it ran.
+    assert reads == 2
 
 
 async def test_unknown_algorithm(kith: RunningKith, token: str) -> None:
