@@ -22,6 +22,7 @@ import re
 import secrets
 import struct
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -51,6 +52,12 @@ ARRAYS_FROM = 100_000
 ARRAY_BATCH_MIN = 16
 # Below this many entries an update is cheaper one by one than in array operations.
 _VECTOR_MIN = 16
+# A batch gathers each mxid found as the `_WINDOW` bytes from its start, cut at its
+# length by a mask: fixed-width copies, and numpy makes the bytes objects.  Longer mxids
+# (and any ending in NUL) are read one by one.  The text keeps `_WINDOW` spare bytes at
+# its end, so that every window lies within it.
+_WINDOW = 48
+_CUTS = (np.arange(_WINDOW)[None, :] < np.arange(_WINDOW + 1)[:, None]).astype(np.uint8) * 255
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
 _LOW32, _ONE, _THIRTY_TWO = np.uint64(_M32), np.uint64(1), np.uint64(32)
@@ -156,9 +163,11 @@ class HashArrays:
         # mxid of row r: _text[_starts[r]:_starts[r] + _lengths[r]]; length 0: unbound
         self._starts = np.zeros(_MIN_ROWS, np.int64)
         self._lengths = np.zeros(_MIN_ROWS, np.uint16)
-        self._text = np.zeros(1024, np.uint8)
+        self._text = np.zeros(1024 + _WINDOW, np.uint8)
         self._text_used = 0
         self._text_dead = 0  # bytes of mxids no row points at any more
+        # Rows whose mxid a window cannot give back: longer than one, or ending in NUL.
+        self._unwindowed: set[int] = set()
         self._views()
         self._resize_table(_MIN_BUCKETS)
 
@@ -206,17 +215,20 @@ class HashArrays:
         bound = lengths != 0
         if not bound.all():
             positions, rows, lengths = positions[bound], rows[bound], lengths[bound]
-        # The mxids found, gathered into one string and cut at their ends.
-        lengths = lengths.astype(np.int64)
-        ends = np.cumsum(lengths)
-        firsts = ends - lengths
-        gathered = self._text[np.repeat(self._starts.take(rows) - firsts, lengths)
-                              + np.arange(int(ends[-1]) if len(ends) else 0)].tobytes()
-        cuts = map(slice, firsts.tolist(), ends.tolist())
-        found = map(hashes.__getitem__, positions.tolist())
-        if gathered.isascii():  # as Matrix IDs are: characters are bytes
-            return dict(zip(found, map(gathered.decode("ascii").__getitem__, cuts), strict=True))
-        return dict(zip(found, map(bytes.decode, map(gathered.__getitem__, cuts)), strict=True))
+        if not len(rows):
+            return {}
+        windows = self._windows[self._starts.take(rows)]
+        windows &= _CUTS.take(np.minimum(lengths, _WINDOW), axis=0)
+        # numpy drops the padding NULs at the end of each window; an mxid longer than a
+        # window, or one that ends in NUL itself (no valid Matrix ID does), is read alone.
+        mxids = list(map(bytes.decode, windows.view(f"S{_WINDOW}").ravel().tolist()))
+        if self._unwindowed:
+            for i, row in enumerate(rows.tolist()):
+                if row in self._unwindowed:
+                    mxids[i] = self._mxid_of(row) or ""
+        if len(mxids) == 1:
+            return {hashes[int(positions[0])]: mxids[0]}
+        return dict(zip(itemgetter(*positions.tolist())(hashes), mxids, strict=True))
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries at once (the last entry of a hash wins).  The entries
@@ -324,7 +336,7 @@ class HashArrays:
         joined = b"".join(encoded)
         self._text_dead += int(old.sum(dtype=np.int64))
         self._lengths[rows] = 0
-        if self._text_used + len(joined) > len(self._text):
+        if self._text_used + len(joined) > len(self._text) - _WINDOW:
             self._compact_text(len(joined))
         start = self._text_used
         self._text[start:start + len(joined)] = np.frombuffer(joined, np.uint8)
@@ -332,6 +344,12 @@ class HashArrays:
         ends = start + np.cumsum(lengths, dtype=np.int64)
         self._starts[rows] = ends - lengths
         self._lengths[rows] = lengths
+        if self._unwindowed:
+            self._unwindowed.difference_update(rows.tolist())
+        last = self._text.take(ends - 1)  # (an empty mxid's is never read)
+        unwindowed = (lengths > _WINDOW) | ((last == 0) & (lengths != 0))
+        if unwindowed.any():
+            self._unwindowed.update(rows[unwindowed].tolist())
         self._live += int(np.count_nonzero(lengths)) - int(np.count_nonzero(old))
 
     def _compact_text(self, more: int) -> None:
@@ -339,9 +357,10 @@ class HashArrays:
         the buffer if it is still too small."""
         live = self._text_used - self._text_dead
         compact = self._text_dead > live // 4
-        size = len(self._text)
+        size = len(self._text) - _WINDOW
         while size < (live if compact else self._text_used) + more:
             size = int(size * _GROWTH) + 1024
+        size += _WINDOW
         old, self._text = self._text, np.zeros(size, np.uint8)
         if compact:
             # Copy only the live mxids, a slice of rows at a time (bounded temporaries).
@@ -426,6 +445,7 @@ class HashArrays:
     def _views(self) -> None:
         self._key_view = _flat_view(self._keys.reshape(-1).view(np.uint8))
         self._text_view = _flat_view(self._text)
+        self._windows = np.lib.stride_tricks.sliding_window_view(self._text, _WINDOW)
 
 
 def key_of(lookup_hash: str) -> bytes | None:
