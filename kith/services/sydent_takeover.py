@@ -25,7 +25,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from kith.config import DbConfig, KithConfig, load_config
 from kith.config_template import with_option, write_atomically
 from kith.services.sydent_import import ImportReport, import_sydent_db
-from kith.store import DatabaseKind, Store, StoreError, inspect_sqlite, sqlite_path
+from kith.store import (
+    DatabaseKind,
+    Store,
+    StoreError,
+    inspect_sqlite,
+    make_self_contained,
+    sqlite_path,
+)
 
 log = logging.getLogger("kith")
 
@@ -129,12 +136,7 @@ def _import(config: KithConfig, sydent_db: str, into: str, now_ms: int,
 
     try:
         run(main())
-        # One self-contained file: no WAL to lose when it is renamed.
-        conn = sqlite3.connect(into)
-        try:
-            conn.execute("PRAGMA journal_mode=DELETE")
-        finally:
-            conn.close()
+        make_self_contained(into)  # no WAL to lose when it is renamed
     except (OSError, ValueError, sqlite3.Error, SQLAlchemyError) as exc:
         problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StoreError(f"{sydent_db}: is Sydent's database, and kith cannot import it: "

@@ -15,6 +15,7 @@ from kith.store.database import (
     inspect_sqlite,
     is_storage_full,
     is_unreachable,
+    make_self_contained,
     sqlite_path,
 )
 from kith.store.invites import DeliveryReport, InviteStore, InviteTokenRow, OnbindDelivery
@@ -28,7 +29,7 @@ __all__ = ["AccountRow", "AssociationRow", "Charge", "DatabaseKind", "DeliveryRe
            "HeldLock", "IndexChange", "InviteTokenRow", "OnbindDelivery", "OwnChange",
            "PushState", "Refusal", "ReplicationPeerRow", "Store", "StoreError",
            "ValidationSessionRow", "inspect_sqlite", "is_storage_full", "is_unreachable",
-           "sqlite_path"]
+           "make_self_contained", "sqlite_path"]
 
 
 class Store:

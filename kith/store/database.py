@@ -126,6 +126,16 @@ def sqlite_path(db: DbConfig) -> str | None:
     return os.path.abspath(url.database)
 
 
+def make_self_contained(path: str) -> None:
+    """Fold the WAL of the closed SQLite store at `path` into its file and leave it in
+    rollback-journal mode: one file, which can be renamed or copied on its own."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        conn.close()
+
+
 def inspect_sqlite(path: str) -> DatabaseKind:
     """What the SQLite file at `path` is, for kith; a `StoreError` if kith cannot use it.
 
