@@ -50,10 +50,11 @@ OBEY_X_FORWARDED_FOR = web.AppKey("obey_x_forwarded_for", bool)
 
 _encode = msgspec.json.Encoder().encode
 _MISSING_FIELD = re.compile(r"Object missing required field `([^`]*)`")
+_JSON_HEADERS = {"Content-Type": "application/json", **CORS_HEADERS}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encode(body), status=status, content_type="application/json")
+    return web.Response(body=_encode(body), status=status, headers=_JSON_HEADERS)
 
 
 def error_response(error: MatrixError) -> web.Response:
@@ -69,6 +70,8 @@ async def read_body(request: web.Request) -> bytes:
         raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes")
     timeout_s = request.app[BODY_TIMEOUT_S]
     try:
+        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+            return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
@@ -122,16 +125,18 @@ _STATUS_ERRORS = {
 async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a Matrix error body; nothing escapes as HTML or a 500 page.
 
-    CORS preflight is answered here, for every path, before routing can refuse it.
+    CORS preflight is answered here, for every path, before routing can refuse it; and
+    every answer gets the CORS headers here (JSON answers are made with them).
     """
     if request.method == "OPTIONS":
         return json_response({})
     try:
-        return await handler(request)
+        response = await handler(request)
     except MatrixError as exc:
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
+            exc.headers.update(CORS_HEADERS)
             raise
         errcode, message = _STATUS_ERRORS.get(exc.status, (M_UNKNOWN, exc.reason))
         response = error_response(MatrixError(exc.status, errcode, message))
@@ -153,6 +158,9 @@ async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamRes
             return error_response(database_unreachable())
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
+    if "Access-Control-Allow-Origin" not in response.headers:
+        response.headers.update(CORS_HEADERS)
+    return response
 
 
 _KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
@@ -191,10 +199,6 @@ async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResp
     return response
 
 
-async def add_cors_headers(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers.update(CORS_HEADERS)
-
-
 def new_app(max_body_bytes: int, allow_query_access_token: bool = True, *,
             body_timeout_s: float = 30.0) -> web.Application:
     """An aiohttp app with kith's error handling, CORS, body limits and HTTP metrics."""
@@ -203,7 +207,6 @@ def new_app(max_body_bytes: int, allow_query_access_token: bool = True, *,
     app[MAX_BODY_BYTES] = max_body_bytes
     app[BODY_TIMEOUT_S] = body_timeout_s
     app[ALLOW_QUERY_TOKEN] = allow_query_access_token
-    app.on_response_prepare.append(add_cors_headers)
     return app
 
 

@@ -97,6 +97,10 @@ async def test_cors_preflight(kith: RunningKith, path: str) -> None:
 async def test_cors_on_ordinary_answers(kith: RunningKith) -> None:
     _, _, headers = await get(kith, "/_matrix/identity/versions")
     assert headers["Access-Control-Allow-Origin"] == "*"
+    async with kith.http.get(f"{kith.base}{V2}/validate/email/submitToken", params={
+            "sid": "1", "client_secret": "abc", "token": "nope"}) as resp:
+        assert (resp.status, resp.content_type) == (400, "text/html")
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
 
 
 async def test_oversized_body_is_refused_with_413(kith: RunningKith) -> None:

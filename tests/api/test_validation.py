@@ -255,6 +255,7 @@ async def test_get_submit_token_renders_html_and_redirects(
             headers={"Authorization": f"Bearer {token}"}, allow_redirects=False) as resp:
         assert resp.status == 302
         assert resp.headers["Location"] == f"https://app.example/done?sid={other}"
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
 
 
 async def test_a_long_next_link_still_makes_a_mail_that_leads_there(
