@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from kith.api.http import CORS_HEADERS, json_response
+from kith.api.http import json_response
 from kith.errors import M_TOO_LARGE, M_UNKNOWN, MatrixError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,6 @@ class EdgeRequestHandler(RequestHandler):
         if request.writer.output_size > 0:  # the answer had begun: nothing more to say
             raise ConnectionError("cannot answer an error after the response has begun")
         response = json_response(error.to_json(), error.status)
-        response.headers.update(CORS_HEADERS)
         response.force_close()
         return response
 
