@@ -8,9 +8,14 @@ straight into a kith store (SQLite by default; `--db` a PostgreSQL URL, `--postg
 a throwaway PostgreSQL server as the tests start one) with raw
 executemany/COPY, then kith is started on it as `python -m kith`.  Measured: seconds
 from the start of the process until a sha256 lookup of a bound address answers right,
-resident memory (VmRSS) then and after the load, and isbench's checked lookups
-(`--seeded N`, batches 1, 100, 1000 at 16 in flight).  `--keep DIR` keeps (or reuses) the
-seeded store in DIR, so that runs of several commits can share one store.
+resident memory (VmRSS) then and after the load, isbench's checked lookups
+(`--seeded N`, batches 1, 100, 1000 at 16 in flight), and with `--wrk` the same batches
+driven by wrk (C, one thread, 16 connections), each request with the next of many
+bodies (100k addresses in all, half of them bound, drawn at random): at 10M the
+index's memory is then touched as real lookups touch it, which one fixed body would
+not.  For each wrk row, the server's CPU per request (utime + stime of kith and its
+workers, from /proc).  `--keep DIR` keeps (or reuses) the seeded store in DIR, so that
+runs of several commits can share one store.
 Results also go to bench/results/scale-N-<date>.{json,txt}.
 """
 
@@ -20,6 +25,9 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
+import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -44,6 +52,24 @@ import isbench  # noqa: E402
 
 CHUNK = 200_000
 FIRST_ANSWER_TIMEOUT_S = 900.0
+WRK_ADDRESSES = 100_000  # distinct addresses across a wrk row's bodies
+WRK_LUA = """
+local bodies = {}
+for line in io.lines(os.getenv("BODIES")) do bodies[#bodies + 1] = line end
+local i = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer " .. os.getenv("TOKEN")
+request = function()
+  i = i % #bodies + 1
+  return wrk.format(nil, nil, nil, bodies[i])
+end
+function done(summary, latency, requests)
+  io.write(string.format("RESULT %d %.3f %.2f %d %d\\n", summary.requests,
+    summary.duration / 1e6, latency:percentile(99) / 1000,
+    summary.errors.status, summary.errors.timeout))
+end
+"""
 
 
 def rows(start: int, stop: int, pepper: str) -> list[tuple[Any, ...]]:
@@ -122,6 +148,47 @@ async def first_answer(base: str, pepper: str, hs_name: str, started: float,
     raise TimeoutError("no right answer")
 
 
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of `pid` and its children (the workers), in seconds."""
+    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    return sum(isbench.cpu_seconds(p) or 0.0 for p in pids)
+
+
+def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration: str,
+             workdir: Path) -> list[dict[str, Any]]:
+    """Lookups driven by wrk, batches 1, 100 and 1000, each request with the next of
+    many bodies; the server's CPU per request from /proc."""
+    lua = workdir / "wrk-scale.lua"
+    lua.write_text(WRK_LUA)
+    rng = random.Random(count)
+    rows_out = []
+    for batch in (1, 100, 1000):
+        bodies = workdir / f"wrk-bodies-{batch}.txt"
+        with bodies.open("w") as f:
+            for _ in range(WRK_ADDRESSES // batch):
+                picked = [rng.randrange(count) if rng.random() < 0.5
+                          else count + rng.randrange(count) for _ in range(batch)]
+                f.write(json.dumps({"algorithm": "sha256", "pepper": pepper, "addresses": [
+                    isbench.sha256_hash(isbench.address(i), "email", pepper)
+                    for i in picked]}) + "\n")
+        before = process_cpu_s(pid)
+        out = subprocess.run(  # noqa: S603 - wrk from PATH, our own script
+            ["wrk", "-t1", "-c16", f"-d{duration}s", "-s", str(lua),  # noqa: S607
+             f"{base}/_matrix/identity/v2/lookup"], capture_output=True, text=True,
+            env={**os.environ, "BODIES": str(bodies), "TOKEN": token}, check=False)
+        cpu_s = process_cpu_s(pid) - before
+        found = re.search(r"^RESULT (\d+) ([\d.]+) ([\d.]+) (\d+) (\d+)$", out.stdout, re.M)
+        if found is None:
+            raise RuntimeError(f"wrk said: {out.stdout}{out.stderr}")
+        requests, seconds = int(found[1]), float(found[2])
+        rows_out.append({"scenario": f"wrk batch={batch} conc=16 (distinct bodies)",
+                         "req_per_s": round(requests / seconds, 1),
+                         "addresses_per_s": round(requests * batch / seconds),
+                         "p99_ms": float(found[3]), "errors": int(found[4]) + int(found[5]),
+                         "server_cpu_us_per_request": round(cpu_s / max(requests, 1) * 1e6, 1)})
+    return rows_out
+
+
 def stop(kith: KithProcess, directory: Path | None) -> None:
     """Stop kith and the fake homeservers; remove `directory` unless None (kept)."""
     kith.kill(15)
@@ -147,6 +214,8 @@ def main() -> None:
                              "the run, and seed it")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--duration", default="5")
+    parser.add_argument("--wrk", action="store_true",
+                        help="also drive the lookups with wrk, over many distinct bodies")
     args = parser.parse_args()
 
     directory = args.keep or Path(tempfile.mkdtemp(prefix="kith-scale-"))
@@ -210,13 +279,25 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
              "--base", base, "--seeded", str(args.count), "--server-pid", str(pid),
              "--batches", "1,100,1000", "--concurrency", "16", "--duration", args.duration,
              "--json", f"{out}.lookups.json"], capture_output=True, text=True, check=False)
+        wrk = []
+        if args.wrk:
+            async def register() -> str:
+                async with aiohttp.ClientSession() as session:
+                    return str(await isbench.register(session, base, hs_name))
+            wrk = wrk_rows(base, asyncio.run(register()), pepper, args.count, pid,
+                           args.duration, directory)
         rss_after = isbench.rss_mb(pid)
         summary = {"count": args.count, "db": "postgresql" if args.db else "sqlite",
                    "workers": args.workers, "first_answer_s": round(seconds, 1),
                    "rss_loaded_mb": rss_loaded, "rss_after_mb": rss_after,
                    "bytes_per_binding": round((rss_loaded or 0) * 2**20 / args.count),
                    "commit": commit()}
-        text = f"{json.dumps(summary)}\n{load.stdout}{load.stderr[-3000:]}"
+        summary["wrk"] = wrk
+        wrk_text = "".join(
+            f"{r['scenario']:40s} {r['req_per_s']:>9} req/s {r['addresses_per_s']:>9} addr/s "
+            f"p99 {r['p99_ms']} ms, {r['errors']} errors, server "
+            f"{r['server_cpu_us_per_request']} µs CPU a request\n" for r in wrk)
+        text = f"{json.dumps(summary)}\n{load.stdout}{load.stderr[-3000:]}{wrk_text}"
         print(text)
         Path(f"{out}.txt").write_text(text)
         Path(f"{out}.json").write_text(json.dumps(summary, indent=1))
