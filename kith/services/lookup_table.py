@@ -57,6 +57,7 @@ _VECTOR_MIN = 16
 # (and any ending in NUL) are read one by one.  The text keeps `_WINDOW` spare bytes at
 # its end, so that every window lies within it.
 _WINDOW = 48
+_REF_SHIFT, _REF_LENGTH = 16, (1 << 16) - 1
 _CUTS = (np.arange(_WINDOW)[None, :] < np.arange(_WINDOW + 1)[:, None]).astype(np.uint8) * 255
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
@@ -160,9 +161,8 @@ class HashArrays:
         self._live = 0
         self._rows = 0
         self._keys = np.zeros((_MIN_ROWS, _WORDS), "<u8")
-        # mxid of row r: _text[_starts[r]:_starts[r] + _lengths[r]]; length 0: unbound
-        self._starts = np.zeros(_MIN_ROWS, np.int64)
-        self._lengths = np.zeros(_MIN_ROWS, np.uint16)
+        # Where row r's mxid is: its start in _text << 16 | its length in bytes; 0: unbound
+        self._refs = np.zeros(_MIN_ROWS, np.int64)
         self._text = np.zeros(1024 + _WINDOW, np.uint8)
         self._text_used = 0
         self._text_dead = 0  # bytes of mxids no row points at any more
@@ -211,14 +211,14 @@ class HashArrays:
         rows = self._rows_of(keys, valid)
         positions = np.flatnonzero(rows >= 0)
         rows = rows.take(positions)
-        lengths = self._lengths.take(rows)
-        bound = lengths != 0
+        refs = self._refs.take(rows)
+        bound = refs != 0
         if not bound.all():
-            positions, rows, lengths = positions[bound], rows[bound], lengths[bound]
+            positions, rows, refs = positions[bound], rows[bound], refs[bound]
         if not len(rows):
             return {}
-        windows = self._windows[self._starts.take(rows)]
-        windows &= _CUTS.take(np.minimum(lengths, _WINDOW), axis=0)
+        windows = self._windows[refs >> _REF_SHIFT]
+        windows &= _CUTS.take(np.minimum(refs & _REF_LENGTH, _WINDOW), axis=0)
         # numpy drops the padding NULs at the end of each window; an mxid longer than a
         # window, or one that ends in NUL itself (no valid Matrix ID does), is read alone.
         mxids = list(map(bytes.decode, windows.view(f"S{_WINDOW}").ravel().tolist()))
@@ -327,23 +327,24 @@ class HashArrays:
         """Point `rows` at their new mxids (None: unbound), appended to the text."""
         if not len(rows):
             return
-        old = self._lengths.take(rows)
+        old = self._refs.take(rows) & _REF_LENGTH
         if None in mxids:
             encoded = [b"" if m is None else m.encode() for m in mxids]
         else:
             encoded = list(map(str.encode, mxids))  # type: ignore[arg-type]
-        lengths = np.fromiter(map(len, encoded), np.uint16, len(encoded))
+        lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        if len(lengths) and int(lengths.max()) > _REF_LENGTH:
+            raise ValueError("an mxid longer than 65535 bytes")
         joined = b"".join(encoded)
-        self._text_dead += int(old.sum(dtype=np.int64))
-        self._lengths[rows] = 0
+        self._text_dead += int(old.sum())
+        self._refs[rows] = 0
         if self._text_used + len(joined) > len(self._text) - _WINDOW:
             self._compact_text(len(joined))
         start = self._text_used
         self._text[start:start + len(joined)] = np.frombuffer(joined, np.uint8)
         self._text_used += len(joined)
-        ends = start + np.cumsum(lengths, dtype=np.int64)
-        self._starts[rows] = ends - lengths
-        self._lengths[rows] = lengths
+        ends = start + np.cumsum(lengths)
+        self._refs[rows] = np.where(lengths != 0, (ends - lengths) << _REF_SHIFT | lengths, 0)
         if self._unwindowed:
             self._unwindowed.difference_update(rows.tolist())
         last = self._text.take(ends - 1)  # (an empty mxid's is never read)
@@ -366,14 +367,15 @@ class HashArrays:
             # Copy only the live mxids, a slice of rows at a time (bounded temporaries).
             used = 0
             for first in range(0, self._rows, 1 << 16):
-                rows = first + np.flatnonzero(self._lengths[first:first + (1 << 16)])
-                lengths = self._lengths.take(rows).astype(np.int64)
+                rows = first + np.flatnonzero(self._refs[first:first + (1 << 16)])
+                refs = self._refs.take(rows)
+                lengths = refs & _REF_LENGTH
                 ends = np.cumsum(lengths)
                 within = np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(
                     ends - lengths, lengths)
-                chunk = old[np.repeat(self._starts.take(rows), lengths) + within]
+                chunk = old[np.repeat(refs >> _REF_SHIFT, lengths) + within]
                 self._text[used:used + len(chunk)] = chunk
-                self._starts[rows] = used + ends - lengths
+                self._refs[rows] = (used + ends - lengths) << _REF_SHIFT | lengths
                 used += len(chunk)
             self._text_used, self._text_dead = used, 0
         else:
@@ -386,8 +388,7 @@ class HashArrays:
             return
         size = needed if exact else max(needed, int(len(self._keys) * _GROWTH) + _MIN_ROWS)
         self._keys = _resized(self._keys, size)
-        self._starts = _resized(self._starts, size)
-        self._lengths = _resized(self._lengths, size)
+        self._refs = _resized(self._refs, size)
         self._views()
 
     def _grow_table(self, rows: int) -> bool:
@@ -436,10 +437,10 @@ class HashArrays:
         table[next(i for i in range(base, base + _BUCKET) if table[i] == 0)] = slot
 
     def _mxid_of(self, row: int) -> str | None:
-        length = int(self._lengths[row])
-        if not length:
+        ref = int(self._refs[row])
+        if not ref:
             return None
-        start = int(self._starts[row])
+        start, length = ref >> _REF_SHIFT, ref & _REF_LENGTH
         return str(self._text_view[start:start + length], "utf-8")
 
     def _views(self) -> None:
