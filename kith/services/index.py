@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from kith.config import LDAP, LOCAL
 from kith.services.coherence import ChangeCounter, StoreContact
@@ -23,6 +24,13 @@ from kith.threepid import lookup_hash
 log = logging.getLogger(__name__)
 
 Tables = dict[str, LookupTable]
+
+
+class PepperedHash(NamedTuple):
+    """A lookup hash and the pepper it was made with."""
+
+    pepper: str
+    value: str
 
 
 class AssociationIndex:
@@ -70,6 +78,11 @@ class AssociationIndex:
     def hash(self, medium: str, address: str) -> str:
         """The lookup hash of an address under the announced pepper."""
         return lookup_hash(medium, address, self.pepper)
+
+    def peppered_hash(self, medium: str, address: str) -> PepperedHash:
+        """`hash`, with its pepper: `set` takes it back instead of hashing again (the
+        announced pepper may change while the write is committed)."""
+        return PepperedHash(self.pepper, lookup_hash(medium, address, self.pepper))
 
     async def build(self, pepper: str, stored_upto: int | None = 0,
                     stored_still: Callable[[], Awaitable[bool]] | None = None) -> None:
@@ -155,10 +168,14 @@ class AssociationIndex:
 
     # --- writing --------------------------------------------------------------------
 
-    def set(self, medium: str, address: str, mxid: str | None, source: str = LOCAL) -> None:
-        """Record a committed local write (and tell the other processes)."""
+    def set(self, medium: str, address: str, mxid: str | None, source: str = LOCAL,
+            hashed: PepperedHash | None = None) -> None:
+        """Record a committed local write (and tell the other processes); `hashed`, the
+        address's hash under one pepper, need not be made again."""
         for pepper, tables in self._tables.items():
-            _table(tables, source).set(lookup_hash(medium, address, pepper), mxid)
+            hash_ = hashed.value if hashed is not None and hashed.pepper == pepper \
+                else lookup_hash(medium, address, pepper)
+            _table(tables, source).set(hash_, mxid)
         self._told()
 
     def set_many(self, source: str, entries: Iterable[tuple[str, str, str | None]]) -> None:
