@@ -63,8 +63,8 @@ class BindingService:
             source=LOCAL, medium=medium, address=address, mxid=mxid, ts=ts,
             not_before=ts, not_after=ts + VALIDITY_MS, lookup_hash=hashed.value,
         )
-        await self._store.associations.write([row])
-        self._index.set(medium, address, mxid, hashed=hashed)
+        ids = await self._store.associations.write([row])
+        self._index.set(medium, address, mxid, hashed=hashed, row_id=ids[0] if ids else None)
         self._changed()
         BINDS.inc()
         association = association_json(medium, address, mxid, ts, row.not_before,
@@ -164,8 +164,8 @@ class BindingService:
             source=LOCAL, medium=medium, address=address, mxid=None, ts=ts,
             not_before=ts, not_after=ts, lookup_hash=hashed.value,
         )
-        await self._store.associations.write([tombstone])
-        self._index.set(medium, address, None, hashed=hashed)
+        ids = await self._store.associations.write([tombstone])
+        self._index.set(medium, address, None, hashed=hashed, row_id=ids[0] if ids else None)
         self._changed()
         UNBINDS.inc()
         return True

@@ -453,6 +453,19 @@ class Database:
             os.close(fd)
 
 
+class _Write:
+    """One submission to the group-commit writer."""
+
+    __slots__ = ("statement", "params", "future", "wants_ids")
+
+    def __init__(self, statement: Executable, params: list[dict[str, Any]],
+                 future: asyncio.Future[range | None], wants_ids: bool) -> None:
+        self.statement = statement
+        self.params = params
+        self.future = future
+        self.wants_ids = wants_ids
+
+
 class GroupCommitWriter:
     """Runs writes that arrive together in one transaction, acking each after the commit.
 
@@ -467,21 +480,33 @@ class GroupCommitWriter:
     def __init__(self, engine: AsyncEngine, process_lock: Any = None) -> None:
         self._engine = engine
         self._process_lock = process_lock
-        self._pending: list[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]] = []
+        self._pending: list[_Write] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     async def execute(self, statement: Executable, params: Sequence[dict[str, Any]]) -> None:
         """Write `params` with `statement`; returns once the transaction is committed."""
+        await self._submit(statement, params, wants_ids=False)
+
+    async def insert(self, statement: Executable,
+                     params: Sequence[dict[str, Any]]) -> range | None:
+        """`execute` an INSERT (or SQLite REPLACE) into a table with an AUTOINCREMENT id,
+        and say which ids its rows took, in order: on SQLite, where the transaction
+        holds the file's write lock, one statement's rows take consecutive ids.  None on
+        PostgreSQL, whose sequence gives ids to concurrent writers in any order."""
+        return await self._submit(statement, params, wants_ids=True)
+
+    async def _submit(self, statement: Executable, params: Sequence[dict[str, Any]], *,
+                      wants_ids: bool) -> range | None:
         if self._closed:
             raise RuntimeError("database writer is closed")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((statement, list(params), future))
+        future: asyncio.Future[range | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Write(statement, list(params), future, wants_ids))
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="kith-group-commit")
         self._wakeup.set()
-        await future
+        return await future
 
     async def _run(self) -> None:
         while not self._closed or self._pending:
@@ -493,30 +518,27 @@ class GroupCommitWriter:
             try:
                 async with self._turn():
                     async with self._engine.begin() as conn:
-                        await self._apply(conn, batch)
+                        ids = await self._apply(conn, batch)
             except Exception:
                 # One bad write must not fail its neighbours: retry each alone.
                 log.debug("batch of %d failed; retrying one by one", len(batch), exc_info=True)
                 for item in batch:
                     await self._apply_alone(item)
                 continue
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_result(None)
+            for item, item_ids in zip(batch, ids, strict=True):
+                if not item.future.done():
+                    item.future.set_result(item_ids)
 
-    async def _apply_alone(
-        self, item: tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]
-    ) -> None:
-        future = item[2]
+    async def _apply_alone(self, item: _Write) -> None:
         try:
             async with self._turn(), self._engine.begin() as conn:
-                await self._apply(conn, [item])
+                ids = await self._apply(conn, [item])
         except Exception as exc:  # noqa: BLE001 - handed to the caller
-            if not future.done():
-                future.set_exception(exc)
+            if not item.future.done():
+                item.future.set_exception(exc)
         else:
-            if not future.done():
-                future.set_result(None)
+            if not item.future.done():
+                item.future.set_result(ids[0])
 
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -551,21 +573,34 @@ class GroupCommitWriter:
                                {"key": WRITE_LOCK_KEY})
 
     @classmethod
-    async def _apply(
-        cls,
-        conn: AsyncConnection,
-        batch: Sequence[tuple[Executable, list[dict[str, Any]], asyncio.Future[None]]],
-    ) -> None:
+    async def _apply(cls, conn: AsyncConnection,
+                     batch: Sequence[_Write]) -> list[range | None]:
+        """Run the batch's statements; the ids each submission's rows took, where it
+        asked for them and the database says."""
         await cls._lock_writes(conn)
+        ids: list[range | None] = []
         i = 0
         while i < len(batch):
-            statement = batch[i][0]
+            group_start, statement = i, batch[i].statement
             params: list[dict[str, Any]] = []
-            while i < len(batch) and batch[i][0] is statement:
-                params.extend(batch[i][1])
+            while i < len(batch) and batch[i].statement is statement:
+                params.extend(batch[i].params)
                 i += 1
+            group = batch[group_start:i]
             if params:
                 await conn.execute(statement, params)
+            last: int | None = None
+            if params and conn.dialect.name == "sqlite" and any(w.wants_ids for w in group):
+                last = (await conn.exec_driver_sql("SELECT last_insert_rowid()")).scalar()
+            first = None if last is None else int(last) - len(params) + 1
+            for write in group:
+                if first is None or not write.wants_ids:
+                    ids.append(None)
+                else:
+                    ids.append(range(first, first + len(write.params)))
+                if first is not None:
+                    first += len(write.params)
+        return ids
 
     async def close(self) -> None:
         self._closed = True
