@@ -58,13 +58,13 @@ class BindingService:
         check_mxid(mxid)
         await self._refuse_directory_conflict(medium, address, mxid)
         ts = self._clock()
+        hashed = self._index.peppered_hash(medium, address)
         row = AssociationRow(
             source=LOCAL, medium=medium, address=address, mxid=mxid, ts=ts,
-            not_before=ts, not_after=ts + VALIDITY_MS,
-            lookup_hash=self._index.hash(medium, address),
+            not_before=ts, not_after=ts + VALIDITY_MS, lookup_hash=hashed.value,
         )
-        await self._store.associations.write([row])
-        self._index.set(medium, address, mxid)
+        ids = await self._store.associations.write([row])
+        self._index.set(medium, address, mxid, hashed=hashed, row_id=ids[0] if ids else None)
         self._changed()
         BINDS.inc()
         association = association_json(medium, address, mxid, ts, row.not_before,
@@ -159,12 +159,13 @@ class BindingService:
         if current is None or current.mxid != mxid:
             return False
         ts = self._clock()
+        hashed = self._index.peppered_hash(medium, address)
         tombstone = AssociationRow(
             source=LOCAL, medium=medium, address=address, mxid=None, ts=ts,
-            not_before=ts, not_after=ts, lookup_hash=self._index.hash(medium, address),
+            not_before=ts, not_after=ts, lookup_hash=hashed.value,
         )
-        await self._store.associations.write([tombstone])
-        self._index.set(medium, address, None)
+        ids = await self._store.associations.write([tombstone])
+        self._index.set(medium, address, None, hashed=hashed, row_id=ids[0] if ids else None)
         self._changed()
         UNBINDS.inc()
         return True

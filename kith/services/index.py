@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from kith.config import LDAP, LOCAL
 from kith.services.coherence import ChangeCounter, StoreContact
@@ -23,6 +24,13 @@ from kith.threepid import lookup_hash
 log = logging.getLogger(__name__)
 
 Tables = dict[str, LookupTable]
+
+
+class PepperedHash(NamedTuple):
+    """A lookup hash and the pepper it was made with."""
+
+    pepper: str
+    value: str
 
 
 class AssociationIndex:
@@ -45,6 +53,11 @@ class AssociationIndex:
         self._catching_up = asyncio.Lock()
         self.pepper = ""  # the announced pepper, whose maps `source` gives
         self.last_id = 0
+        # Ids of rows this process wrote and `set` in every map held, not yet passed by
+        # `last_id`: a catch-up steps over those right after `last_id` without reading
+        # them back (see `_step_over_own`).
+        self._own_ids: set[int] = set()
+        self._reads = 0  # reads of changes in flight
         self.contact = StoreContact()
 
     def __len__(self) -> int:
@@ -71,6 +84,11 @@ class AssociationIndex:
         """The lookup hash of an address under the announced pepper."""
         return lookup_hash(medium, address, self.pepper)
 
+    def peppered_hash(self, medium: str, address: str) -> PepperedHash:
+        """`hash`, with its pepper: `set` takes it back instead of hashing again (the
+        announced pepper may change while the write is committed)."""
+        return PepperedHash(self.pepper, lookup_hash(medium, address, self.pepper))
+
     async def build(self, pepper: str, stored_upto: int | None = 0,
                     stored_still: Callable[[], Awaitable[bool]] | None = None) -> None:
         """Index `pepper` beside the peppers held: the store as of the cursor, then what
@@ -89,7 +107,7 @@ class AssociationIndex:
             if first:
                 self.last_id = start
             while self.last_id < start:  # the maps held, as far as the new one at least
-                changes = await self._store.associations.changes_since(self.last_id)
+                changes = await self._changes_since(self.last_id)
                 if not changes:
                     break
                 self.apply(changes)
@@ -102,6 +120,7 @@ class AssociationIndex:
                 _apply(tables, pepper, changes)
                 cursor = changes[-1].id
             self._tables[pepper] = tables
+            self._own_ids.clear()  # set before these maps were held: to be read
             if first:
                 self.pepper = pepper
         if first:
@@ -155,10 +174,19 @@ class AssociationIndex:
 
     # --- writing --------------------------------------------------------------------
 
-    def set(self, medium: str, address: str, mxid: str | None, source: str = LOCAL) -> None:
-        """Record a committed local write (and tell the other processes)."""
+    def set(self, medium: str, address: str, mxid: str | None, source: str = LOCAL,
+            hashed: PepperedHash | None = None, row_id: int | None = None) -> None:
+        """Record a committed local write (and tell the other processes); `hashed`, the
+        address's hash under one pepper, need not be made again; `row_id`, the id the
+        write took, need not be read back from the store."""
         for pepper, tables in self._tables.items():
-            _table(tables, source).set(lookup_hash(medium, address, pepper), mxid)
+            hash_ = hashed.value if hashed is not None and hashed.pepper == pepper \
+                else lookup_hash(medium, address, pepper)
+            _table(tables, source).set(hash_, mxid)
+        if row_id is not None and row_id > self.last_id and not self._reads:
+            # (A read in flight may return an older row of this address, to be applied
+            # after this one: this one is then read back after it.)
+            self._own_ids.add(row_id)
         self._told()
 
     def set_many(self, source: str, entries: Iterable[tuple[str, str, str | None]]) -> None:
@@ -191,11 +219,36 @@ class AssociationIndex:
         async with self._catching_up:
             await self._catch_up_locked()
 
+    async def _changes_since(self, last_id: int) -> list[IndexChange]:
+        """The store's changes after `last_id`, to apply to the maps held."""
+        self._reads += 1
+        try:
+            return await self._store.associations.changes_since(last_id)
+        finally:
+            self._reads -= 1
+
+    def _step_over_own(self) -> None:
+        """Move `last_id` over the rows right after it that this process wrote and `set`
+        itself while no read was in flight.  Every row before them was applied before
+        them: a read that returned one was made after they were `set`, so after they
+        were committed, and returned them too, after it (a rewrite of an address
+        deletes its older row, so no read made later returns that).  Own rows after
+        another writer's are read back; the others would be read, hashed and applied a
+        second time for nothing."""
+        own = self._own_ids
+        if not own:
+            return
+        while self.last_id + 1 in own:
+            self.last_id += 1
+        if min(own) <= self.last_id:
+            self._own_ids = {i for i in own if i > self.last_id}
+
     async def _catch_up_locked(self) -> None:
         self.contact.reading()
         try:
             while True:
-                changes = await self._store.associations.changes_since(self.last_id)
+                self._step_over_own()
+                changes = await self._changes_since(self.last_id)
                 if not changes:
                     break
                 self.apply(changes)

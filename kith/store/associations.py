@@ -106,9 +106,10 @@ class AssociationStore:
         # The partial index ix_threepid_own_changes serves every query of own rows.
         self._own = text(f"{db.likely(OWN_SOURCE)} AND {NO_ORIGIN}")
 
-    async def write(self, rows: Sequence[AssociationRow]) -> None:
-        """Store binds and tombstones durably (returns after the commit)."""
-        await self._db.writer.execute(self._upsert, [r.as_params() for r in rows])
+    async def write(self, rows: Sequence[AssociationRow]) -> range | None:
+        """Store binds and tombstones durably (returns after the commit), and say which
+        ids they took, in order, where the database says (see `GroupCommitWriter.insert`)."""
+        return await self._db.writer.insert(self._upsert, [r.as_params() for r in rows])
 
     async def write_replicated(self, rows: Sequence[AssociationRow]) -> None:
         """Store associations replicated from peers, all in one transaction, each only if

@@ -180,3 +180,19 @@ async def test_a_periodic_rotation_is_made_once_per_period(processes: list[Proce
     assert await rotate_when_due(b.store, 3600) == 0
     after = await read_record(a.store)
     assert after.current != before.current and after.rotated_at is not None
+
+
+async def test_a_write_hashed_before_the_pepper_changed_is_indexed_under_each_pepper(
+        processes: list[Process]) -> None:
+    a, _ = processes
+    old = a.index.pepper
+    hashed = a.index.peppered_hash("email", "late@example.org")  # before the commit
+    rotation = await PepperRotation.begin(a.store)
+    assert rotation is not None
+    await a.peppers.sync()
+    await wait_for("the new pepper indexed", lambda: a.index.holds(rotation.pepper))
+    a.index.set("email", "late@example.org", "@late:hs.test", hashed=hashed)
+    for pepper in (old, rotation.pepper):
+        assert a.index.source("local", pepper).get(
+            lookup_hash("email", "late@example.org", pepper)) == "@late:hs.test"
+    await rotation.complete()
