@@ -8,10 +8,10 @@ straight into a kith store (SQLite by default; `--db` a PostgreSQL URL, `--postg
 a throwaway PostgreSQL server as the tests start one) with raw
 executemany/COPY, then kith is started on it as `python -m kith`.  Measured: seconds
 from the start of the process until a sha256 lookup of a bound address answers right,
-resident memory (VmRSS) then and after the load, isbench's checked lookups
-(`--seeded N`, batches 1, 100, 1000 at 16 in flight), and with `--wrk` the same batches
-driven by wrk (C, one thread, 16 connections), each request with the next of many
-bodies (100k addresses in all, half of them bound, drawn at random): at 10M the
+resident memory (VmRSS of kith and its workers) then and after the load, isbench's
+checked lookups (`--seeded N`, batches 1, 100, 1000 at 16 in flight), and with `--wrk`
+the same batches driven by wrk (C, one thread, 16 connections), each request with the
+next of many bodies (100k addresses in all, half of them bound, drawn at random): at 10M the
 index's memory is then touched as real lookups touch it, which one fixed body would
 not.  For each wrk row, the server's CPU per request (utime + stime of kith and its
 workers, from /proc).  `--keep DIR` keeps (or reuses) the seeded store in DIR, so that
@@ -148,10 +148,19 @@ async def first_answer(base: str, pepper: str, hs_name: str, started: float,
     raise TimeoutError("no right answer")
 
 
+def with_workers(pid: int) -> list[int]:
+    """`pid` and its children (the workers, with `workers` > 1)."""
+    return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+
+
 def process_cpu_s(pid: int) -> float:
-    """utime + stime of `pid` and its children (the workers), in seconds."""
-    pids = [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-    return sum(isbench.cpu_seconds(p) or 0.0 for p in pids)
+    """utime + stime of `pid` and its workers, in seconds."""
+    return sum(isbench.cpu_seconds(p) or 0.0 for p in with_workers(pid))
+
+
+def process_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its workers (each worker holds its own index)."""
+    return round(sum(isbench.rss_mb(p) or 0.0 for p in with_workers(pid)), 1)
 
 
 def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration: str,
@@ -269,7 +278,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
         assert kith.proc is not None
         pid = kith.proc.pid
         seconds = asyncio.run(first_answer(base, pepper, hs_name, started, args.count))
-        rss_loaded = isbench.rss_mb(pid)
+        rss_loaded = process_rss_mb(pid)
         print(f"first right answer {seconds:.1f} s after the start; VmRSS {rss_loaded} MB "
               f"({(rss_loaded or 0) * 2**20 / args.count:.0f} bytes a binding)", flush=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -286,7 +295,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                     return str(await isbench.register(session, base, hs_name))
             wrk = wrk_rows(base, asyncio.run(register()), pepper, args.count, pid,
                            args.duration, directory)
-        rss_after = isbench.rss_mb(pid)
+        rss_after = process_rss_mb(pid)
         summary = {"count": args.count, "db": "postgresql" if args.db else "sqlite",
                    "workers": args.workers, "first_answer_s": round(seconds, 1),
                    "rss_loaded_mb": rss_loaded, "rss_after_mb": rss_after,
