@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Two kith source trees in alternation (A B B A ...): single lookups under wrk.
+"""Two kith source trees, or one with two settings, in alternation (A B B A ...):
+lookups under wrk.
 
 For a change on the hot path (every authenticated lookup) that must not slow kith down:
 both trees run with this checkout's venv (`python -m kith` with PYTHONPATH=<tree>), on
@@ -8,10 +9,13 @@ A), so they differ only in kith's own code.  Each turn starts the server, waits 
 it is idle, warms the connections up, drives `POST /v2/lookup` with one bound address
 (sha256) with wrk at each concurrency, --bursts times for --duration seconds (the
 fastest burst counts: other load on a shared machine only slows a burst down), and stops
-it.  Rounds run A B, then B A.
+it.  Rounds run A B, then B A.  `--batch N` asks for N addresses a request instead of
+one; `--a-workers`/`--b-workers` run a side with that many worker processes (the CPU
+counted is then the parent's and its workers').
 
     mkdir /tmp/kith-base && git archive <base commit> | tar -x -C /tmp/kith-base
     .venv/bin/python bench/ab.py --a /tmp/kith-base --b . --rounds 5
+    .venv/bin/python bench/ab.py --a . --b . --b-workers 2 --batch 100 --concurrency 16
 
 Needs `wrk` on PATH and ../shared/bench (or KITH_BENCH_DIR) for the load generator.
 """
@@ -39,10 +43,17 @@ import compare  # noqa: E402
 import isbench  # noqa: E402
 
 
-def start(server: Any, tree: Path) -> None:
+def start(server: Any, tree: Path, workers: int = 1) -> None:
     os.environ["PYTHONPATH"] = str(tree)
+    server.argv = [sys.executable, "-m", "kith", "--workers", str(workers)]
     server.start()
     compare.wait_idle(server.proc.pid, server.label)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its children (the workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sum(compare.cpu_seconds(p) or 0.0 for p in [pid, *map(int, children)])
 
 
 async def prepare(server: Any, tree: Path, seed: int) -> tuple[str, str]:
@@ -69,10 +80,10 @@ def best_burst(server: Any, token: str, pepper: str, args: argparse.Namespace,
     per request in it (other load on a shared machine only ever slows a burst down)."""
     bursts: list[dict[str, Any]] = []
     for _ in range(args.bursts):
-        cpu_before = compare.cpu_seconds(server.proc.pid)
-        run = compare.run_wrk(server.base, token, pepper, args.seed, 1, conc, args.duration,
-                              server.dir)
-        cpu_s = compare.cpu_seconds(server.proc.pid) - cpu_before
+        cpu_before = cpu_seconds(server.proc.pid)
+        run = compare.run_wrk(server.base, token, pepper, args.seed, args.batch, conc,
+                              args.duration, server.dir)
+        cpu_s = cpu_seconds(server.proc.pid) - cpu_before
         requests = run["req_per_s"] * args.duration
         run["cpu_us_per_req"] = round(cpu_s / requests * 1e6, 1) if requests else None
         bursts.append(run)
@@ -107,6 +118,9 @@ def main() -> None:
     ap.add_argument("--bursts", type=int, default=1,
                     help="wrk runs per turn and concurrency; the fastest counts")
     ap.add_argument("--concurrency", default="1,16")
+    ap.add_argument("--batch", type=int, default=1, help="addresses a lookup")
+    ap.add_argument("--a-workers", type=int, default=1)
+    ap.add_argument("--b-workers", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     trees = {"A": args.a.resolve(), "B": args.b.resolve()}
@@ -133,7 +147,7 @@ def alternate(server: Any, trees: dict[str, Path],
         order = list(trees.items()) if round_ % 2 else list(trees.items())[::-1]
         for label, tree in order:
             try:
-                start(server, tree)
+                start(server, tree, args.a_workers if label == "A" else args.b_workers)
                 compare.run_wrk(server.base, token, pepper, args.seed, 1, 16, 2, server.dir)
                 for conc in concurrency:
                     row = {"round": round_, "tree": label, "conc": conc,
@@ -148,8 +162,9 @@ def alternate(server: Any, trees: dict[str, Path],
 def report(rows: list[dict[str, Any]], trees: dict[str, Path],
            args: argparse.Namespace) -> None:
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    print(f"\nsingle lookups/s (wrk, batch 1), {args.seed} bindings, the best of "
-          f"{args.bursts} x {args.duration} s per turn")
+    print(f"\nlookups/s (wrk, batch {args.batch}; workers A {args.a_workers}, B "
+          f"{args.b_workers}), {args.seed} bindings, the best of {args.bursts} x "
+          f"{args.duration} s per turn")
     print("(and the server's CPU per request in that burst, µs)")
     summary: dict[str, Any] = {}
     for conc in concurrency:
@@ -160,7 +175,9 @@ def report(rows: list[dict[str, Any]], trees: dict[str, Path],
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "summary": summary, "errors": errors,
                                          "trees": {k: str(v) for k, v in trees.items()},
-                                         "seed": args.seed}, indent=1))
+                                         "workers": {"A": args.a_workers,
+                                                     "B": args.b_workers},
+                                         "batch": args.batch, "seed": args.seed}, indent=1))
 
 
 if __name__ == "__main__":
