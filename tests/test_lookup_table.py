@@ -163,3 +163,16 @@ def test_mxids_of_every_length_and_with_nul_bytes_come_back_whole(make: MakeTabl
     table.update(mxids.items())
     assert table.find(keys) == mxids
     assert all(table.get(k) == m for k, m in mxids.items())
+
+
+@pytest.mark.parametrize("make", tables())
+def test_an_mxid_far_longer_than_a_matrix_id_is_kept_whole(make: MakeTable) -> None:
+    """No valid Matrix ID is longer than 255 bytes, but an imported row is not checked:
+    the index keeps what it is given rather than failing its load."""
+    table = make()
+    keys = [h(i) for i in range(40)]
+    huge = "@" + "x" * 70_000 + ":example.org"
+    table.update([(k, huge if i == 3 else f"@u{i}:example.org") for i, k in enumerate(keys)])
+    assert table.get(keys[3]) == huge
+    assert table.find(keys)[keys[3]] == huge
+    assert len(table.find(keys)) == 40

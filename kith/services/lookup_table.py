@@ -58,7 +58,8 @@ _VECTOR_MIN = 16
 # (and any ending in NUL) are read one by one.  The text keeps `_WINDOW` spare bytes at
 # its end, so that every window lies within it.
 _WINDOW = 48
-_REF_SHIFT, _REF_LENGTH = 16, (1 << 16) - 1
+# A row's mxid: where it starts in the text (40 bits: 1 TiB) and its length (24 bits).
+_REF_SHIFT, _REF_LENGTH = 24, (1 << 24) - 1
 _CUTS = (np.arange(_WINDOW)[None, :] < np.arange(_WINDOW + 1)[:, None]).astype(np.uint8) * 255
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
@@ -166,7 +167,8 @@ class HashArrays:
         self._live = 0
         self._rows = 0
         self._keys = np.zeros((_MIN_ROWS, _WORDS), "<u8")
-        # Where row r's mxid is: its start in _text << 16 | its length in bytes; 0: unbound
+        # Where row r's mxid is: its start in _text << _REF_SHIFT | its length in bytes;
+        # 0: unbound
         self._refs = np.zeros(_MIN_ROWS, np.int64)
         self._text = np.zeros(1024 + _WINDOW, np.uint8)
         self._text_used = 0
@@ -351,7 +353,7 @@ class HashArrays:
             encoded = list(map(str.encode, mxids))  # type: ignore[arg-type]
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
         if len(lengths) and int(lengths.max()) > _REF_LENGTH:
-            raise ValueError("an mxid longer than 65535 bytes")
+            raise ValueError("an mxid longer than 16 MiB")
         joined = b"".join(encoded)
         self._text_dead += int(old.sum())
         self._refs[rows] = 0
