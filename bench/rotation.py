@@ -33,10 +33,10 @@ from bench.scale import (
     first_answer,
     prepare_store,
     seed_sqlite,
+    start_kith,
     stop,
 )
 from kith.config import DbConfig
-from tests.conftest import KithProcess, free_port, write_config
 
 isbench = scale.isbench
 
@@ -80,15 +80,7 @@ def main() -> None:
         marker.write_text("seeded\n")
 
     hs_name = isbench.start_fake_homeserver(0)
-    port = free_port()
-    config = write_config(directory, {
-        "general": {"ip.whitelist": "127.0.0.1",
-                    "lookup.budget.account": 10**12, "lookup.budget.ip": 10**12},
-        "http": {"clientapi.http.port": port, "federation.verifycerts": "False"}})
-    base = f"http://127.0.0.1:{port}"
-    kith = KithProcess(config)
-    started = time.monotonic()
-    kith.start(port, timeout_s=FIRST_ANSWER_TIMEOUT_S)
+    kith, config, base, started = start_kith(directory)
     try:
         assert kith.proc is not None
         pid = kith.proc.pid

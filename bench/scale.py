@@ -198,6 +198,25 @@ def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration:
     return rows_out
 
 
+def start_kith(directory: Path, workers: int = 1,
+               db_url: str | None = None) -> tuple[KithProcess, Path, str, float]:
+    """kith (`python -m kith`) on the store in `directory` (or at `db_url`), with lookup
+    budgets no generator reaches: the process, its config, its base URL, and the
+    monotonic time it was started at."""
+    port = free_port()
+    sections: dict[str, dict[str, Any]] = {
+        "general": {"ip.whitelist": "127.0.0.1", "workers": workers,
+                    "lookup.budget.account": 10**12, "lookup.budget.ip": 10**12},
+        "http": {"clientapi.http.port": port, "federation.verifycerts": "False"}}
+    if db_url:
+        sections["db"] = {"db.url": db_url}
+    config = write_config(directory, sections)
+    kith = KithProcess(config)
+    started = time.monotonic()
+    kith.start(port, timeout_s=FIRST_ANSWER_TIMEOUT_S)
+    return kith, config, f"http://127.0.0.1:{port}", started
+
+
 def stop(kith: KithProcess, directory: Path | None) -> None:
     """Stop kith and the fake homeservers; remove `directory` unless None (kept)."""
     kith.kill(15)
@@ -262,18 +281,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
 
     # Only for the token: the lookups below run isbench, with its homeserver on its port.
     hs_name = isbench.start_fake_homeserver(0)
-    port = free_port()
-    sections: dict[str, dict[str, Any]] = {
-        "general": {"ip.whitelist": "127.0.0.1", "workers": args.workers,
-                    "lookup.budget.account": 10**12, "lookup.budget.ip": 10**12},
-        "http": {"clientapi.http.port": port, "federation.verifycerts": "False"}}
-    if args.db:
-        sections["db"] = {"db.url": args.db}
-    config = write_config(directory, sections)
-    base = f"http://127.0.0.1:{port}"
-    kith = KithProcess(config)
-    started = time.monotonic()
-    kith.start(port, timeout_s=FIRST_ANSWER_TIMEOUT_S)
+    kith, _, base, started = start_kith(directory, args.workers, args.db)
     try:
         assert kith.proc is not None
         pid = kith.proc.pid
