@@ -38,9 +38,11 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("KITH_BENCH_DIR", ROOT.parent / "shared" / "bench"))
-sys.path.insert(0, str(SHARED))
+sys.path[:0] = [str(ROOT), str(SHARED)]
 import compare  # noqa: E402
 import isbench  # noqa: E402
+
+from bench import procs  # noqa: E402
 
 
 def start(server: Any, tree: Path, workers: int = 1) -> None:
@@ -48,12 +50,6 @@ def start(server: Any, tree: Path, workers: int = 1) -> None:
     server.argv = [sys.executable, "-m", "kith", "--workers", str(workers)]
     server.start()
     compare.wait_idle(server.proc.pid, server.label)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and its children (the workers)."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return sum(compare.cpu_seconds(p) or 0.0 for p in [pid, *map(int, children)])
 
 
 async def prepare(server: Any, tree: Path, seed: int) -> tuple[str, str]:
@@ -80,10 +76,10 @@ def best_burst(server: Any, token: str, pepper: str, args: argparse.Namespace,
     per request in it (other load on a shared machine only ever slows a burst down)."""
     bursts: list[dict[str, Any]] = []
     for _ in range(args.bursts):
-        cpu_before = cpu_seconds(server.proc.pid)
+        cpu_before = procs.cpu_seconds(server.proc.pid)
         run = compare.run_wrk(server.base, token, pepper, args.seed, args.batch, conc,
                               args.duration, server.dir)
-        cpu_s = cpu_seconds(server.proc.pid) - cpu_before
+        cpu_s = procs.cpu_seconds(server.proc.pid) - cpu_before
         requests = run["req_per_s"] * args.duration
         run["cpu_us_per_req"] = round(cpu_s / requests * 1e6, 1) if requests else None
         bursts.append(run)

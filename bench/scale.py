@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 
+from bench import procs
 from kith.config import DbConfig
 from kith.store import Store
 from kith.threepid import new_pepper
@@ -148,21 +149,6 @@ async def first_answer(base: str, pepper: str, hs_name: str, started: float,
     raise TimeoutError("no right answer")
 
 
-def with_workers(pid: int) -> list[int]:
-    """`pid` and its children (the workers, with `workers` > 1)."""
-    return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of `pid` and its workers, in seconds."""
-    return sum(isbench.cpu_seconds(p) or 0.0 for p in with_workers(pid))
-
-
-def process_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its workers (each worker holds its own index)."""
-    return round(sum(isbench.rss_mb(p) or 0.0 for p in with_workers(pid)), 1)
-
-
 def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration: str,
              workdir: Path) -> list[dict[str, Any]]:
     """Lookups driven by wrk, batches 1, 100 and 1000, each request with the next of
@@ -180,12 +166,12 @@ def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration:
                 f.write(json.dumps({"algorithm": "sha256", "pepper": pepper, "addresses": [
                     isbench.sha256_hash(isbench.address(i), "email", pepper)
                     for i in picked]}) + "\n")
-        before = process_cpu_s(pid)
+        before = procs.cpu_seconds(pid)
         out = subprocess.run(  # noqa: S603 - wrk from PATH, our own script
             ["wrk", "-t1", "-c16", f"-d{duration}s", "-s", str(lua),  # noqa: S607
              f"{base}/_matrix/identity/v2/lookup"], capture_output=True, text=True,
             env={**os.environ, "BODIES": str(bodies), "TOKEN": token}, check=False)
-        cpu_s = process_cpu_s(pid) - before
+        cpu_s = procs.cpu_seconds(pid) - before
         found = re.search(r"^RESULT (\d+) ([\d.]+) ([\d.]+) (\d+) (\d+)$", out.stdout, re.M)
         if found is None:
             raise RuntimeError(f"wrk said: {out.stdout}{out.stderr}")
@@ -286,7 +272,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
         assert kith.proc is not None
         pid = kith.proc.pid
         seconds = asyncio.run(first_answer(base, pepper, hs_name, started, args.count))
-        rss_loaded = process_rss_mb(pid)
+        rss_loaded = procs.rss_mb(pid)
         print(f"first right answer {seconds:.1f} s after the start; VmRSS {rss_loaded} MB "
               f"({(rss_loaded or 0) * 2**20 / args.count:.0f} bytes a binding)", flush=True)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -303,7 +289,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
                     return str(await isbench.register(session, base, hs_name))
             wrk = wrk_rows(base, asyncio.run(register()), pepper, args.count, pid,
                            args.duration, directory)
-        rss_after = process_rss_mb(pid)
+        rss_after = procs.rss_mb(pid)
         summary = {"count": args.count, "db": "postgresql" if args.db else "sqlite",
                    "workers": args.workers, "first_answer_s": round(seconds, 1),
                    "rss_loaded_mb": rss_loaded, "rss_after_mb": rss_after,
