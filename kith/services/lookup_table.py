@@ -265,9 +265,7 @@ class HashArrays:
         Written for few and cheap array operations (`nonzero` rather than `flatnonzero`,
         `count_nonzero` rather than `any`): each costs about a microsecond whatever its
         size, which is most of the cost of a batch of a hundred."""
-        mixed = asked[:, 0] * self._np_k1
-        mixed ^= asked[:, 1]
-        mixed *= self._np_k2
+        mixed = self._mix(asked[:, 0], asked[:, 1])
         # (the shifted hash is below 2**63: its bits read as int64 are the same number)
         slots = self._table.take((mixed >> self._np_shift).view(np.int64), axis=0)
         # The high half of each little-endian slot is its fingerprint, the low half of
@@ -296,8 +294,11 @@ class HashArrays:
     # --- layout -----------------------------------------------------------------------
 
     def _mix(self, w0: U64Array, w1: U64Array) -> U64Array:
-        # (uint64 arithmetic on arrays wraps around silently)
-        return ((w0 * self._np_k1) ^ w1) * self._np_k2
+        # (uint64 arithmetic on arrays wraps around silently; in place: fewer arrays made)
+        mixed = w0 * self._np_k1
+        mixed ^= w1
+        mixed *= self._np_k2
+        return mixed
 
     def _mix_one(self, key: bytes) -> int:
         w0: int
