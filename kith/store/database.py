@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import enum
 import errno
@@ -14,7 +15,7 @@ import sqlite3
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -33,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import ClauseElement, ColumnElement, Executable
 
@@ -116,14 +117,17 @@ _UNREACHABLE_DRIVER_ERRORS = frozenset(("ConnectionDoesNotExistError",
                                         "InternalClientError", "InterfaceError"))
 
 
-def sqlite_path(db: DbConfig) -> str | None:
-    """The absolute path of the SQLite file `db` names; None for another database."""
-    if not db.url:
-        return os.path.abspath(db.file)
-    url = make_url(db.url)
+def sqlite_file(url: URL) -> str | None:
+    """The absolute path of the SQLite file of `url`; None for another database, or an
+    in-memory one."""
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
     return os.path.abspath(url.database)
+
+
+def sqlite_path(db: DbConfig) -> str | None:
+    """The absolute path of the SQLite file `db` names; None for another database."""
+    return sqlite_file(make_url(db.url)) if db.url else os.path.abspath(db.file)
 
 
 def make_self_contained(path: str) -> None:
@@ -453,6 +457,24 @@ class Database:
             os.close(fd)
 
 
+class _DriverRun(NamedTuple):
+    """Consecutive writes of one statement, for the driver: its SQL and the rows."""
+
+    sql: str
+    rows: list[tuple[Any, ...]]
+    writes: Sequence[_Write]
+
+
+def _runs(batch: Sequence[_Write]) -> Iterator[tuple[Executable, Sequence[_Write]]]:
+    """The batch as runs of consecutive writes of one statement."""
+    i = 0
+    while i < len(batch):
+        start, statement = i, batch[i].statement
+        while i < len(batch) and batch[i].statement is statement:
+            i += 1
+        yield statement, batch[start:i]
+
+
 class _Write:
     """One submission to the group-commit writer."""
 
@@ -473,6 +495,12 @@ class GroupCommitWriter:
     difference between about a thousand and several thousand writes a second.  Order is
     kept: statements run in the order they were submitted, and consecutive submissions of
     the same statement become one executemany.
+
+    On a SQLite file the writer has a connection and a thread of its own, and a batch is
+    one call into that thread: the transaction, the cross-process lock, the statements
+    and the commit run there, without SQLAlchemy's per-statement work and without the
+    event loop being woken for each step (docs/performance.md, "Binds").  A batch that
+    fails there is retried one write at a time through SQLAlchemy, as on PostgreSQL.
     """
 
     MAX_BATCH = 2000
@@ -481,12 +509,18 @@ class GroupCommitWriter:
         self._engine = engine
         self._process_lock = process_lock
         self._pending: list[_Write] = []
-        # INSERT statements that `insert` sends to SQLite straight through the driver:
-        # their SQL and the names of their parameters in order (None: not one of those).
-        self._driver_sql: dict[Executable, tuple[str, tuple[str, ...]] | None] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # On a SQLite file: the writer's thread, and its connection (opened there).
+        # (Not for a URL with options for the driver, which this connection would lack.)
+        self._file = None if engine.url.query else sqlite_file(engine.url)
+        self._thread = None if self._file is None else \
+            concurrent.futures.ThreadPoolExecutor(1, "kith-group-commit")
+        self._connection: sqlite3.Connection | None = None
+        # Each statement's SQL for the driver and the names of its parameters in order
+        # (None: one that needs SQLAlchemy's processing of its parameters).
+        self._driver_sql: dict[Executable, tuple[str, tuple[str, ...]] | None] = {}
 
     async def execute(self, statement: Executable, params: Sequence[dict[str, Any]]) -> None:
         """Write `params` with `statement`; returns once the transaction is committed."""
@@ -495,9 +529,10 @@ class GroupCommitWriter:
     async def insert(self, statement: Executable,
                      params: Sequence[dict[str, Any]]) -> range | None:
         """`execute` an INSERT (or SQLite REPLACE) into a table with an AUTOINCREMENT id,
-        and say which ids its rows took, in order: on SQLite, where the transaction
-        holds the file's write lock, one statement's rows take consecutive ids.  None on
-        PostgreSQL, whose sequence gives ids to concurrent writers in any order."""
+        and say which ids its rows took, in order: on a SQLite file, where the transaction
+        holds the file's write lock, one statement's rows take consecutive ids.  None
+        where that is not known: on PostgreSQL, whose sequence gives ids to concurrent
+        writers in any order, and for a write retried alone."""
         return await self._submit(statement, params, wants_ids=True)
 
     async def _submit(self, statement: Executable, params: Sequence[dict[str, Any]], *,
@@ -519,9 +554,15 @@ class GroupCommitWriter:
                 continue
             batch, self._pending = self._pending[: self.MAX_BATCH], self._pending[self.MAX_BATCH:]
             try:
-                async with self._turn():
-                    async with self._engine.begin() as conn:
-                        ids = await self._apply(conn, batch)
+                runs = self._driver_runs(batch)
+                if runs is not None:
+                    ids = await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._commit_in_thread, runs)
+                else:
+                    async with self._turn():
+                        async with self._engine.begin() as conn:
+                            await self._apply(conn, batch)
+                    ids = [None] * len(batch)
             except Exception:
                 # One bad write must not fail its neighbours: retry each alone.
                 log.debug("batch of %d failed; retrying one by one", len(batch), exc_info=True)
@@ -535,13 +576,13 @@ class GroupCommitWriter:
     async def _apply_alone(self, item: _Write) -> None:
         try:
             async with self._turn(), self._engine.begin() as conn:
-                ids = await self._apply(conn, [item])
+                await self._apply(conn, [item])
         except Exception as exc:  # noqa: BLE001 - handed to the caller
             if not item.future.done():
                 item.future.set_exception(exc)
         else:
             if not item.future.done():
-                item.future.set_result(ids[0])
+                item.future.set_result(None)
 
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
@@ -575,60 +616,79 @@ class GroupCommitWriter:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": WRITE_LOCK_KEY})
 
-    async def _apply(self, conn: AsyncConnection, batch: Sequence[_Write]) -> list[range | None]:
-        """Run the batch's statements; the ids each submission's rows took, where it
-        asked for them and the database says."""
+    async def _apply(self, conn: AsyncConnection, batch: Sequence[_Write]) -> None:
+        """Run the batch's statements through SQLAlchemy."""
         await self._lock_writes(conn)
-        ids: list[range | None] = []
-        i = 0
-        while i < len(batch):
-            group_start, statement = i, batch[i].statement
-            params: list[dict[str, Any]] = []
-            while i < len(batch) and batch[i].statement is statement:
-                params.extend(batch[i].params)
-                i += 1
-            group = batch[group_start:i]
-            last = await self._insert_rows(conn, statement, params) \
-                if params and all(w.wants_ids for w in group) else None
-            if last is None and params:
+        for statement, writes in _runs(batch):
+            params = [p for write in writes for p in write.params]
+            if params:
                 await conn.execute(statement, params)
-            first = None if last is None else last - len(params) + 1
-            for write in group:
-                if first is None or not write.wants_ids:
-                    ids.append(None)
-                else:
-                    ids.append(range(first, first + len(write.params)))
-                if first is not None:
-                    first += len(write.params)
-        return ids
 
-    async def _insert_rows(self, conn: AsyncConnection, statement: Executable,
-                           params: list[dict[str, Any]]) -> int | None:
-        """On SQLite, run an INSERT of `insert` through the driver and return the last
-        id it gave: two calls into the driver's thread where SQLAlchemy makes seven,
-        and no per-row parameter processing (the statement's parameters need none).
-        None, having done nothing, elsewhere."""
-        if conn.dialect.name != "sqlite":
+    def _driver_runs(self, batch: Sequence[_Write]) -> list[_DriverRun] | None:
+        """The batch for the writer's thread: runs of one statement, as its SQL and its
+        rows of parameters in order.  None where there is no such thread, or where a
+        statement needs SQLAlchemy."""
+        if self._thread is None:
             return None
+        runs: list[_DriverRun] = []
+        for statement, writes in _runs(batch):
+            plan = self._driver_plan(statement)
+            if plan is None:
+                return None
+            sql, names = plan
+            rows = [tuple(p[n] for n in names) for write in writes for p in write.params]
+            runs.append(_DriverRun(sql, rows, writes))
+        return runs
+
+    def _driver_plan(self, statement: Executable) -> tuple[str, tuple[str, ...]] | None:
         if statement not in self._driver_sql:
             if len(self._driver_sql) >= 32:
                 self._driver_sql.clear()
             plan = None
             if isinstance(statement, ClauseElement):
-                compiled = statement.compile(dialect=conn.dialect)
+                compiled = statement.compile(dialect=self._engine.dialect)
                 names = getattr(compiled, "positiontup", None)
                 if names is not None and not getattr(compiled, "_bind_processors", True):
                     plan = (compiled.string, tuple(names))
             self._driver_sql[statement] = plan
-        plan = self._driver_sql[statement]
-        if plan is None:
-            return None
-        sql, names = plan
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None
-        await driver.executemany(sql, [tuple(row[n] for n in names) for row in params])
-        rows = await driver.execute_fetchall("SELECT last_insert_rowid()")
-        return int(next(iter(rows))[0])
+        return self._driver_sql[statement]
+
+    def _commit_in_thread(self, runs: list[_DriverRun]) -> list[range | None]:
+        """(In the writer's thread.)  One transaction of `runs`; the ids each write's rows
+        took, where it asked for them."""
+        conn = self._connection
+        if conn is None:
+            assert self._file is not None
+            # Autocommit mode: the transaction is begun and ended here, explicitly.
+            conn = self._connection = sqlite3.connect(self._file, isolation_level=None)
+            _sqlite_pragmas(conn, None)
+        if self._process_lock is not None:
+            self._process_lock.acquire()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                ids: list[range | None] = []
+                for run in runs:
+                    conn.executemany(run.sql, run.rows)
+                    first = None
+                    if all(write.wants_ids for write in run.writes):
+                        (last,), = conn.execute("SELECT last_insert_rowid()")
+                        first = int(last) - len(run.rows) + 1
+                    for write in run.writes:
+                        if first is None:
+                            ids.append(None)
+                        else:
+                            ids.append(range(first, first + len(write.params)))
+                            first += len(write.params)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if self._process_lock is not None:
+                self._process_lock.release()
+        return ids
 
     async def close(self) -> None:
         self._closed = True
@@ -636,3 +696,11 @@ class GroupCommitWriter:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._disconnect)
+            self._thread.shutdown()
+
+    def _disconnect(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
