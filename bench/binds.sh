@@ -3,6 +3,9 @@
 #
 #   bench/binds.sh [SECONDS] [ROUNDS] [KITH_WORKERS]     (defaults: 10 s, 2 rounds, 1 worker)
 #
+# kith stores into a fresh SQLite file, or, with KITH_DB_URL=postgresql://..., into that
+# (empty) PostgreSQL database.
+#
 # The Python load generator of ../shared/bench tops out near 4k requests/s on this
 # machine, below what kith binds; wrk (C, one thread) costs the shared cores far less.
 # Each request binds a new address through POST /_matrix/identity/internal/bind with 32
@@ -28,6 +31,9 @@ sed -e "s/^clientapi.http.port = .*/clientapi.http.port = $kport/" \
     -e "s#^db.file = .*#db.file = $kdir/kith.db#" \
     -e "s#^pidfile.path = .*#pidfile.path = $kdir/kith.pid#" \
     -e "/^ed25519.signingkey/d" "$SYDENT_DIR/sydent.conf" > "$kdir/sydent.conf"
+if [ -n "${KITH_DB_URL:-}" ]; then
+  sed -i "s#^db.file = .*#&\ndb.url = ${KITH_DB_URL//%/%%}#" "$kdir/sydent.conf"
+fi
 (cd "$kdir" && SYDENT_CONF="$kdir/sydent.conf" exec "$root/.venv/bin/python" -m kith \
     --workers "$workers" >"$kdir/kith.log" 2>&1) &
 kpid=$!
@@ -61,6 +67,8 @@ run() {  # run LABEL URL ROUND
   PREFIX="$1r$3x" MXID_DOMAIN=127.0.0.1:48448 wrk -t1 -c32 -d"${seconds}s" \
       -s "$here/wrk-bind.lua" "$2/_matrix/identity/internal/bind" | sed -n "s/^RESULT /$1 /p"
 }
+store=SQLite; [ -z "${KITH_DB_URL:-}" ] || store=PostgreSQL
+echo "# kith's store: $store"
 echo "# label binds/s p99_ms errors   (${seconds}s each, 32 connections, kith workers=$workers)"
 for r in $(seq 1 "$rounds"); do
   run kith "http://127.0.0.1:$kiport" "$r"
