@@ -64,6 +64,7 @@ _CUTS = (np.arange(_WINDOW)[None, :] < np.arange(_WINDOW + 1)[:, None]).astype(n
 _M64 = (1 << 64) - 1
 _M32 = (1 << 32) - 1
 _LOW32, _ONE, _THIRTY_TWO = np.uint64(_M32), np.uint64(1), np.uint64(32)
+_NEWLINE = np.uint8(ord("\n"))
 
 if sys.byteorder != "little":  # slots and hashes are read by their 32-bit halves
     raise ImportError("kith's lookup index needs a little-endian machine")
@@ -225,10 +226,11 @@ class HashArrays:
         if not len(rows):
             return {}
         windows = self._windows[refs >> _REF_SHIFT]
-        windows &= _CUTS.take(np.minimum(refs & _REF_LENGTH, _WINDOW), axis=0)
+        window_bytes = windows.view(np.uint8).reshape(-1, _WINDOW)
+        window_bytes &= _CUTS.take(np.minimum(refs & _REF_LENGTH, _WINDOW), axis=0)
         # numpy drops the padding NULs at the end of each window; an mxid longer than a
         # window, or one that ends in NUL itself (no valid Matrix ID does), is read alone.
-        mxids = list(map(bytes.decode, windows.view(f"S{_WINDOW}").ravel().tolist()))
+        mxids = list(map(bytes.decode, windows.tolist()))
         if self._unwindowed:
             for i, row in enumerate(rows.tolist()):
                 if row in self._unwindowed:
@@ -271,7 +273,10 @@ class HashArrays:
         # The high half of each little-endian slot is its fingerprint, the low half of
         # the hash with its lowest bit set.
         fingerprints = mixed.view(np.uint32)[::2] | np.uint32(1)
-        matches = (slots.view(np.uint32)[:, 1::2] == fingerprints[:, None]).ravel().nonzero()[0]
+        # (the slots' high halves copied together first: comparing them in place, with
+        # a stride, is slower than copying and comparing)
+        high = slots.view(np.uint32)[:, 1::2].copy()
+        matches = (high == fingerprints[:, None]).ravel().nonzero()[0]
         rows = np.empty(len(asked), np.intp)
         rows.fill(-1)
         rows[matches // _BUCKET] = slots.reshape(-1).take(matches) & _LOW32
@@ -281,7 +286,7 @@ class HashArrays:
         # not found in a full bucket (it may have overflowed into the next one).
         found = (rows >= 0).nonzero()[0]
         differ = (self._keys.take(rows.take(found), axis=0) != asked.take(found, axis=0))
-        again = found[differ.any(axis=1)].tolist()
+        again = found[differ.any(axis=1)].tolist() if np.count_nonzero(differ) else []
         full = slots[:, -1] != 0
         if np.count_nonzero(full):
             missed = (rows < 0) & full
@@ -466,7 +471,10 @@ class HashArrays:
     def _views(self) -> None:
         self._key_view = _flat_view(self._keys.reshape(-1).view(np.uint8))
         self._text_view = _flat_view(self._text)
-        self._windows = np.lib.stride_tricks.sliding_window_view(self._text, _WINDOW)
+        # Every `_WINDOW` bytes of the text, as one string each (overlapping): a window
+        # is then copied whole rather than byte by byte.
+        self._windows = np.ndarray((len(self._text) - _WINDOW + 1,), f"S{_WINDOW}",
+                                   buffer=self._text, strides=(1,))
 
 
 def key_of(lookup_hash: str) -> bytes | None:
@@ -489,7 +497,10 @@ def _keys(hashes: Sequence[str]) -> tuple[U64Array, BoolArray | None]:
         return _keys_one_by_one(hashes)
     # A hash never holds a newline, so with exactly one newline per hash, each where a
     # key's pad starts, every hash has the right length.
-    if len(raw) != _KEY * n or raw.count(b"\n") != n or raw[HASH_LENGTH::_KEY] != b"\n" * n:
+    if len(raw) != _KEY * n or raw[HASH_LENGTH::_KEY] != b"\n" * n:
+        return _keys_one_by_one(hashes)
+    # (numpy counts bytes several times faster than bytes.count)
+    if np.count_nonzero(np.frombuffer(raw, np.uint8) == _NEWLINE) != n:
         return _keys_one_by_one(hashes)
     return np.frombuffer(raw, "<u8").reshape(n, _WORDS), None
 
