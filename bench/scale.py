@@ -213,8 +213,12 @@ def stop(kith: KithProcess, directory: Path | None) -> None:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
+    """This checkout's commit; with PYTHONPATH set, kith is run from there instead
+    (as the A B comparisons do), and the result says so."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"],  # noqa: S603, S607
                           capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+    elsewhere = os.environ.get("PYTHONPATH")
+    return f"{head}, kith from PYTHONPATH={elsewhere}" if elsewhere else head
 
 
 def main() -> None:
