@@ -617,12 +617,22 @@ class GroupCommitWriter:
                                {"key": WRITE_LOCK_KEY})
 
     async def _apply(self, conn: AsyncConnection, batch: Sequence[_Write]) -> None:
-        """Run the batch's statements through SQLAlchemy."""
+        """Run the batch's statements on `conn`, in its transaction: through the driver
+        where a statement's parameters need no processing (one `executemany`, without
+        SQLAlchemy's work for each row), through SQLAlchemy otherwise."""
         await self._lock_writes(conn)
         for statement, writes in _runs(batch):
             params = [p for write in writes for p in write.params]
-            if params:
+            if not params:
+                continue
+            plan = self._driver_plan(statement)
+            if plan is None:
                 await conn.execute(statement, params)
+                continue
+            sql, names = plan
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.executemany(sql, [tuple(p[n] for n in names) for p in params])
 
     def _driver_runs(self, batch: Sequence[_Write]) -> list[_DriverRun] | None:
         """The batch for the writer's thread: runs of one statement, as its SQL and its
