@@ -499,8 +499,9 @@ class GroupCommitWriter:
     On a SQLite file the writer has a connection and a thread of its own, and a batch is
     one call into that thread: the transaction, the cross-process lock, the statements
     and the commit run there, without SQLAlchemy's per-statement work and without the
-    event loop being woken for each step (docs/performance.md, "Binds").  A batch that
-    fails there is retried one write at a time through SQLAlchemy, as on PostgreSQL.
+    event loop being woken for each step (docs/performance.md, "Binds").  Elsewhere
+    (PostgreSQL), and for a batch that failed there and is retried one write at a time,
+    SQLAlchemy holds the transaction and the driver runs the statements (`_apply`).
     """
 
     MAX_BATCH = 2000
