@@ -176,3 +176,56 @@ def test_an_mxid_far_longer_than_a_matrix_id_is_kept_whole(make: MakeTable) -> N
     assert table.get(keys[3]) == huge
     assert table.find(keys)[keys[3]] == huge
     assert len(table.find(keys)) == 40
+
+
+def packed(entries: list[tuple[str, str]]) -> tuple[str, str, int]:
+    return "".join(k for k, _ in entries), "\n".join(m for _, m in entries), len(entries)
+
+
+@pytest.mark.parametrize("make", [*tables(), lambda: LookupTable(arrays_from=10**6)])
+def test_packed_updates_match_a_dict(make: MakeTable) -> None:
+    """update_packed (how a start loads the store) leaves what update would: new and
+    already held hashes, mxids of every length (past a window, non-ASCII, ending in
+    NUL), several batches, in any mode of the table."""
+    rng = random.Random(11)
+    table, model = make(), dict[str, str]()
+    odd = ["@ü:example.org", "@nul\x00", "@" + "l" * 300 + ":example.org", "@x:y"]
+    for batch in range(8):
+        keys = rng.sample(range(3000), 400)
+        entries = [(h(k), odd[k % 4] if k % 97 == 0 else f"@p{batch}_{k}:example.org")
+                   for k in keys]
+        assert table.update_packed(*packed(entries))
+        model.update(entries)
+    asked = [h(i) for i in range(3200)]
+    assert table.find(asked) == expected(model, asked)
+    assert all(table.get(x) == model.get(x) for x in asked[:500])
+    assert len(table) == len(model)
+
+
+@pytest.mark.parametrize("entries", [
+    [(h(1), "@a:x"), (h(2)[:-1], "@b:x")],           # a hash one character short
+    [(h(1), "@a:x"), (h(2) + "A", "@b:x")],          # one too long
+    [(h(1), "@a\n:x"), (h(2), "@b:x")],              # a newline in an mxid
+    [(h(1), "@a:x"), ("é" * HASH_LENGTH, "@b:x")],   # not ASCII
+])
+@pytest.mark.parametrize("arrays_from", [0, 10**6])
+def test_packed_updates_that_cannot_be_unpacked_change_nothing(
+        arrays_from: int, entries: list[tuple[str, str]]) -> None:
+    table = LookupTable(arrays_from=arrays_from)  # (it checks the shape for the arrays)
+    table.set(h(3), "@c:x")
+    assert not table.update_packed(*packed(entries))
+    assert table.find([h(1), h(2), h(3)]) == {h(3): "@c:x"}
+
+
+@pytest.mark.parametrize("make", tables())
+def test_a_packed_update_naming_a_hash_twice_changes_nothing(make: MakeTable) -> None:
+    table = make()
+    table.set(h(3), "@c:x")
+    entries = [(h(1), "@a:x")] * 2 + [(h(i), f"@{i}:x") for i in range(10, 30)]
+    if isinstance(table, LookupTable) and table._arrays is None:
+        # A dict takes the last; only the arrays cannot hold a hash twice.
+        assert table.update_packed(*packed(entries))
+        assert table.find([h(1), h(3), h(10)]) == {h(1): "@a:x", h(3): "@c:x", h(10): "@10:x"}
+        return
+    assert not table.update_packed(*packed(entries))
+    assert table.find([h(1), h(3), h(10)]) == {h(3): "@c:x"}

@@ -134,9 +134,17 @@ class AssociationIndex:
             _table(tables, source).reserve(count)
         trusted = start if stored_upto is None else min(stored_upto, start)
         if trusted > 0:
-            async for chunk in self._store.associations.stream_bound(upto=trusted):
-                _table(tables, chunk.source).update(
-                    zip(chunk.lookup_hashes, chunk.mxids, strict=True))
+            async for packed in self._store.associations.stream_bound_packed(upto=trusted):
+                if not _table(tables, packed.source).update_packed(
+                        packed.lookup_hashes, packed.mxids, packed.count):
+                    # Rows the packing cannot carry (a stored hash of another length, a
+                    # newline in an mxid, a hash stored twice): that batch's rows of the
+                    # source as rows, which `update` takes in any shape.
+                    async for chunk in self._store.associations.stream_bound(
+                            after=packed.after, upto=packed.upto):
+                        if chunk.source == packed.source:
+                            _table(tables, chunk.source).update(
+                                zip(chunk.lookup_hashes, chunk.mxids, strict=True))
                 await asyncio.sleep(0)
         async for rows in self._store.associations.stream_bound_threepids(trusted, start,
                                                                         batch=5000):

@@ -129,6 +129,21 @@ class LookupTable:
                 _remember(self._mxids, lookup_hash, mxid)
         self._move_when_big()
 
+    def update_packed(self, hashes: str, mxids: str, count: int) -> bool:
+        """`update` with `count` bindings packed in two strings: their lookup hashes one
+        after another and their mxids joined by newlines (no two of one hash).  False,
+        having changed nothing, if they cannot be unpacked so: a hash that is not 43
+        ASCII characters, or an mxid holding a newline."""
+        if not _unpackable(hashes, mxids, count):
+            return False
+        if self._mxids is None:
+            assert self._arrays is not None
+            return self._arrays.update_packed(hashes, mxids, count)
+        self.update(zip((hashes[i:i + HASH_LENGTH]
+                         for i in range(0, len(hashes), HASH_LENGTH)),
+                        mxids.split("\n") if count else [], strict=True))
+        return True
+
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
         if self._mxids is None:
@@ -261,6 +276,29 @@ class HashArrays:
             mxids = [mxids[i] for i in known.tolist()]
         self._write_mxids(rows.take(known), mxids)
 
+    def update_packed(self, hashes: str, mxids: str, count: int) -> bool:
+        """`LookupTable.update_packed` (its caller has checked the strings' shape); False,
+        having changed nothing, if a hash is there twice."""
+        if not count:
+            return True
+        keys8 = np.empty((count, _KEY), np.uint8)
+        keys8[:, :HASH_LENGTH] = np.frombuffer(hashes.encode("ascii"), np.uint8).reshape(
+            count, HASH_LENGTH)
+        keys8[:, HASH_LENGTH:] = np.frombuffer(_PAD, np.uint8)
+        keys = keys8.view("<u8")
+        mixed = np.sort(self._mix(keys[:, 0], keys[:, 1]))
+        if np.count_nonzero(mixed[1:] == mixed[:-1]):  # (or two that mix alike: as rare)
+            return False
+        rows = self._rows_of(keys, None)
+        new = np.flatnonzero(rows < 0)
+        if len(new):
+            rows[new] = self._append_rows(keys.take(new, axis=0))
+        text = np.frombuffer(mxids.encode(), np.uint8)
+        newlines = np.flatnonzero(text == _NEWLINE)
+        lengths = np.diff(newlines, prepend=-1, append=len(text)) - 1
+        self._write_text(rows, text.take(np.flatnonzero(text != _NEWLINE)), lengths)
+        return True
+
     def _rows_of(self, asked: U64Array, valid: BoolArray | None) -> IntArray:
         """The row of each key in `asked` where `valid` (None: all are), or -1.
 
@@ -352,21 +390,26 @@ class HashArrays:
         """Point `rows` at their new mxids (None: unbound), appended to the text."""
         if not len(rows):
             return
-        old = self._refs.take(rows) & _REF_LENGTH
         if None in mxids:
             encoded = [b"" if m is None else m.encode() for m in mxids]
         else:
             encoded = list(map(str.encode, mxids))  # type: ignore[arg-type]
         lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+        self._write_text(rows, np.frombuffer(b"".join(encoded), np.uint8), lengths)
+
+    def _write_text(self, rows: IntArray, joined: npt.NDArray[np.uint8],
+                    lengths: npt.NDArray[np.int64]) -> None:
+        """Point `rows` at the mxids `joined` holds one after another, `lengths` bytes
+        each (0: unbound), appended to the text."""
+        old = self._refs.take(rows) & _REF_LENGTH
         if len(lengths) and int(lengths.max()) > _REF_LENGTH:
             raise ValueError("an mxid longer than 16 MiB")
-        joined = b"".join(encoded)
         self._text_dead += int(old.sum())
         self._refs[rows] = 0
         if self._text_used + len(joined) > len(self._text) - _WINDOW:
             self._compact_text(len(joined))
         start = self._text_used
-        self._text[start:start + len(joined)] = np.frombuffer(joined, np.uint8)
+        self._text[start:start + len(joined)] = joined
         self._text_used += len(joined)
         ends = start + np.cumsum(lengths)
         self._refs[rows] = np.where(lengths != 0, (ends - lengths) << _REF_SHIFT | lengths, 0)
@@ -503,6 +546,14 @@ def _keys(hashes: Sequence[str]) -> tuple[U64Array, BoolArray | None]:
     if np.count_nonzero(np.frombuffer(raw, np.uint8) == _NEWLINE) != n:
         return _keys_one_by_one(hashes)
     return np.frombuffer(raw, "<u8").reshape(n, _WORDS), None
+
+
+def _unpackable(hashes: str, mxids: str, count: int) -> bool:
+    """Whether `count` packed hashes and mxids (`update_packed`) can be told apart."""
+    if not count:
+        return not hashes and not mxids
+    return (len(hashes) == HASH_LENGTH * count and hashes.isascii()
+            and mxids.count("\n") == count - 1)
 
 
 def _keys_one_by_one(hashes: Sequence[str]) -> tuple[U64Array, BoolArray | None]:

@@ -82,3 +82,52 @@ async def test_another_writers_earlier_row_is_read_with_the_own_rows_after_it(
     await b.index.catch_up()
     assert b.answer("both@example.org") == "@a:hs.test"
     assert a.index.last_id == b.index.last_id == await a.store.associations.max_id()
+
+
+async def test_a_start_loads_every_row_also_those_the_packing_cannot_carry(
+        db_config: DbConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start reads the store in packed batches (hashes concatenated, mxids joined by
+    newlines, by the database); a batch holding a stored hash of another length, an
+    mxid with a newline or a hash twice is read row by row instead, so every other
+    row of it is still indexed.  Small batches here: several of each kind, and sources
+    mixed in them."""
+    store = await Store.open(db_config)
+    try:
+        pepper = await store.state.get_or_create("lookup_pepper", "pepper")
+        rows = []
+        for i in range(300):
+            source = "local" if i % 3 else "ldap"
+            address = f"user{i}@example.org"
+            mxid = f"@u{i}:hs.test"
+            stored = lookup_hash("email", address, pepper)
+            if i == 17:
+                mxid = "@new\nline:hs.test"
+            if i == 50:
+                stored = stored[:-1]  # an imported hash of another length
+            if i == 90:
+                mxid = "@ü:hs.test"
+            if i == 122:  # stored under the hash of the address before it, in its source
+                stored = lookup_hash("email", "user121@example.org", pepper)
+            rows.append(AssociationRow(source, "email", address, mxid, 1, 1, 2, stored))
+        await store.associations.write(rows)
+        await store.associations.write([AssociationRow(  # an unbind: not loaded
+            "local", "email", "user1@example.org", None, 2, 2, 3,
+            lookup_hash("email", "user1@example.org", pepper))])
+        packed = store.associations.stream_bound_packed
+        monkeypatch.setattr(store.associations, "stream_bound_packed",
+                            lambda upto: packed(upto, batch=40))
+        index = AssociationIndex(store, order=["local", "ldap"])
+        peppers = LookupPeppers(store, index)
+        await peppers.load()
+        try:
+            for i in range(300):
+                source = "local" if i % 3 else "ldap"
+                found = index.source(source, pepper).get(
+                    lookup_hash("email", f"user{i}@example.org", pepper))
+                want = {1: None, 17: "@new\nline:hs.test", 50: None, 90: "@ü:hs.test",
+                        121: "@u122:hs.test", 122: None}.get(i, f"@u{i}:hs.test")
+                assert found == want, i
+        finally:
+            await peppers.close()
+    finally:
+        await store.close()
