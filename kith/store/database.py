@@ -436,8 +436,8 @@ class Database:
         descriptor of a file drops every POSIX lock the process holds on it, SQLite's
         included.  Without its shared lock, another process closing the database (the
         CLI, say) would think itself the last user and delete the WAL this one writes to."""
-        path = self.engine.url.database
-        if self.dialect != "sqlite" or not path or path == ":memory:":
+        path = sqlite_file(self.engine.url)
+        if path is None:
             yield
             return
         if self._lock_fd is None:
