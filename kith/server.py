@@ -337,9 +337,6 @@ class KithServer:
                 self.services.onbind.run(self.services.bindings.deliver_pending_invites),
                 name="kith-onbind"))
         http = self.config.http
-        await self._listen(client_app(self.config, self.services),
-                           http.client_bind_address, http.client_port,
-                           self.client_tls.context if self.client_tls else None)
         if http.internal_port is not None:
             await self._listen(internal_app(self.config, self.services),
                                http.internal_bind_address, http.internal_port)
@@ -353,6 +350,11 @@ class KithServer:
         if general.prometheus_port is not None:
             await self._listen(metrics_app(self._refresh_gauges),
                                general.prometheus_addr or "127.0.0.1", general.prometheus_port)
+        # The client port opens last: once it answers, so do the private ports (a load
+        # balancer's health check, or a homeserver told "kith is up", may rely on it).
+        await self._listen(client_app(self.config, self.services),
+                           http.client_bind_address, http.client_port,
+                           self.client_tls.context if self.client_tls else None)
         log.info("kith started: %d bindings, client API on %s://[%s]:%d",
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kith.config import load_config
+from kith.server import KithServer, ListenError
 from kith.store import InviteTokenRow, Store
 from tests.conftest import KithProcessFactory, free_port, write_config
 
@@ -127,6 +129,24 @@ def test_port_in_use_is_one_clear_line(tmp_path: Path,
         assert f"cannot listen on [127.0.0.1]:{config.http.client_port}" in result.stderr
     finally:
         first.kill(signal.SIGTERM)
+
+
+async def test_client_port_opens_after_the_private_ports(tmp_path: Path) -> None:
+    """A client port that answers means the whole instance is up: with the internal port
+    taken, start fails before the client port ever listens."""
+    path = write_config(tmp_path, {})
+    config = load_config(str(path), env={})
+    assert config.http.internal_port is not None
+    taken = socket.create_server(("127.0.0.1", config.http.internal_port))
+    server = KithServer(config)
+    try:
+        with pytest.raises(ListenError, match=f":{config.http.internal_port}"):
+            await server.start()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", config.http.client_port), timeout=1).close()
+    finally:
+        await server.stop()
+        taken.close()
 
 
 def test_healthcheck(tmp_path: Path, kith_process: KithProcessFactory) -> None:
