@@ -118,6 +118,12 @@ class PackedChunk:
     upto: int
 
 
+_REHASH = update(t).where(t.c.id == bindparam("row_id")).values(
+    lookup_hash=bindparam("new_hash"))
+_REHASH_POSTGRESQL = text(
+    "UPDATE threepid_associations AS a SET lookup_hash = b.lookup_hash"
+    " FROM unnest(CAST(:ids AS bigint[]), CAST(:hashes AS text[])) AS b(id, lookup_hash)"
+    " WHERE a.id = b.id")
 _INDEX_COLUMNS = (t.c.id, t.c.source, t.c.medium, t.c.address, t.c.lookup_hash, t.c.mxid)
 
 
@@ -267,8 +273,6 @@ class AssociationStore:
         id up to `upto`, a batch per transaction; ids stay as they are (no reader of the
         change cursor needs to see this).  A row rewritten meanwhile has a larger id and
         is left as its writer stored it.  Returns the number of rows rewritten."""
-        stmt = update(t).where(t.c.id == bindparam("row_id")).values(
-            lookup_hash=bindparam("new_hash"))
         after, done = 0, 0
         while True:
             async with self._db.engine.connect() as conn:
@@ -278,10 +282,17 @@ class AssociationStore:
                     .order_by(t.c.id).limit(batch))).all()
             if not rows:
                 return done
-            params = [{"row_id": i, "new_hash": hash_of(m, a)} for i, m, a in rows]
-            async with self._db.engine.begin() as conn:
-                await conn.execute(stmt, params)
-            after, done = int(rows[-1][0]), done + len(rows)
+            ids = [int(row[0]) for row in rows]
+            hashes = [hash_of(medium, address) for _, medium, address in rows]
+            if self._db.dialect == "postgresql":
+                # One statement for the batch: an executemany's rows would each be a
+                # statement of their own.
+                async with self._db.engine.begin() as conn:
+                    await conn.execute(_REHASH_POSTGRESQL, {"ids": ids, "hashes": hashes})
+            else:  # the group-commit writer runs it on its own connection, in its thread
+                await self._db.writer.execute(_REHASH, [
+                    {"row_id": i, "new_hash": h} for i, h in zip(ids, hashes, strict=True)])
+            after, done = ids[-1], done + len(rows)
 
     # ---------------------------------------------------- the server's own, for peers
 

@@ -45,7 +45,6 @@ threepid_associations = Table(
     Column("origin_server", String(255), nullable=True),
     Column("origin_id", BigInteger, nullable=True),
     UniqueConstraint("source", "medium", "address", name="uq_threepid_source_medium_address"),
-    Index("ix_threepid_lookup_hash", "lookup_hash"),
     Index("ix_threepid_own_changes", "id", sqlite_where=text(OWN_ROWS),
           postgresql_where=text(OWN_ROWS)),
     sqlite_autoincrement=True,

@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import insert, inspect, text
 
 from kith.config import DbConfig
 from kith.store import AssociationRow, Store
 from kith.store.database import MIGRATIONS, DatabaseKind, inspect_sqlite
-from kith.store.schema import server_state
+from kith.store.schema import metadata, server_state
 from kith.store.sessions import ValidationSessionRow
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
@@ -64,6 +66,19 @@ async def test_migrations_create_the_schema_and_are_idempotent(db_config: DbConf
         assert [v[0] for v in versions] == [HEAD]
     finally:
         await second.close()
+
+
+async def test_the_migrations_build_the_tables_the_code_declares(db_config: DbConfig) -> None:
+    """schema.py and the migrations describe the same database: same tables, columns and
+    indexes (an index dropped from one and not the other would show here)."""
+    store = await Store.open(db_config)
+    try:
+        async with store.db.engine.connect() as conn:
+            differences = await conn.run_sync(lambda c: compare_metadata(
+                MigrationContext.configure(c), metadata))
+    finally:
+        await store.close()
+    assert differences == []
 
 
 # ----------------------------------------------------------------------- associations
@@ -156,6 +171,26 @@ async def test_stream_bound_yields_only_live_bindings(store: Store) -> None:
         **{("local", binding(f"live{i}@example.com").lookup_hash): f"@u{i}:hs.test"
            for i in range(4)},
         ("ldap", binding("synced@example.com").lookup_hash): "@s:hs.test"}
+
+
+async def test_rehash_rewrites_every_live_row_up_to_the_id_it_is_given(store: Store) -> None:
+    await store.associations.write([binding(f"u{i}@example.com", f"@u{i}:hs.test")
+                                    for i in range(7)])
+    await store.associations.write([binding("u6@example.com", None)])  # a tombstone
+    upto = await store.associations.max_id()
+    await store.associations.write([binding("late@example.com", "@late:hs.test")])
+
+    def new_hash(medium: str, address: str) -> str:
+        return f"new:{medium}:{address}"
+
+    assert await store.associations.rehash(new_hash, upto, batch=2) == 6
+    stored = {address: row.lookup_hash for address in
+              [*(f"u{i}@example.com" for i in range(7)), "late@example.com"]
+              if (row := await store.associations.get("local", "email", address))}
+    assert stored == {**{f"u{i}@example.com": new_hash("email", f"u{i}@example.com")
+                         for i in range(6)},
+                      "u6@example.com": binding("u6@example.com").lookup_hash,
+                      "late@example.com": binding("late@example.com").lookup_hash}
 
 
 async def test_stream_bound_on_an_empty_store(store: Store) -> None:
