@@ -376,7 +376,8 @@ def cmd_rotate_pepper(args: argparse.Namespace, config: KithConfig) -> int:
               "adopt_pepper); it changes when the upstream's does", file=sys.stderr)
         return 2
     try:
-        _with_store(lambda store, _config: rotate(store), config)
+        _with_store(lambda store, _config: rotate(
+            store, say=lambda line: print(line, file=sys.stderr, flush=True)), config)
     except RotationBusy as exc:
         print(f"kith: {exc}; try again later", file=sys.stderr)
         return 1

@@ -37,6 +37,8 @@ HASHED = "lookup_pepper.hashed"
 HASHED_UPTO = "lookup_pepper.hashed_upto"
 ROTATED_AT = "lookup_pepper.rotated_at"
 KEYS = (CURRENT, NEXT, HASHED, HASHED_UPTO, ROTATED_AT)
+# How often a change of the pepper says how far its rewrite of the stored hashes got.
+PROGRESS_EVERY_S = 10.0
 # Held by whoever changes the pepper (a server or `kith rotate-pepper`).
 ROTATION_LOCK = "lookup-pepper"
 
@@ -113,14 +115,25 @@ class PepperRotation:
             raise
         return cls(store, held, pepper)
 
-    async def complete(self) -> int:
+    async def complete(self, say: Callable[[str], None] | None = None) -> int:
         """Rewrite the stored hashes, then announce the new pepper; returns the rows
-        rewritten.  The lock is let go whatever happens."""
+        rewritten.  Every `PROGRESS_EVERY_S` the rewrite says how far it got, through
+        `say` (the log when None).  The lock is let go whatever happens."""
         store, pepper = self._store, self.pepper
         try:
             upto = await store.associations.max_id()
+            reported = time.monotonic()
+
+            def progress(done: int, after_id: int) -> None:
+                nonlocal reported
+                if time.monotonic() - reported >= PROGRESS_EVERY_S:
+                    reported = time.monotonic()
+                    (say or log.info)(f"rewriting the stored lookup hashes: {done} rewritten, "
+                                      f"about {after_id * 100 // max(upto, 1)}% of the way")
+
             rewritten = await store.associations.rehash(
-                lambda medium, address: lookup_hash(medium, address, pepper), upto)
+                lambda medium, address: lookup_hash(medium, address, pepper), upto,
+                progress=progress)
             await store.state.set_many({CURRENT: pepper, NEXT: "", HASHED_UPTO: str(upto),
                                         ROTATED_AT: str(now_ms())})
             log.info("lookup pepper changed; %d stored lookup hashes rewritten", rewritten)
@@ -129,12 +142,14 @@ class PepperRotation:
             await self._held.release()
 
 
-async def rotate(store: Store, pepper: str | None = None, wait_s: float = 30.0) -> bool:
-    """Change the pepper (to `pepper`, or a new random one); False if it already was."""
+async def rotate(store: Store, pepper: str | None = None, wait_s: float = 30.0,
+                 say: Callable[[str], None] | None = None) -> bool:
+    """Change the pepper (to `pepper`, or a new random one); False if it already was.
+    `say`: as `PepperRotation.complete`."""
     rotation = await PepperRotation.begin(store, pepper, wait_s)
     if rotation is None:
         return False
-    await rotation.complete()
+    await rotation.complete(say)
     return True
 
 

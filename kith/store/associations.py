@@ -268,11 +268,13 @@ class AssociationStore:
             return [(int(i), m, a) for i, m, a in result]
 
     async def rehash(self, hash_of: Callable[[str, str], str], upto: int,
-                     batch: int = 2000) -> int:
+                     batch: int = 2000,
+                     progress: Callable[[int, int], None] | None = None) -> int:
         """Store `hash_of(medium, address)` as the lookup hash of every live row with an
         id up to `upto`, a batch per transaction; ids stay as they are (no reader of the
         change cursor needs to see this).  A row rewritten meanwhile has a larger id and
-        is left as its writer stored it.  Returns the number of rows rewritten."""
+        is left as its writer stored it.  Returns the number of rows rewritten; after
+        each batch, `progress(rows rewritten, the batch's last id)`."""
         after, done = 0, 0
         while True:
             async with self._db.engine.connect() as conn:
@@ -293,6 +295,8 @@ class AssociationStore:
                 await self._db.writer.execute(_REHASH, [
                     {"row_id": i, "new_hash": h} for i, h in zip(ids, hashes, strict=True)])
             after, done = ids[-1], done + len(rows)
+            if progress is not None:
+                progress(done, after)
 
     # ---------------------------------------------------- the server's own, for peers
 

@@ -3,11 +3,13 @@ an AssociationIndex and its LookupPeppers, as a worker or instance has)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
 
+import kith.services.pepper as pepper_module
 from kith.config import DbConfig
 from kith.services.index import AssociationIndex
 from kith.services.pepper import (
@@ -165,6 +167,21 @@ async def test_one_rotation_at_a_time(processes: list[Process]) -> None:
     assert await rotate(b.store, wait_s=0.3)  # let go once done
     current = (await read_record(b.store)).current
     assert not await rotate(b.store, current)  # to the pepper it already is: nothing
+
+
+async def test_a_rotation_says_how_far_its_rewrite_got(
+        processes: list[Process], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    a, _ = processes
+    lines: list[str] = []
+    assert await rotate(a.store, say=lines.append)
+    assert lines == []  # done within PROGRESS_EVERY_S: nothing to say
+    monkeypatch.setattr(pepper_module, "PROGRESS_EVERY_S", 0.0)
+    assert await rotate(a.store, say=lines.append)
+    assert lines == ["rewriting the stored lookup hashes: 50 rewritten, about 100% of the way"]
+    with caplog.at_level(logging.INFO, logger="kith.services.pepper"):
+        assert await rotate(a.store)  # nobody to tell: the log
+    assert "rewriting the stored lookup hashes: 50 rewritten" in caplog.text
 
 
 async def test_a_periodic_rotation_is_made_once_per_period(processes: list[Process]) -> None:

@@ -183,7 +183,12 @@ async def test_rehash_rewrites_every_live_row_up_to_the_id_it_is_given(store: St
     def new_hash(medium: str, address: str) -> str:
         return f"new:{medium}:{address}"
 
-    assert await store.associations.rehash(new_hash, upto, batch=2) == 6
+    progress: list[tuple[int, int]] = []
+    assert await store.associations.rehash(
+        new_hash, upto, batch=2, progress=lambda *report: progress.append(report)) == 6
+    ids = await ids_by_address(store)
+    assert progress == [(2, ids["u1@example.com"]), (4, ids["u3@example.com"]),
+                        (6, ids["u5@example.com"])]
     stored = {address: row.lookup_hash for address in
               [*(f"u{i}@example.com" for i in range(7)), "late@example.com"]
               if (row := await store.associations.get("local", "email", address))}
