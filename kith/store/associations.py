@@ -3,6 +3,7 @@ for the replication pusher."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from sqlalchemy import (
     update,
 )
 
-from kith.store.database import Database
+from kith.store.database import Database, is_conflict
 from kith.store.schema import NO_ORIGIN, OWN_SOURCE
 from kith.store.schema import threepid_associations as t
 
@@ -118,6 +119,9 @@ class PackedChunk:
     upto: int
 
 
+log = logging.getLogger(__name__)
+
+_REHASH_ATTEMPTS = 5
 _REHASH = update(t).where(t.c.id == bindparam("row_id")).values(
     lookup_hash=bindparam("new_hash"))
 _REHASH_POSTGRESQL = text(
@@ -286,17 +290,31 @@ class AssociationStore:
                 return done
             ids = [int(row[0]) for row in rows]
             hashes = [hash_of(medium, address) for _, medium, address in rows]
-            if self._db.dialect == "postgresql":
-                # One statement for the batch: an executemany's rows would each be a
-                # statement of their own.
-                async with self._db.engine.begin() as conn:
-                    await conn.execute(_REHASH_POSTGRESQL, {"ids": ids, "hashes": hashes})
-            else:  # the group-commit writer runs it on its own connection, in its thread
-                await self._db.writer.execute(_REHASH, [
-                    {"row_id": i, "new_hash": h} for i, h in zip(ids, hashes, strict=True)])
+            for attempt in range(1, _REHASH_ATTEMPTS + 1):
+                try:
+                    await self._rehash_rows(ids, hashes)
+                    break
+                except Exception as exc:
+                    # A bind's group commit, in this process or another instance, may
+                    # hold some of the batch's rows and wait for others: PostgreSQL then
+                    # rolls one of them back.  The batch is as good to run again.
+                    if not is_conflict(exc) or attempt == _REHASH_ATTEMPTS:
+                        raise
+                    log.info("rewriting lookup hashes: a batch met a concurrent write "
+                             "(%s); running it again", type(exc).__name__)
             after, done = ids[-1], done + len(rows)
             if progress is not None:
                 progress(done, after)
+
+    async def _rehash_rows(self, ids: list[int], hashes: list[str]) -> None:
+        if self._db.dialect == "postgresql":
+            # One statement for the batch: an executemany's rows would each be a
+            # statement of their own.
+            async with self._db.engine.begin() as conn:
+                await conn.execute(_REHASH_POSTGRESQL, {"ids": ids, "hashes": hashes})
+        else:  # the group-commit writer runs it on its own connection, in its thread
+            await self._db.writer.execute(_REHASH, [
+                {"row_id": i, "new_hash": h} for i, h in zip(ids, hashes, strict=True)])
 
     # ---------------------------------------------------- the server's own, for peers
 

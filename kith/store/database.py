@@ -80,13 +80,18 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         pending += [getattr(current, "orig", None), current.__cause__, current.__context__]
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE a PostgreSQL error carries (asyncpg's `sqlstate`, psycopg's `pgcode`)."""
+    code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
 def is_storage_full(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says the database's disk is full: SQLite's
     SQLITE_FULL, PostgreSQL's disk_full, or ENOSPC.  Reads still work then, and writes
     work again once there is room: nothing about it is permanent."""
     return any(getattr(current, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-               or _DISK_FULL_SQLSTATE in (getattr(current, "sqlstate", None),
-                                          getattr(current, "pgcode", None))
+               or _sqlstate(current) == _DISK_FULL_SQLSTATE
                or (isinstance(current, OSError) and current.errno == errno.ENOSPC)
                for current in _chain(exc))
 
@@ -102,10 +107,10 @@ def is_unreachable(exc: BaseException) -> bool:
     or starting, or no pooled connection came in time.  Nothing about it is permanent:
     the pool connects again once the database answers."""
     for current in _chain(exc):
-        sqlstate = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        sqlstate = _sqlstate(current)
         if (isinstance(current, (ConnectionError, sa_exc.TimeoutError))
                 or (isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated)
-                or (isinstance(sqlstate, str) and sqlstate.startswith(_UNREACHABLE_SQLSTATES))
+                or (sqlstate is not None and sqlstate.startswith(_UNREACHABLE_SQLSTATES))
                 or (type(current).__module__.startswith("asyncpg")
                     and type(current).__name__ in _UNREACHABLE_DRIVER_ERRORS)):
             return True
@@ -115,6 +120,15 @@ def is_unreachable(exc: BaseException) -> bool:
 # asyncpg's errors for a connection that is closed or lost (they carry no SQLSTATE).
 _UNREACHABLE_DRIVER_ERRORS = frozenset(("ConnectionDoesNotExistError",
                                         "InternalClientError", "InterfaceError"))
+
+# PostgreSQL's serialization_failure and deadlock_detected.
+_CONFLICT_SQLSTATES = frozenset(("40001", "40P01"))
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) says the transaction lost to a concurrent one
+    and was rolled back: running it again is the cure."""
+    return any(_sqlstate(current) in _CONFLICT_SQLSTATES for current in _chain(exc))
 
 
 def sqlite_file(url: URL) -> str | None:

@@ -22,6 +22,7 @@ from kith.store import AssociationRow, Store
 from kith.store.database import MIGRATIONS, DatabaseKind, inspect_sqlite
 from kith.store.schema import metadata, server_state
 from kith.store.sessions import ValidationSessionRow
+from tests.conftest import wait_for
 
 HEAD = ScriptDirectory(str(MIGRATIONS)).get_current_head()
 TABLES = {"threepid_associations", "accounts", "account_tokens", "accepted_terms_urls",
@@ -196,6 +197,40 @@ async def test_rehash_rewrites_every_live_row_up_to_the_id_it_is_given(store: St
                          for i in range(6)},
                       "u6@example.com": binding("u6@example.com").lookup_hash,
                       "late@example.com": binding("late@example.com").lookup_hash}
+
+
+@pytest.mark.postgres
+async def test_rehash_goes_on_after_losing_a_deadlock(postgresql_url: str) -> None:
+    """Another transaction holds a row the rewrite's batch needs and then waits for one
+    the batch holds: PostgreSQL aborts the rewrite's transaction (it waited first), and
+    the rewrite runs the batch again."""
+    store = await Store.open(DbConfig(url=postgresql_url))
+    try:
+        await store.associations.write([binding(f"u{i}@example.com", f"@u{i}:hs.test")
+                                        for i in range(4)])
+        ids = await ids_by_address(store)
+        upto = await store.associations.max_id()
+
+        async def rewrite_waits() -> bool:
+            async with store.db.engine.connect() as conn:
+                return bool((await conn.execute(text(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"))).scalar())
+
+        async with store.db.engine.connect() as other:
+            await other.execute(text("SELECT id FROM threepid_associations WHERE id = :id "
+                                     "FOR UPDATE"), {"id": ids["u3@example.com"]})
+            rewrite = asyncio.create_task(store.associations.rehash(
+                lambda medium, address: f"new:{address}", upto))
+            await wait_for("the rewrite to wait for the held row", rewrite_waits)
+            await other.execute(text("UPDATE threepid_associations SET ts = ts + 1 "
+                                     "WHERE id = :id"), {"id": ids["u0@example.com"]})
+            await other.commit()
+        assert await asyncio.wait_for(rewrite, 30) == 4
+        for i in range(4):
+            row = await store.associations.get("local", "email", f"u{i}@example.com")
+            assert row is not None and row.lookup_hash == f"new:u{i}@example.com"
+    finally:
+        await store.close()
 
 
 async def test_stream_bound_on_an_empty_store(store: Store) -> None:
