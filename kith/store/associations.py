@@ -25,6 +25,8 @@ from kith.store.database import Database, is_conflict
 from kith.store.schema import NO_ORIGIN, OWN_SOURCE
 from kith.store.schema import threepid_associations as t
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class AssociationRow:
@@ -118,8 +120,6 @@ class PackedChunk:
     after: int
     upto: int
 
-
-log = logging.getLogger(__name__)
 
 _REHASH_ATTEMPTS = 5
 _REHASH = update(t).where(t.c.id == bindparam("row_id")).values(
