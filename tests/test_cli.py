@@ -14,6 +14,7 @@ import pytest
 
 from kith.config import load_config
 from kith.server import KithServer, ListenError
+from kith.services.pepper import PepperRotation, rotate_when_due
 from kith.store import InviteTokenRow, Store
 from tests.conftest import KithProcessFactory, free_port, write_config
 
@@ -147,6 +148,34 @@ async def test_client_port_opens_after_the_private_ports(tmp_path: Path) -> None
     finally:
         await server.stop()
         taken.close()
+
+
+async def test_status_says_whether_a_pepper_change_is_unfinished(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {"general": {"lookup_pepper.rotation": 86400}})
+    store = await Store.open(load_config(str(path), env={}).db)
+    try:
+        await rotate_when_due(store, 86400)  # the first period starts
+        started_ms = int((await store.state.get("lookup_pepper.rotated_at")) or 0)
+        assert started_ms
+
+        def pepper_line() -> str:
+            result = kith("--config", str(path), "status", cwd=tmp_path)
+            assert result.returncode == 0, result.stderr
+            (line,) = [x for x in result.stdout.splitlines() if x.startswith("pepper:")]
+            return line
+
+        due = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_ms / 1000 + 86400))
+        assert pepper_line() == f"pepper:    no change under way, the next periodic " \
+                                f"change due {due}"
+        rotation = await PepperRotation.begin(store)  # and then nothing: interrupted
+        assert rotation is not None
+        assert pepper_line().startswith("pepper:    a change is under way or was "
+                                        "interrupted; ")
+        await rotation.complete()
+        assert pepper_line().startswith("pepper:    no change under way, the next periodic "
+                                        "change due ")
+    finally:
+        await store.close()
 
 
 def test_healthcheck(tmp_path: Path, kith_process: KithProcessFactory) -> None:

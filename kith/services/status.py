@@ -10,6 +10,7 @@ from kith.config import KithConfig
 from kith.metrics import BINDINGS, ONBIND_OLDEST_PENDING, ONBIND_QUEUE
 from kith.replication.peers import ReplicationPeers
 from kith.replication.status import PeerStatus, peer_statuses
+from kith.services import pepper as pepper_keys
 from kith.services.ldap_sync import SyncState, load_sync_state
 from kith.store import Store
 from kith.store.invites import GAVE_UP, PENDING, QueueCounts
@@ -27,6 +28,11 @@ class ServerStatus:
     peers: list[PeerStatus]
     ldap_configured: bool
     ldap_sync: SyncState | None
+    # A change of the lookup pepper was begun and not finished (under way, or
+    # interrupted): every process holds an index for each pepper meanwhile.
+    pepper_change_unfinished: bool
+    # When the periodic change of the pepper (`lookup_pepper.rotation`) is next due.
+    pepper_change_due_ts: int | None
 
 
 def binding_sources(counts: dict[tuple[str, str | None], int]) -> dict[str, int]:
@@ -48,12 +54,18 @@ async def server_status(config: KithConfig, store: Store, now_ms: int) -> Server
     waiting, validated = await store.sessions.count()
     queue = await store.invites.counts()
     peers = await peer_statuses(store, await ReplicationPeers.load(config, store), now_ms)
+    pepper = await store.state.get_many((pepper_keys.NEXT, pepper_keys.ROTATED_AT))
+    period_s = config.general.lookup_pepper_rotation_s
+    rotated_at = pepper.get(pepper_keys.ROTATED_AT)
     return ServerStatus(
         bindings=bindings, sessions_waiting=waiting, sessions_validated=validated,
         invites_pending=queue.invites_pending, onbind=queue.onbind,
         onbind_oldest_pending_age_s=oldest_age_s(queue, now_ms), peers=peers,
         ldap_configured=config.sources.ldap is not None,
-        ldap_sync=await load_sync_state(store))
+        ldap_sync=await load_sync_state(store),
+        pepper_change_unfinished=bool(pepper.get(pepper_keys.NEXT)),
+        pepper_change_due_ts=int(rotated_at) + int(period_s * 1000)
+        if period_s is not None and rotated_at else None)
 
 
 async def export_queue_gauges(store: Store, now_ms: int) -> None:
