@@ -475,9 +475,9 @@ def _status_lines(s: ServerStatus) -> list[str]:
             if sync.last_error_ts and (sync.last_success_ts or 0) < sync.last_error_ts else ""
         lines.append(f"ldap:      {last}{full}{error}")
     if s.pepper_change_unfinished:
-        lines.append("pepper:    a change is under way or was interrupted; until one finishes "
-                     "every process holds a lookup index for each pepper (`kith "
-                     "rotate-pepper` makes and finishes a new one)")
+        lines.append("pepper:    a change is under way, or was interrupted (a running kith "
+                     "finishes it within a minute); meanwhile every process holds a lookup "
+                     "index for each pepper")
     else:
         due = s.pepper_change_due_ts
         lines.append("pepper:    no change under way" + (

@@ -54,7 +54,7 @@ from kith.services.ldap_sync import LdapSync
 from kith.services.limits import LookupBudget, SendLimits
 from kith.services.lookup import LookupService
 from kith.services.onbind import OnbindService
-from kith.services.pepper import LookupPeppers, rotate_when_due
+from kith.services.pepper import LookupPeppers, pepper_upkeep
 from kith.services.status import export_binding_gauges, export_queue_gauges
 from kith.services.terms import TermsSource
 from kith.services.validation import ValidationService
@@ -323,12 +323,14 @@ class KithServer:
         if rotation_s is not None and adopted is not None:
             log.warning("[general] lookup_pepper.rotation is ignored: with [proxy] "
                         "adopt_pepper the lookup pepper is the upstream's")
-        elif rotation_s is not None and (
-                self.counters is None or self.counters.claim(SharedCounters.PEPPER_ROTATION)):
+            rotation_s = None
+        if self.counters is None or self.counters.claim(SharedCounters.PEPPER_ROTATION):
             store = self.store
             self.tasks.append(asyncio.create_task(periodically(
-                min(rotation_s / 4, PEPPER_CHECK_INTERVAL_S), "rotating the lookup pepper",
-                lambda: rotate_when_due(store, rotation_s)), name="kith-pepper-rotation"))
+                PEPPER_CHECK_INTERVAL_S if rotation_s is None
+                else min(rotation_s / 4, PEPPER_CHECK_INTERVAL_S),
+                "the lookup pepper's upkeep (changes finished or made)",
+                lambda: pepper_upkeep(store, rotation_s)), name="kith-pepper-upkeep"))
         if self.services.lookup.budget is not None:
             self.tasks.append(asyncio.create_task(
                 self.services.lookup.budget.run(), name="kith-lookup-budget"))

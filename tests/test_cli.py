@@ -169,8 +169,8 @@ async def test_status_says_whether_a_pepper_change_is_unfinished(tmp_path: Path)
                                 f"change due {due}"
         rotation = await PepperRotation.begin(store)  # and then nothing: interrupted
         assert rotation is not None
-        assert pepper_line().startswith("pepper:    a change is under way or was "
-                                        "interrupted; ")
+        assert pepper_line().startswith("pepper:    a change is under way, or was "
+                                        "interrupted ")
         await rotation.complete()
         assert pepper_line().startswith("pepper:    no change under way, the next periodic "
                                         "change due ")

@@ -153,6 +153,35 @@ async def rotate(store: Store, pepper: str | None = None, wait_s: float = 30.0,
     return True
 
 
+async def finish_interrupted(store: Store) -> int:
+    """Finish a change of the pepper that was begun and never finished (the process
+    making it died, a `kith rotate-pepper` was killed): until one finishes, every process
+    holds an index for each pepper.  1 if one was finished here; 0 if none was left
+    unfinished, or a live process is still making it."""
+    record = await read_record(store)
+    if record.next is None:
+        return 0
+    try:
+        rotation = await PepperRotation.begin(
+            store, record.next, wait_s=0, due=lambda now: now.next == record.next)
+    except RotationBusy:
+        return 0
+    if rotation is None:
+        return 0
+    log.warning("finishing a change of the lookup pepper that was begun and not finished")
+    await rotation.complete()
+    return 1
+
+
+async def pepper_upkeep(store: Store, period_s: float | None) -> int:
+    """What a server does for the pepper now and then: finish an interrupted change, and
+    with `[general] lookup_pepper.rotation`, make the periodic one."""
+    finished = await finish_interrupted(store)
+    if period_s is None or finished:
+        return finished
+    return await rotate_when_due(store, period_s)
+
+
 async def rotate_when_due(store: Store, period_s: float) -> int:
     """Rotate if the last change is `period_s` old (1) or not (0); the first period
     starts when this is first asked.  Of several instances asking, one rotates."""

@@ -29,7 +29,8 @@ class ServerStatus:
     ldap_configured: bool
     ldap_sync: SyncState | None
     # A change of the lookup pepper was begun and not finished (under way, or
-    # interrupted): every process holds an index for each pepper meanwhile.
+    # interrupted until a server finishes it): every process holds an index for each
+    # pepper meanwhile.
     pepper_change_unfinished: bool
     # When the periodic change of the pepper (`lookup_pepper.rotation`) is next due.
     pepper_change_due_ts: int | None

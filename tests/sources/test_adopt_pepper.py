@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+import kith.server as kith_server
 from kith.services.adopted_pepper import AdoptedPepper
 from tests.conftest import KithFactory, RunningKith, free_port, wait_for
 from tests.sources.test_upstream import fake_upstream, upstream_of
@@ -219,7 +220,15 @@ async def test_a_dead_or_slow_upstream_costs_at_most_the_timeout(
 
 
 async def test_local_rotation_is_refused_while_the_upstream_owns_the_pepper(
-        kith_factory: KithFactory, caplog: pytest.LogCaptureFixture) -> None:
+        kith_factory: KithFactory, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    periods: list[float | None] = []  # what the server's pepper upkeep is asked to keep
+
+    async def upkeep(store: Any, period_s: float | None) -> int:
+        periods.append(period_s)
+        return 0
+
+    monkeypatch.setattr(kith_server, "pepper_upkeep", upkeep)
     upstream, access_token = await upstream_kith(kith_factory)
     kith: RunningKith = await kith_factory({
         "general": {"lookup_pepper.rotation": 1},
@@ -230,5 +239,7 @@ async def test_local_rotation_is_refused_while_the_upstream_owns_the_pepper(
     status, err = await rotate_pepper(kith)
     assert status == 2 and "adopt_pepper" in err
     assert (await hash_details(kith, token))["lookup_pepper"] == pepper
-    assert not [t for t in kith.server.tasks if t.get_name() == "kith-pepper-rotation"]
+    # The server still finishes interrupted changes, but makes no periodic one.
+    await wait_for("the pepper upkeep of both servers", lambda: len(periods) >= 2)
+    assert periods == [None, None]
 

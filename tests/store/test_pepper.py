@@ -4,6 +4,8 @@ an AssociationIndex and its LookupPeppers, as a worker or instance has)."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -16,6 +18,8 @@ from kith.services.pepper import (
     LookupPeppers,
     PepperRotation,
     RotationBusy,
+    finish_interrupted,
+    pepper_upkeep,
     read_record,
     rotate,
     rotate_when_due,
@@ -182,6 +186,51 @@ async def test_a_rotation_says_how_far_its_rewrite_got(
     with caplog.at_level(logging.INFO, logger="kith.services.pepper"):
         assert await rotate(a.store)  # nobody to tell: the log
     assert "rewriting the stored lookup hashes: 50 rewritten" in caplog.text
+
+
+BEGIN_AND_DIE = """
+import asyncio, os, sys
+from kith.config import DbConfig
+from kith.services.pepper import PepperRotation
+from kith.store import Store
+
+async def main():
+    store = await Store.open(DbConfig(file=sys.argv[1], url=sys.argv[2]))
+    await PepperRotation.begin(store)
+    os._exit(0)  # as a `kith rotate-pepper` killed halfway: the next pepper stays named
+
+asyncio.run(main())
+"""
+
+
+async def test_a_change_left_unfinished_is_finished_by_a_server(
+        processes: list[Process], db_config: DbConfig) -> None:
+    a, b = processes
+    old = a.index.pepper
+    died = subprocess.run([sys.executable, "-c", BEGIN_AND_DIE, db_config.file, db_config.url],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert died.returncode == 0, died.stderr
+    new = (await read_record(a.store)).next
+    assert new is not None and new != old
+    live = await PepperRotation.begin(a.store, new)  # while a live process makes it...
+    assert live is not None
+    assert await finish_interrupted(b.store) == 0  # ...it is left to that process
+    await live.complete()
+    assert await finish_interrupted(b.store) == 0  # nothing unfinished
+
+    died = subprocess.run([sys.executable, "-c", BEGIN_AND_DIE, db_config.file, db_config.url],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert died.returncode == 0, died.stderr
+    unfinished = (await read_record(a.store)).next
+    assert unfinished is not None
+    assert await pepper_upkeep(b.store, None) == 1
+    record = await read_record(a.store)
+    assert (record.current, record.next) == (unfinished, None)
+    for p in (a, b):
+        assert await p.answer(unfinished, "u7@example.org") == "@u7:hs.test"
+        await p.peppers.sync()
+        assert p.index.pepper == unfinished
+        assert not await p.peppers.accepts(old)
 
 
 async def test_a_periodic_rotation_is_made_once_per_period(processes: list[Process]) -> None:
