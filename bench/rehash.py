@@ -7,9 +7,11 @@ docs/performance.md.
 Seeds N bindings as bench/scale.py does (once: a marker file in DIR, or the rows already
 in the database, say it is done), then runs `AssociationStore.rehash` alone, in this
 process, with a new pepper, and prints the wall time and this process's CPU time a row.
-The kith that runs is the one on PYTHONPATH (or this checkout), so two commits can be
-compared on copies of one store; a store opened by a newer kith is migrated and cannot
-be opened by an older one.
+The kith that runs is the one of the tree the command is run in (`cd TREE && python -m
+bench.rehash ...`: the current directory comes first on the import path, before
+PYTHONPATH), so two commits can be compared on one store, from a checkout and a `git
+archive` of the other beside it (`../shared` must be reachable from both).  A store
+opened by a newer kith is migrated and cannot be opened by an older one.
 """
 
 from __future__ import annotations
