@@ -11,9 +11,14 @@ RUN useradd --system --uid 993 --user-group --home-dir /data --no-create-home ki
 WORKDIR /opt/kith
 COPY requirements.lock pyproject.toml README.md LICENSE ./
 COPY kith ./kith
-RUN pip install --no-cache-dir -r requirements.lock \
+COPY setup.py ./
+# (a C compiler for kith's compiled lookup probe, removed again once it is built)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install --no-cache-dir -r requirements.lock \
     && pip install --no-cache-dir --no-deps . \
-    && rm -rf /root/.cache
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/* \
+    && rm -rf /root/.cache \
+    && python -c "import kith._probe"
 
 # First start writes /data/sydent.conf with every default and a new signing key.
 ENV SYDENT_CONF=/data/sydent.conf \

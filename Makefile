@@ -19,8 +19,9 @@ PIP_COMPILE_ARGS ?=
 PIP_COMPILE := $(VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url \
 	--no-emit-find-links --no-emit-trusted-host $(PIP_COMPILE_ARGS)
 
-# A stamp per lock, named by a hash of that lock and pyproject.toml (entry points).
-stamp = $(VENV)/.installed-$(shell cat $(1) pyproject.toml | sha256sum | cut -c1-16)
+# A stamp per lock, named by a hash of that lock, pyproject.toml (entry points) and the
+# compiled probe's source and build (`pip install -e .` builds it into kith/).
+stamp = $(VENV)/.installed-$(shell cat $(1) pyproject.toml setup.py kith/_probe.c | sha256sum | cut -c1-16)
 RUN_STAMP  = $(call stamp,$(RUN_LOCK))
 TEST_STAMP = $(call stamp,$(TEST_LOCK))
 
@@ -117,4 +118,4 @@ lock: $(PY)
 	$(PIP_COMPILE) --constraint $(TEST_LOCK) --output-file $(RUN_LOCK) pyproject.toml
 
 clean:
-	rm -rf $(VENV) $(SYNAPSE_VENV) $(SYDENT_VENV) $(JS_DIR)/node_modules build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SYNAPSE_VENV) $(SYDENT_VENV) $(JS_DIR)/node_modules build *.egg-info .pytest_cache .mypy_cache .ruff_cache kith/*.so

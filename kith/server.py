@@ -40,7 +40,7 @@ from kith.federation.client import FederationClient
 from kith.federation.keys import ServerKeyFetcher
 from kith.federation.policy import OutboundAddressPolicy
 from kith.replication.node import ReplicationNode
-from kith.services import Services
+from kith.services import Services, lookup_table
 from kith.services.accounts import AccountService
 from kith.services.adopted_pepper import AdoptedPepper
 from kith.services.bindings import BindingService
@@ -360,6 +360,11 @@ class KithServer:
         log.info("kith started: %d bindings, client API on %s://[%s]:%d",
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)
+        if not lookup_table.COMPILED:
+            log.warning("kith._probe is not built (kith was installed without a C "
+                        "compiler): lookups in an index of more than %d addresses are "
+                        "answered by numpy, several times slower",
+                        lookup_table.ARRAYS_FROM)
         synced = len(self.services.index.source(LDAP))
         if self.services.ldap_sync is None and synced:
             log.warning("%d addresses synced from an LDAP directory are in the store but "

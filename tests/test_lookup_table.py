@@ -5,7 +5,13 @@ from collections.abc import Callable
 
 import pytest
 
-from kith.services.lookup_table import ARRAY_BATCH_MIN, HASH_LENGTH, HashArrays, LookupTable
+from kith.services.lookup_table import (
+    ARRAY_BATCH_MIN,
+    COMPILED,
+    HASH_LENGTH,
+    HashArrays,
+    LookupTable,
+)
 from kith.threepid import lookup_hash
 
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
@@ -23,8 +29,44 @@ MakeTable = Callable[[], LookupTable | HashArrays]
 
 
 def tables() -> list[MakeTable]:
-    # arrays alone; a table with arrays from the start; one that starts them mid-test
-    return [HashArrays, lambda: LookupTable(arrays_from=0), lambda: LookupTable(arrays_from=50)]
+    # arrays alone, probed by the compiled probe and by numpy; a table with arrays from
+    # the start; one that starts them mid-test
+    return [lambda: HashArrays(compiled=True), lambda: HashArrays(compiled=False),
+            lambda: LookupTable(arrays_from=0), lambda: LookupTable(arrays_from=50)]
+
+
+def test_the_compiled_probe_is_built() -> None:
+    """`make install-test` builds kith/_probe.c (a C compiler is needed, as .ci/run
+    installs); without it every test of the compiled probe below would fail anyway,
+    and this one says why."""
+    assert COMPILED, "kith._probe is not built: pip install -e . needs a C compiler"
+
+
+def test_the_compiled_probe_and_numpy_answer_alike() -> None:
+    """The same binds, unbinds and rebinds into both; every batch asked (hits, misses,
+    unbound rows, duplicates, strings that are not hashes) answered the same."""
+    rng = random.Random(5)
+    compiled, numpy = HashArrays(compiled=True), HashArrays(compiled=False)
+    for step in range(30):
+        entries = [(h(rng.randrange(4000)),
+                    None if rng.random() < 0.2 else "@" + "u" * rng.randrange(80) + ":x.org")
+                   for _ in range(rng.choice([1, 5, 200]))]
+        for table in (compiled, numpy):
+            table.update(entries)
+        asked = [h(rng.randrange(5000)) for _ in range(rng.choice([1, 15, 16, 100, 1500]))]
+        asked += asked[:3] + ["", h(1)[:-1] + "B", "+" * HASH_LENGTH]
+        assert compiled.find(asked) == numpy.find(asked), step
+    assert len(compiled) == len(numpy)
+
+
+def test_the_compiled_probe_ignores_what_is_not_a_string() -> None:
+    table = HashArrays(compiled=True)
+    table.update([(h(i), f"@u{i}:example.org") for i in range(20)])
+    asked: list[object] = [None, 7, h(1).encode(), [h(2)], h(3), h(3)]
+    assert table.find(asked) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
+    assert table.find(tuple(asked)) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        table.find(42)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("make", tables())

@@ -6,8 +6,9 @@ caches several times over (the table, the entry, the key object, the value objec
 `HashArrays` keeps the map in a few flat arrays instead: a bucketed hash table of packed
 (fingerprint, row) slots, each hash's 43 characters by row, and the mxids as UTF-8
 in one byte buffer with an offset and a length by row; about 120 bytes a binding.  A
-batch of addresses becomes a handful of array operations whose memory accesses overlap;
-one address is found with a few probes in Python (docs/decisions.md has the figures).
+batch of addresses is found by the compiled probe (kith/_probe.c) in one pass, or,
+where it was not built, by a few dozen array operations whose memory accesses overlap
+and one address by a few probes in Python (docs/decisions.md has the figures).
 
 Lookup hashes are the 43 characters of unpadded URL-safe base64 of a sha256 digest;
 anything else (another length, another alphabet, a last character that no digest
@@ -29,7 +30,15 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+try:
+    from kith import _probe
+except ImportError:  # installed without a C compiler: numpy answers
+    _probe = None  # type: ignore[assignment]
+
 HASH_LENGTH = 43
+# (kith/_probe.c reads the same layout: the key, the pad, the bucket, the packed mxid
+# word and the mixing; a change here is a change there, which the tests that ask both
+# probes the same would show.)
 # A key is a hash and a pad that starts with a newline, 48 bytes: six aligned
 # little-endian words, so that whole keys compare in six vector operations (w0 and w1
 # also feed the hash function).
@@ -48,8 +57,8 @@ _GROWTH = 1.25     # rows and mxid bytes grow by a quarter: little unused at 10M
 # Up to this many hashes a dict answers fastest and costs little; past it, the arrays
 # alone keep the map (docs/decisions.md).
 ARRAYS_FROM = 100_000
-# Batches this big or bigger are answered with array operations; smaller ones hash by
-# hash (the array operations cost a fixed ~30 µs).
+# Without the compiled probe, batches this big or bigger are answered with array
+# operations; smaller ones hash by hash (the array operations cost a fixed ~30 µs).
 ARRAY_BATCH_MIN = 16
 # Below this many entries an update is cheaper one by one than in array operations.
 _VECTOR_MIN = 16
@@ -172,10 +181,17 @@ def _remember(mxids: dict[str, str], lookup_hash: str, mxid: str | None) -> None
         mxids[lookup_hash] = mxid
 
 
-class HashArrays:
-    """lookup hash → mxid in flat arrays."""
+COMPILED = _probe is not None
 
-    def __init__(self) -> None:
+
+class HashArrays:
+    """lookup hash → mxid in flat arrays; `compiled`: whether `find` uses the compiled
+    probe (the default where it was built) or numpy."""
+
+    def __init__(self, compiled: bool = COMPILED) -> None:
+        if compiled and _probe is None:
+            raise RuntimeError("kith._probe is not built")
+        self._compiled = compiled
         # Random odd multipliers: where a hash lands cannot be predicted from outside.
         self._k1 = secrets.randbits(64) | 1
         self._k2 = secrets.randbits(64) | 1
@@ -228,6 +244,9 @@ class HashArrays:
 
     def find(self, hashes: Sequence[str]) -> dict[str, str]:
         """The mxid of each of `hashes` that is bound."""
+        if self._compiled:
+            return _probe.find(hashes, self._table, self._keys, self._refs, self._text,
+                               self._k1, self._k2, self._shift)
         if len(hashes) < ARRAY_BATCH_MIN:
             return {h: mxid for h in hashes if (mxid := self.get(h)) is not None}
         keys, valid = _keys(hashes)
