@@ -53,6 +53,27 @@ static int key_of(PyObject *hash, unsigned char *key) {
     return 1;
 }
 
+/* The row of `p`'s key, or -1: its bucket's slots in order, and the next bucket's
+ * while one is full. */
+static int64_t locate(const probe_t *p, const uint64_t *slots, uint64_t buckets,
+                      unsigned int shift, const unsigned char *key_bytes, uint64_t rows) {
+    uint64_t fingerprint = (p->mixed & 0xFFFFFFFFu) | 1;
+    uint64_t bucket = p->mixed >> shift;
+    for (uint64_t tries = 0; tries < buckets; tries++) {
+        const uint64_t *line = slots + bucket * BUCKET;
+        for (int s = 0; s < BUCKET; s++) {
+            uint64_t slot = line[s];
+            if (slot == 0) return -1;
+            uint64_t row = slot & 0xFFFFFFFFu;
+            if (slot >> 32 == fingerprint && row < rows
+                    && memcmp(key_bytes + row * KEY, p->key, KEY) == 0)
+                return (int64_t)row;
+        }
+        bucket = (bucket + 1) & (buckets - 1);
+    }
+    return -1;
+}
+
 static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
     PyObject *hashes, *table_obj, *keys_obj, *refs_obj, *text_obj;
     unsigned long long k1, k2;
@@ -104,34 +125,39 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
             __builtin_prefetch(slots + (p->mixed >> shift) * BUCKET);
             count++;
         }
-        /* 2. the row of each (a fingerprint matched: its key and packed word fetched) */
+        /* 2. each one's candidate row, the first whose fingerprint matches in its
+         * bucket; that row's key and packed word fetched */
         for (int j = 0; j < count; j++) {
             probe_t *p = &group[j];
+            const uint64_t *line = slots + (p->mixed >> shift) * BUCKET;
             uint64_t fingerprint = (p->mixed & 0xFFFFFFFFu) | 1;
-            uint64_t bucket = p->mixed >> shift;
             p->row = -1;
-            for (uint64_t tries = 0; tries < buckets && p->row < 0; tries++) {
-                const uint64_t *line = slots + bucket * BUCKET;
-                int open = 0;
-                for (int s = 0; s < BUCKET; s++) {
-                    uint64_t slot = line[s];
-                    if (slot == 0) { open = 1; break; }
-                    uint64_t row = slot & 0xFFFFFFFFu;
-                    if (slot >> 32 == fingerprint && row < rows
-                            && memcmp(key_bytes + row * KEY, p->key, KEY) == 0) {
-                        p->row = (int64_t)row;
-                        break;
-                    }
+            p->ref = 0;
+            for (int s = 0; s < BUCKET; s++) {
+                if (line[s] >> 32 == fingerprint) {
+                    p->row = (int64_t)(line[s] & 0xFFFFFFFFu);
+                    break;
                 }
-                if (open) break;
-                bucket = (bucket + 1) & (buckets - 1);
             }
-            if (p->row >= 0) __builtin_prefetch(ref_words + p->row);
+            if (p->row < 0 && line[BUCKET - 1] == 0) continue;  /* not there */
+            if (p->row >= 0 && (uint64_t)p->row < rows) {
+                __builtin_prefetch(key_bytes + p->row * KEY);
+                __builtin_prefetch(key_bytes + p->row * KEY + KEY - 1);
+                __builtin_prefetch(ref_words + p->row);
+            }
         }
-        /* 3. each found row's packed word; the start of its text fetched */
+        /* 3. the candidate's whole key compared (another key with the same fingerprint,
+         * or a full bucket whose hashes overflowed onward: probed slot by slot); each
+         * found row's packed word read and the start of its text fetched */
         for (int j = 0; j < count; j++) {
             probe_t *p = &group[j];
-            p->ref = p->row >= 0 ? ref_words[p->row] : 0;
+            if (p->row < 0 && slots[(p->mixed >> shift) * BUCKET + BUCKET - 1] == 0)
+                continue;
+            if (p->row < 0 || (uint64_t)p->row >= rows
+                    || memcmp(key_bytes + p->row * KEY, p->key, KEY) != 0)
+                p->row = locate(p, slots, buckets, shift, key_bytes, rows);
+            if (p->row < 0) continue;
+            p->ref = ref_words[p->row];
             if (p->ref) __builtin_prefetch(text_bytes + ((uint64_t)p->ref >> REF_SHIFT));
         }
         /* 4. the mxids */
