@@ -40,17 +40,24 @@ typedef struct {
     int64_t ref;
 } probe_t;
 
+/* `hash`'s key, if it can be one: an exact str of 43 ASCII characters.  Whether those
+ * are a lookup hash's is asked only of a hash whose key was found (`is_lookup_hash`):
+ * most addresses asked are not bound, and the check costs as much as their probe. */
 static int key_of(PyObject *hash, unsigned char *key) {
     if (!PyUnicode_CheckExact(hash) || !PyUnicode_IS_COMPACT_ASCII(hash)
             || PyUnicode_GET_LENGTH(hash) != HASH_LENGTH)
         return 0;
-    const unsigned char *chars = (const unsigned char *)PyUnicode_DATA(hash);
-    unsigned char all = 1;
-    for (int i = 0; i < HASH_LENGTH - 1; i++) all &= alphabet[chars[i]];
-    if (!all || !(alphabet[chars[HASH_LENGTH - 1]] & 2)) return 0;
-    memcpy(key, chars, HASH_LENGTH);
+    memcpy(key, PyUnicode_DATA(hash), HASH_LENGTH);
     memcpy(key + HASH_LENGTH, "\n    ", KEY - HASH_LENGTH);
     return 1;
+}
+
+/* Whether a key's 43 characters are URL-safe base64 that a sha256 digest encodes to
+ * (its last character carries 4 bits of the digest and two zero bits). */
+static int is_lookup_hash(const unsigned char *key) {
+    unsigned char all = 1;
+    for (int i = 0; i < HASH_LENGTH - 1; i++) all &= alphabet[key[i]];
+    return all && (alphabet[key[HASH_LENGTH - 1]] & 2);
 }
 
 /* The row of `p`'s key, or -1: its bucket's slots in order, and the next bucket's
@@ -113,7 +120,7 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
     probe_t group[GROUP];
     for (Py_ssize_t first = 0; first < n; first += GROUP) {
         int count = 0;
-        /* 1. each valid hash's key and bucket; the bucket's line fetched */
+        /* 1. each hash's key and bucket; the bucket's line fetched */
         for (Py_ssize_t i = first; i < n && i < first + GROUP; i++) {
             probe_t *p = &group[count];
             if (!key_of(items[i], p->key)) continue;
@@ -156,7 +163,7 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
             if (p->row < 0 || (uint64_t)p->row >= rows
                     || memcmp(key_bytes + p->row * KEY, p->key, KEY) != 0)
                 p->row = locate(p, slots, buckets, shift, key_bytes, rows);
-            if (p->row < 0) continue;
+            if (p->row < 0 || !is_lookup_hash(p->key)) continue;
             p->ref = ref_words[p->row];
             if (p->ref) __builtin_prefetch(text_bytes + ((uint64_t)p->ref >> REF_SHIFT));
         }
