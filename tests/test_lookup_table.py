@@ -1,10 +1,12 @@
 """LookupTable and HashArrays answer exactly what a dict would."""
 
+import logging
 import random
 from collections.abc import Callable
 
 import pytest
 
+from kith.services import lookup_table
 from kith.services.lookup_table import (
     ARRAY_BATCH_MIN,
     COMPILED,
@@ -13,6 +15,7 @@ from kith.services.lookup_table import (
     LookupTable,
 )
 from kith.threepid import lookup_hash
+from tests.conftest import KithFactory
 
 B64URL = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 
@@ -40,6 +43,19 @@ def test_the_compiled_probe_is_built() -> None:
     installs); without it every test of the compiled probe below would fail anyway,
     and this one says why."""
     assert COMPILED, "kith._probe is not built: pip install -e . needs a C compiler"
+
+
+async def test_a_server_without_the_compiled_probe_says_so_at_start(
+        kith_factory: KithFactory, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    said = "kith._probe is not built"
+    with caplog.at_level(logging.WARNING, logger="kith.server"):
+        await kith_factory({}, name="compiled")
+    assert said not in caplog.text
+    monkeypatch.setattr(lookup_table, "COMPILED", False)
+    with caplog.at_level(logging.WARNING, logger="kith.server"):
+        await kith_factory({}, name="numpy")
+    assert said in caplog.text
 
 
 def test_the_compiled_probe_and_numpy_answer_alike() -> None:
