@@ -91,11 +91,11 @@ class LookupTable:
     memory and faster for big batches, and the dict is dropped.
     """
 
-    def __init__(self, arrays_from: int = ARRAYS_FROM) -> None:
+    def __init__(self, arrays_from: int | None = None) -> None:
         self._mxids: dict[str, str] | None = {}
-        self._arrays_from = arrays_from
+        self._arrays_from = ARRAYS_FROM if arrays_from is None else arrays_from
         self._arrays: HashArrays | None = None
-        if arrays_from <= 0:
+        if self._arrays_from <= 0:
             self._move_to_arrays()
 
     def __len__(self) -> int:

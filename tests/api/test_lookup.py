@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from kith.services import lookup_table
 from kith.threepid import lookup_hash
 from tests.conftest import KithFactory, RunningKith
 
@@ -51,6 +52,44 @@ async def test_sha256_lookup_finds_bindings(kith: RunningKith, token: str) -> No
                                               "addresses": [alice, bob, nobody]})
     assert status == 200
     assert body == {"mappings": {alice: "@alice:hs.test", bob: "@bob:hs.test"}}
+
+
+async def test_lookups_answered_by_the_compiled_probe(kith_factory: KithFactory,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small installations are answered from a dict; here every map is arrays from the
+    start, so that what clients send reaches the compiled probe: hits, misses, strings
+    that are no hash (the client's own), after binds, unbinds, and a start that reads
+    the store."""
+    assert lookup_table.COMPILED
+    monkeypatch.setattr(lookup_table, "ARRAYS_FROM", 0)
+    kith = await kith_factory()
+    token = await kith.register()
+    for i in range(40):
+        await kith.bind(f"user{i}@example.com", f"@user{i}:hs.test")
+    pepper = (await hash_details(kith, token))["lookup_pepper"]
+    bound = [lookup_hash("email", f"user{i}@example.com", pepper) for i in range(40)]
+    odd = ["", "x" * 43, "\x00" * 43, "é" * 43, bound[0][:-1] + "=", bound[1][:42] + "\n",
+           bound[2][:42] + "B", bound[3] + "A", "+" * 43, "a" * 42 + "é"]
+    asked = bound + [lookup_hash("email", "nobody@example.com", pepper)] + odd + bound[:5]
+    want = {h: f"@user{i}:hs.test" for i, h in enumerate(bound)}
+    for batch in (asked, asked[:1], asked[40:], asked * 15):
+        status, body = await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                                  "addresses": batch})
+        assert status == 200
+        assert body == {"mappings": {h: m for h, m in want.items() if h in batch}}
+    async with kith.http.post(f"{kith.internal}/_matrix/identity/internal/unbind", json={
+            "medium": "email", "address": "user7@example.com",
+            "mxid": "@user7:hs.test"}) as resp:
+        assert resp.status == 200
+    await kith.bind("user8@example.com", "@someone.else:hs.test")
+    del want[bound[7]]
+    want[bound[8]] = "@someone.else:hs.test"
+    assert (await lookup(kith, token, {"algorithm": "sha256", "pepper": pepper,
+                                       "addresses": asked}))[1] == {"mappings": want}
+    again = await kith_factory({"db": {"db.file": kith.config.db.file}}, name="again")
+    token = await again.register()
+    assert (await lookup(again, token, {"algorithm": "sha256", "pepper": pepper,
+                                        "addresses": asked}))[1] == {"mappings": want}
 
 
 async def test_bind_stores_casefolded_email(kith: RunningKith, token: str) -> None:
