@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from kith.cli import _status_lines
 from kith.config import load_config
 from kith.server import KithServer, ListenError
 from kith.services.pepper import PepperRotation, rotate_when_due
+from kith.services.status import ServerStatus
 from kith.store import InviteTokenRow, Store
 from tests.conftest import KithProcessFactory, free_port, write_config
 
@@ -176,6 +179,24 @@ async def test_status_says_whether_a_pepper_change_is_unfinished(tmp_path: Path)
                                         "change due ")
     finally:
         await store.close()
+
+
+def test_status_says_how_lookups_are_answered(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {})
+    result = kith("--config", str(path), "status", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lookups:   answered by the compiled probe" in result.stdout.splitlines()
+    as_json = kith("--config", str(path), "status", "--json", cwd=tmp_path)
+    assert json.loads(as_json.stdout)["compiled_probe"] is True
+    # An installation without a C compiler (the field is this installation's, read by
+    # the command itself) says what that costs.
+    status = ServerStatus(bindings={}, sessions_waiting=0, sessions_validated=0,
+                          invites_pending=0, onbind={}, onbind_oldest_pending_age_s=None,
+                          peers=[], ldap_configured=False, ldap_sync=None,
+                          pepper_change_unfinished=False, pepper_change_due_ts=None,
+                          compiled_probe=False)
+    (line,) = [x for x in _status_lines(status) if x.startswith("lookups:")]
+    assert line.startswith("lookups:   kith._probe is not built")
 
 
 def test_healthcheck(tmp_path: Path, kith_process: KithProcessFactory) -> None:

@@ -10,6 +10,7 @@ from kith.config import KithConfig
 from kith.metrics import BINDINGS, ONBIND_OLDEST_PENDING, ONBIND_QUEUE
 from kith.replication.peers import ReplicationPeers
 from kith.replication.status import PeerStatus, peer_statuses
+from kith.services import lookup_table
 from kith.services import pepper as pepper_keys
 from kith.services.ldap_sync import SyncState, load_sync_state
 from kith.store import Store
@@ -34,6 +35,9 @@ class ServerStatus:
     pepper_change_unfinished: bool
     # When the periodic change of the pepper (`lookup_pepper.rotation`) is next due.
     pepper_change_due_ts: int | None
+    # Whether this installation's lookup index has its compiled probe (kith/_probe.c),
+    # or was installed without a C compiler and answers big indexes with numpy.
+    compiled_probe: bool
 
 
 def binding_sources(counts: dict[tuple[str, str | None], int]) -> dict[str, int]:
@@ -66,7 +70,8 @@ async def server_status(config: KithConfig, store: Store, now_ms: int) -> Server
         ldap_sync=await load_sync_state(store),
         pepper_change_unfinished=bool(pepper.get(pepper_keys.NEXT)),
         pepper_change_due_ts=int(rotated_at) + int(period_s * 1000)
-        if period_s is not None and rotated_at else None)
+        if period_s is not None and rotated_at else None,
+        compiled_probe=lookup_table.COMPILED)
 
 
 async def export_queue_gauges(store: Store, now_ms: int) -> None:
