@@ -482,11 +482,9 @@ def _status_lines(s: ServerStatus) -> list[str]:
         due = s.pepper_change_due_ts
         lines.append("pepper:    no change under way" + (
             f", the next periodic change due {_iso(due)}" if due is not None else ""))
-    from kith.services.lookup_table import ARRAYS_FROM
-    lines.append("lookups:   answered by the compiled probe" if s.compiled_probe else
-                 "lookups:   kith._probe is not built (kith was installed without a C "
-                 f"compiler): indexes past {ARRAYS_FROM} addresses are answered by numpy, "
-                 "several times slower")
+    from kith.services.lookup_table import UNCOMPILED
+    lines.append("lookups:   " + ("answered by the compiled probe" if s.compiled_probe
+                                  else UNCOMPILED))
     return lines
 
 

@@ -361,10 +361,7 @@ class KithServer:
                  len(self.services.index), "https" if self.client_tls else "http",
                  http.client_bind_address, http.client_port)
         if not lookup_table.COMPILED:
-            log.warning("kith._probe is not built (kith was installed without a C "
-                        "compiler): lookups in an index of more than %d addresses are "
-                        "answered by numpy, several times slower",
-                        lookup_table.ARRAYS_FROM)
+            log.warning(lookup_table.UNCOMPILED)
         synced = len(self.services.index.source(LDAP))
         if self.services.ldap_sync is None and synced:
             log.warning("%d addresses synced from an LDAP directory are in the store but "

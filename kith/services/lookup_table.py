@@ -182,6 +182,11 @@ def _remember(mxids: dict[str, str], lookup_hash: str, mxid: str | None) -> None
 
 
 COMPILED = _probe is not None
+# What an installation without the compiled probe tells its operator (at start, and in
+# `kith status`).
+UNCOMPILED = ("kith._probe is not built (kith was installed without a C compiler): "
+              f"indexes past {ARRAYS_FROM} addresses are answered by numpy, several times "
+              "slower")
 
 
 class HashArrays:
