@@ -20,6 +20,8 @@
 #define GROUP 32
 #define REF_SHIFT 24
 #define REF_LENGTH ((1u << 24) - 1)
+#define NOT_FOUND (-1)
+#define ABSENT (-2)   /* no slot of its bucket matches, and the bucket has room */
 
 /* 1: a character of URL-safe base64; 3: one that can also end a sha256 digest. */
 static unsigned char alphabet[256];
@@ -36,7 +38,7 @@ typedef struct {
     PyObject *hash;         /* borrowed from the sequence */
     unsigned char key[KEY];
     uint64_t mixed;
-    int64_t row;            /* -1: not found */
+    int64_t row;            /* NOT_FOUND, or ABSENT once its bucket says so */
     int64_t ref;
 } probe_t;
 
@@ -60,7 +62,7 @@ static int is_lookup_hash(const unsigned char *key) {
     return all && (alphabet[key[HASH_LENGTH - 1]] & 2);
 }
 
-/* The row of `p`'s key, or -1: its bucket's slots in order, and the next bucket's
+/* The row of `p`'s key, or NOT_FOUND: its bucket's slots in order, and the next bucket's
  * while one is full. */
 static int64_t locate(const probe_t *p, const uint64_t *slots, uint64_t buckets,
                       unsigned int shift, const unsigned char *key_bytes, uint64_t rows) {
@@ -70,7 +72,7 @@ static int64_t locate(const probe_t *p, const uint64_t *slots, uint64_t buckets,
         const uint64_t *line = slots + bucket * BUCKET;
         for (int s = 0; s < BUCKET; s++) {
             uint64_t slot = line[s];
-            if (slot == 0) return -1;
+            if (slot == 0) return NOT_FOUND;
             uint64_t row = slot & 0xFFFFFFFFu;
             if (slot >> 32 == fingerprint && row < rows
                     && memcmp(key_bytes + row * KEY, p->key, KEY) == 0)
@@ -78,7 +80,7 @@ static int64_t locate(const probe_t *p, const uint64_t *slots, uint64_t buckets,
         }
         bucket = (bucket + 1) & (buckets - 1);
     }
-    return -1;
+    return NOT_FOUND;
 }
 
 static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
@@ -138,7 +140,7 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
             probe_t *p = &group[j];
             const uint64_t *line = slots + (p->mixed >> shift) * BUCKET;
             uint64_t fingerprint = (p->mixed & 0xFFFFFFFFu) | 1;
-            p->row = -1;
+            p->row = NOT_FOUND;
             p->ref = 0;
             for (int s = 0; s < BUCKET; s++) {
                 if (line[s] >> 32 == fingerprint) {
@@ -146,7 +148,10 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
                     break;
                 }
             }
-            if (p->row < 0 && line[BUCKET - 1] == 0) continue;  /* not there */
+            if (p->row == NOT_FOUND && line[BUCKET - 1] == 0) {
+                p->row = ABSENT;
+                continue;
+            }
             if (p->row >= 0 && (uint64_t)p->row < rows) {
                 __builtin_prefetch(key_bytes + p->row * KEY);
                 __builtin_prefetch(key_bytes + p->row * KEY + KEY - 1);
@@ -158,8 +163,7 @@ static PyObject *find(PyObject *Py_UNUSED(module), PyObject *args) {
          * found row's packed word read and the start of its text fetched */
         for (int j = 0; j < count; j++) {
             probe_t *p = &group[j];
-            if (p->row < 0 && slots[(p->mixed >> shift) * BUCKET + BUCKET - 1] == 0)
-                continue;
+            if (p->row == ABSENT) continue;
             if (p->row < 0 || (uint64_t)p->row >= rows
                     || memcmp(key_bytes + p->row * KEY, p->key, KEY) != 0)
                 p->row = locate(p, slots, buckets, shift, key_bytes, rows);
