@@ -121,48 +121,6 @@ _STATUS_ERRORS = {
 }
 
 
-@web.middleware
-async def matrix_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes a Matrix error body; nothing escapes as HTML or a 500 page.
-
-    CORS preflight is answered here, for every path, before routing can refuse it; and
-    every answer gets the CORS headers here (JSON answers are made with them).
-    """
-    if request.method == "OPTIONS":
-        return json_response({})
-    try:
-        response = await handler(request)
-    except MatrixError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            exc.headers.update(CORS_HEADERS)
-            raise
-        errcode, message = _STATUS_ERRORS.get(exc.status, (M_UNKNOWN, exc.reason))
-        response = error_response(MatrixError(exc.status, errcode, message))
-        if exc.status == 405 and "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception as exc:
-        if is_storage_full(exc):
-            # Reads go on; writes work again once there is room.
-            log.error("cannot store anything, the database's disk is full: %s %s refused",
-                      request.method, request.path)
-            return error_response(MatrixError(
-                503, M_UNKNOWN, "The server cannot store anything now: its storage is "
-                "full. Try again later."))
-        if is_unreachable(exc):
-            # Nothing was acknowledged; the pool connects again once the database answers.
-            log.warning("cannot reach the database: %s %s refused: %s",
-                        request.method, request.path, exc)
-            return error_response(database_unreachable())
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
-    if "Access-Control-Allow-Origin" not in response.headers:
-        response.headers.update(CORS_HEADERS)
-    return response
-
-
 _KNOWN_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"))
 # Label children by key: `labels()` validates and locks on every call; a dict probe is
 # cheaper.  The keys are bounded (methods above, registered routes, statuses).
@@ -170,7 +128,12 @@ _request_counters: dict[tuple[str, str, int], Counter] = {}
 _duration_histograms: dict[str, Histogram] = {}
 
 
-def _count_request(method: str, route: str, status: int, seconds: float) -> None:
+def _count_request(request: web.Request, status: int, start: float) -> None:
+    """Count and time a request by its route's template and the status answered."""
+    seconds = time.perf_counter() - start
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
+    method = request.method if request.method in _KNOWN_METHODS else "other"
     key = (method, route, status)
     counter = _request_counters.get(key)
     if counter is None:
@@ -182,27 +145,69 @@ def _count_request(method: str, route: str, status: int, seconds: float) -> None
     histogram.observe(seconds)
 
 
+def _error_response(request: web.Request, exc: Exception) -> web.Response:
+    """The Matrix error body for what a handler raised (an HTTPException of 400 or more,
+    or anything else)."""
+    if isinstance(exc, MatrixError):
+        return error_response(exc)
+    if isinstance(exc, web.HTTPException):
+        errcode, message = _STATUS_ERRORS.get(exc.status, (M_UNKNOWN, exc.reason))
+        response = error_response(MatrixError(exc.status, errcode, message))
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    if is_storage_full(exc):
+        # Reads go on; writes work again once there is room.
+        log.error("cannot store anything, the database's disk is full: %s %s refused",
+                  request.method, request.path)
+        return error_response(MatrixError(
+            503, M_UNKNOWN, "The server cannot store anything now: its storage is "
+            "full. Try again later."))
+    if is_unreachable(exc):
+        # Nothing was acknowledged; the pool connects again once the database answers.
+        log.warning("cannot reach the database: %s %s refused: %s",
+                    request.method, request.path, exc)
+        return error_response(database_unreachable())
+    log.exception("unhandled error serving %s %s", request.method, request.path)
+    return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
+
+
 @web.middleware
-async def http_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Count and time every request by its route's template (outside `matrix_errors`,
-    so the status counted is the one answered).  A cancelled request is not counted."""
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes a Matrix error body; nothing escapes as HTML or a 500 page;
+    and every request is counted and timed (the status counted is the one answered; a
+    cancelled request is not counted).  One middleware, not two: each layer costs every
+    request a coroutine and a call.
+
+    CORS preflight is answered here, for every path, before routing can refuse it; and
+    every answer gets the CORS headers here (JSON answers are made with them).
+    """
     start = time.perf_counter()
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
-    method = request.method if request.method in _KNOWN_METHODS else "other"
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        _count_request(method, route, exc.status, time.perf_counter() - start)
-        raise
-    _count_request(method, route, response.status, time.perf_counter() - start)
+    response: web.StreamResponse
+    if request.method == "OPTIONS":
+        response = json_response({})
+    else:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:  # a redirect: aiohttp sends it
+                exc.headers.update(CORS_HEADERS)
+                _count_request(request, exc.status, start)
+                raise
+            response = _error_response(request, exc)
+        except Exception as exc:
+            response = _error_response(request, exc)
+        else:
+            if "Access-Control-Allow-Origin" not in response.headers:
+                response.headers.update(CORS_HEADERS)
+    _count_request(request, response.status, start)
     return response
 
 
 def new_app(max_body_bytes: int, allow_query_access_token: bool = True, *,
             body_timeout_s: float = 30.0) -> web.Application:
     """An aiohttp app with kith's error handling, CORS, body limits and HTTP metrics."""
-    app = web.Application(middlewares=[http_metrics, matrix_errors],
+    app = web.Application(middlewares=[edge],
                           client_max_size=max_body_bytes)
     app[MAX_BODY_BYTES] = max_body_bytes
     app[BODY_TIMEOUT_S] = body_timeout_s
