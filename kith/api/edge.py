@@ -43,7 +43,7 @@ MAX_HEADERS = 128
 class EdgeRequestHandler(RequestHandler):
     """aiohttp's connection handler, with a deadline for each request head."""
 
-    __slots__ = ("_header_timeout_s", "_head_deadline", "_first_line_bytes",
+    __slots__ = ("_header_timeout_s", "_head_since", "_first_line_bytes",
                  "_first_line_done")
 
     def __init__(self, manager: web.Server, *, header_timeout_s: float,
@@ -51,7 +51,8 @@ class EdgeRequestHandler(RequestHandler):
         super().__init__(manager, max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES,
                          max_headers=MAX_HEADERS, **kwargs)
         self._header_timeout_s = header_timeout_s
-        self._head_deadline: asyncio.TimerHandle | None = None
+        # When the request head being read began (the loop's clock); None: none is.
+        self._head_since: float | None = None
         # How long the first line of the head being read is (so far): tells a refused
         # request line (414) from a refused header (431).
         self._first_line_bytes = 0
@@ -62,20 +63,32 @@ class EdgeRequestHandler(RequestHandler):
         self._start_head()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_deadline is None and data and self._waiting_for_request():
+        if self._head_since is None and data and self._waiting_for_request():
             self._start_head()  # the first bytes of the next request on this connection
-        if self._head_deadline is not None and not self._first_line_done:
+        if self._head_since is not None and not self._first_line_done:
             end = data.find(b"\n")
             self._first_line_done = end >= 0
             self._first_line_bytes += end if end >= 0 else len(data)
         heads = self._request_count
         super().data_received(data)
         if self._request_count != heads:
-            self._stop_head_deadline()
+            self._head_since = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_head_deadline()
+        self._head_since = None
         super().connection_lost(exc)
+
+    def close_if_head_overdue(self, now: float) -> None:
+        """Close the connection if the request head it is reading began `header_timeout_s`
+        or more before `now` (the loop's clock)."""
+        since = self._head_since
+        if since is None or now - since < self._header_timeout_s:
+            return
+        self._head_since = None
+        if self._waiting_for_request() and self.transport is not None:
+            log.debug("closing a connection from %s: no complete request head within %g s",
+                      self.peername, self._header_timeout_s)
+            self.force_close()
 
     def _waiting_for_request(self) -> bool:
         """No request is being handled or answered: the connection waits for the next."""
@@ -83,22 +96,8 @@ class EdgeRequestHandler(RequestHandler):
         return waiter is not None and not waiter.done()
 
     def _start_head(self) -> None:
-        self._stop_head_deadline()
         self._first_line_bytes, self._first_line_done = 0, False
-        self._head_deadline = self._loop.call_later(self._header_timeout_s,
-                                                    self._head_too_slow)
-
-    def _stop_head_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_too_slow(self) -> None:
-        self._head_deadline = None
-        if self._waiting_for_request() and self.transport is not None:
-            log.debug("closing a connection from %s: no complete request head within %g s",
-                      self.peername, self._header_timeout_s)
-            self.force_close()
+        self._head_since = self._loop.time()
 
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
@@ -138,15 +137,41 @@ class EdgeRequestHandler(RequestHandler):
 
 
 class EdgeServer(web.Server):
-    """aiohttp's low-level server, serving each connection with EdgeRequestHandler."""
+    """aiohttp's low-level server, serving each connection with EdgeRequestHandler.
+
+    While it has connections, a sweep every `header_timeout_s / 4` (at most every second)
+    closes those whose request head is overdue: one timer for all of them, where a timer
+    armed and cancelled for each request would cost every request a few microseconds.
+    A slow head is so closed between `header_timeout_s` and a quarter (at most a second)
+    later.
+    """
 
     def __init__(self, handler: Any, *, header_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.header_timeout_s = header_timeout_s
+        self._sweep_every_s = min(header_timeout_s / 4, 1.0)
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __call__(self) -> RequestHandler:
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(self._sweep_every_s, self._close_slow_heads)
         return EdgeRequestHandler(self, loop=self._loop,
                                   header_timeout_s=self.header_timeout_s, **self._kwargs)
+
+    def _close_slow_heads(self) -> None:
+        self._sweep = None
+        now = self._loop.time()
+        for handler in list(self._connections):
+            if isinstance(handler, EdgeRequestHandler):
+                handler.close_if_head_overdue(now)
+        if self._connections:
+            self._sweep = self._loop.call_later(self._sweep_every_s, self._close_slow_heads)
+
+    def pre_shutdown(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        super().pre_shutdown()
 
 
 class EdgeAppRunner(web.AppRunner):
