@@ -149,39 +149,50 @@ async def first_answer(base: str, pepper: str, hs_name: str, started: float,
     raise TimeoutError("no right answer")
 
 
-def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration: str,
-             workdir: Path) -> list[dict[str, Any]]:
-    """Lookups driven by wrk, batches 1, 100 and 1000, each request with the next of
-    many bodies; the server's CPU per request from /proc."""
+def write_bodies(workdir: Path, count: int, pepper: str, batch: int) -> Path:
+    """wrk's bodies for batches of `batch` over a store of `count` bindings: WRK_ADDRESSES
+    addresses in all, half of them bound, drawn at random (the same for the same count)."""
+    rng = random.Random(count * 10_000 + batch)
+    bodies = workdir / f"wrk-bodies-{count}-{batch}.txt"
+    with bodies.open("w") as f:
+        for _ in range(WRK_ADDRESSES // batch):
+            picked = [rng.randrange(count) if rng.random() < 0.5
+                      else count + rng.randrange(count) for _ in range(batch)]
+            f.write(json.dumps({"algorithm": "sha256", "pepper": pepper, "addresses": [
+                isbench.sha256_hash(isbench.address(i), "email", pepper)
+                for i in picked]}) + "\n")
+    return bodies
+
+
+def wrk_row(base: str, token: str, bodies: Path, batch: int, pid: int, duration: str,
+            workdir: Path, cpus: str | None = None) -> dict[str, Any]:
+    """One wrk run of lookups (16 in flight), each request with the next of `bodies`;
+    the server's CPU per request from /proc.  `cpus`: the CPUs wrk runs on (taskset)."""
     lua = workdir / "wrk-scale.lua"
     lua.write_text(WRK_LUA)
-    rng = random.Random(count)
-    rows_out = []
-    for batch in (1, 100, 1000):
-        bodies = workdir / f"wrk-bodies-{batch}.txt"
-        with bodies.open("w") as f:
-            for _ in range(WRK_ADDRESSES // batch):
-                picked = [rng.randrange(count) if rng.random() < 0.5
-                          else count + rng.randrange(count) for _ in range(batch)]
-                f.write(json.dumps({"algorithm": "sha256", "pepper": pepper, "addresses": [
-                    isbench.sha256_hash(isbench.address(i), "email", pepper)
-                    for i in picked]}) + "\n")
-        before = procs.cpu_seconds(pid)
-        out = subprocess.run(  # noqa: S603 - wrk from PATH, our own script
-            ["wrk", "-t1", "-c16", f"-d{duration}s", "-s", str(lua),  # noqa: S607
-             f"{base}/_matrix/identity/v2/lookup"], capture_output=True, text=True,
-            env={**os.environ, "BODIES": str(bodies), "TOKEN": token}, check=False)
-        cpu_s = procs.cpu_seconds(pid) - before
-        found = re.search(r"^RESULT (\d+) ([\d.]+) ([\d.]+) (\d+) (\d+)$", out.stdout, re.M)
-        if found is None:
-            raise RuntimeError(f"wrk said: {out.stdout}{out.stderr}")
-        requests, seconds = int(found[1]), float(found[2])
-        rows_out.append({"scenario": f"wrk batch={batch} conc=16 (distinct bodies)",
-                         "req_per_s": round(requests / seconds, 1),
-                         "addresses_per_s": round(requests * batch / seconds),
-                         "p99_ms": float(found[3]), "errors": int(found[4]) + int(found[5]),
-                         "server_cpu_us_per_request": round(cpu_s / max(requests, 1) * 1e6, 1)})
-    return rows_out
+    before = procs.cpu_seconds(pid)
+    pin = ["taskset", "-c", cpus] if cpus else []
+    out = subprocess.run(  # noqa: S603 - wrk from PATH, our own script
+        [*pin, "wrk", "-t1", "-c16", f"-d{duration}s", "-s", str(lua),  # noqa: S607
+         f"{base}/_matrix/identity/v2/lookup"], capture_output=True, text=True,
+        env={**os.environ, "BODIES": str(bodies), "TOKEN": token}, check=False)
+    cpu_s = procs.cpu_seconds(pid) - before
+    found = re.search(r"^RESULT (\d+) ([\d.]+) ([\d.]+) (\d+) (\d+)$", out.stdout, re.M)
+    if found is None:
+        raise RuntimeError(f"wrk said: {out.stdout}{out.stderr}")
+    requests, seconds = int(found[1]), float(found[2])
+    return {"scenario": f"wrk batch={batch} conc=16 (distinct bodies)",
+            "req_per_s": round(requests / seconds, 1),
+            "addresses_per_s": round(requests * batch / seconds),
+            "p99_ms": float(found[3]), "errors": int(found[4]) + int(found[5]),
+            "server_cpu_us_per_request": round(cpu_s / max(requests, 1) * 1e6, 1)}
+
+
+def wrk_rows(base: str, token: str, pepper: str, count: int, pid: int, duration: str,
+             workdir: Path) -> list[dict[str, Any]]:
+    """Lookups driven by wrk, batches 1, 100 and 1000 (`wrk_row`)."""
+    return [wrk_row(base, token, write_bodies(workdir, count, pepper, batch), batch, pid,
+                    duration, workdir) for batch in (1, 100, 1000)]
 
 
 def start_kith(directory: Path, workers: int = 1,
@@ -254,20 +265,34 @@ def main() -> None:
             cluster.stop()
 
 
-def measure(args: argparse.Namespace, directory: Path) -> None:
-    db = DbConfig(url=args.db) if args.db else DbConfig(file=str(directory / "kith.db"))
-    marker = directory / f"seeded-{args.count}{'-pg' if args.db else ''}"
-    if args.postgresql:
-        marker.unlink(missing_ok=True)  # a new server each time
+def seeded(directory: Path, count: int, db_url: str | None = None, *,
+           fresh: bool = False) -> str:
+    """The pepper of a store of `count` bench bindings in `directory` (or at `db_url`),
+    seeded first unless a marker there says it was (`fresh`: seed again)."""
+    db = DbConfig(url=db_url) if db_url else DbConfig(file=str(directory / "kith.db"))
+    marker = directory / f"seeded-{count}{'-pg' if db_url else ''}"
+    if fresh:
+        marker.unlink(missing_ok=True)
     pepper = asyncio.run(prepare_store(db))
     if not marker.exists():
         started = time.monotonic()
-        if args.db:
-            asyncio.run(seed_postgresql(args.db, args.count, pepper))
+        if db_url:
+            asyncio.run(seed_postgresql(db_url, count, pepper))
         else:
-            seed_sqlite(db.file, args.count, pepper)
+            seed_sqlite(db.file, count, pepper)
         marker.write_text(f"{time.monotonic() - started:.0f} s\n")
-    print(f"store: {args.count} bindings ({marker.read_text().strip()} to seed)")
+    print(f"store: {count} bindings ({marker.read_text().strip()} to seed)")
+    return pepper
+
+
+async def register(base: str, hs_name: str) -> str:
+    async with aiohttp.ClientSession() as session:
+        return str(await isbench.register(session, base, hs_name))
+
+
+def measure(args: argparse.Namespace, directory: Path) -> None:
+    # a new PostgreSQL server each time
+    pepper = seeded(directory, args.count, args.db, fresh=args.postgresql)
 
     # Only for the token: the lookups below run isbench, with its homeserver on its port.
     hs_name = isbench.start_fake_homeserver(0)
@@ -288,10 +313,7 @@ def measure(args: argparse.Namespace, directory: Path) -> None:
              "--json", f"{out}.lookups.json"], capture_output=True, text=True, check=False)
         wrk = []
         if args.wrk:
-            async def register() -> str:
-                async with aiohttp.ClientSession() as session:
-                    return str(await isbench.register(session, base, hs_name))
-            wrk = wrk_rows(base, asyncio.run(register()), pepper, args.count, pid,
+            wrk = wrk_rows(base, asyncio.run(register(base, hs_name)), pepper, args.count, pid,
                            args.duration, directory)
         rss_after = procs.rss_mb(pid)
         summary = {"count": args.count, "db": "postgresql" if args.db else "sqlite",
