@@ -16,6 +16,7 @@ counted is then the parent's and its workers').
     mkdir /tmp/kith-base && git archive <base commit> | tar -x -C /tmp/kith-base
     .venv/bin/python bench/ab.py --a /tmp/kith-base --b . --rounds 5
     .venv/bin/python bench/ab.py --a . --b . --b-workers 2 --batch 100 --concurrency 16
+    .venv/bin/python bench/ab.py --a /tmp/kith-base --b . --pin --rounds 10 --duration 3
 
 Needs `wrk` on PATH and ../shared/bench (or KITH_BENCH_DIR) for the load generator.
 """
@@ -44,11 +45,20 @@ import isbench  # noqa: E402
 
 from bench import procs  # noqa: E402
 
+# With --pin: the CPU the servers run on, and the CPUs this process and wrk run on.
+PIN: tuple[set[int], set[int]] | None = None
+
 
 def start(server: Any, tree: Path, workers: int = 1) -> None:
     os.environ["PYTHONPATH"] = str(tree)
     server.argv = [sys.executable, "-m", "kith", "--workers", str(workers)]
-    server.start()
+    if PIN is not None:  # the server (and its workers) inherit this process's CPUs
+        os.sched_setaffinity(0, PIN[0])
+    try:
+        server.start()
+    finally:
+        if PIN is not None:
+            os.sched_setaffinity(0, PIN[1])
     compare.wait_idle(server.proc.pid, server.label)
 
 
@@ -117,8 +127,18 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1, help="addresses a lookup")
     ap.add_argument("--a-workers", type=int, default=1)
     ap.add_argument("--b-workers", type=int, default=1)
+    ap.add_argument("--pin", action="store_true",
+                    help="run the servers on the last CPU and wrk on the others, so that "
+                         "turns do not differ by the core the server happens to run on")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.pin:
+        global PIN
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            ap.error("--pin needs two CPUs or more")
+        PIN = ({cpus[-1]}, set(cpus[:-1]))
+        os.sched_setaffinity(0, PIN[1])
     trees = {"A": args.a.resolve(), "B": args.b.resolve()}
     server = compare.Server("kith", [sys.executable, "-m", "kith"])
     # One client looking up thousands of addresses a second: lift the lookup budget,
