@@ -173,7 +173,7 @@ def _error_response(request: web.Request, exc: Exception) -> web.Response:
 
 
 @web.middleware
-async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def matrix_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure becomes a Matrix error body; nothing escapes as HTML or a 500 page;
     and every request is counted and timed (the status counted is the one answered; a
     cancelled request is not counted).  One middleware, not two: each layer costs every
@@ -207,7 +207,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 def new_app(max_body_bytes: int, allow_query_access_token: bool = True, *,
             body_timeout_s: float = 30.0) -> web.Application:
     """An aiohttp app with kith's error handling, CORS, body limits and HTTP metrics."""
-    app = web.Application(middlewares=[edge],
+    app = web.Application(middlewares=[matrix_middleware],
                           client_max_size=max_body_bytes)
     app[MAX_BODY_BYTES] = max_body_bytes
     app[BODY_TIMEOUT_S] = body_timeout_s
