@@ -1,8 +1,9 @@
 """LookupTable and HashArrays answer exactly what a dict would."""
 
+import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -29,6 +30,17 @@ def expected(model: dict[str, str], asked: list[str]) -> dict[str, str]:
 
 
 MakeTable = Callable[[], LookupTable | HashArrays]
+
+
+def answered(table: LookupTable | HashArrays, asked: Sequence[str]) -> dict[str, str]:
+    """`find`'s answer, once `find_json` has said the same: the same mappings, each hash
+    once, and how many."""
+    found = table.find(asked)
+    encoded, count = table.find_json(asked)
+    pairs = json.loads(encoded, object_pairs_hook=list)
+    assert dict(pairs) == found
+    assert len(pairs) == count == len(found)
+    return found
 
 
 def tables() -> list[MakeTable]:
@@ -71,7 +83,7 @@ def test_the_compiled_probe_and_numpy_answer_alike() -> None:
             table.update(entries)
         asked = [h(rng.randrange(5000)) for _ in range(rng.choice([1, 15, 16, 100, 1500]))]
         asked += asked[:3] + ["", h(1)[:-1] + "B", "+" * HASH_LENGTH]
-        assert compiled.find(asked) == numpy.find(asked), step
+        assert answered(compiled, asked) == answered(numpy, asked), step
     assert len(compiled) == len(numpy)
 
 
@@ -79,10 +91,12 @@ def test_the_compiled_probe_ignores_what_is_not_a_string() -> None:
     table = HashArrays(compiled=True)
     table.update([(h(i), f"@u{i}:example.org") for i in range(20)])
     asked: list[object] = [None, 7, h(1).encode(), [h(2)], h(3), h(3)]
-    assert table.find(asked) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
-    assert table.find(tuple(asked)) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
+    assert answered(table, asked) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
+    assert answered(table, tuple(asked)) == {h(3): "@u3:example.org"}  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         table.find(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        table.find_json(42)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("make", tables())
@@ -102,10 +116,10 @@ def test_random_binds_and_unbinds_match_a_dict(make: MakeTable) -> None:
         model.pop(key, None) if mxid is None else model.__setitem__(key, mxid)
     assert len(table) == len(model)
     asked = [h(i) for i in range(2000)]
-    assert table.find(asked) == expected(model, asked)
+    assert answered(table, asked) == expected(model, asked)
     assert all(table.get(x) == model.get(x) for x in asked)
     for size in (1, 15, 16, 17, 100, ARRAY_BATCH_MIN - 1, ARRAY_BATCH_MIN):
-        assert table.find(asked[:size]) == expected(model, asked[:size])
+        assert answered(table, asked[:size]) == expected(model, asked[:size])
 
 
 @pytest.mark.parametrize("make", tables())
@@ -120,10 +134,10 @@ def test_hashes_sharing_a_bucket_and_fingerprint(make: MakeTable) -> None:
         table.set(key, f"@even{i}:example.org")
     asked = crowd + [h(i) for i in range(ARRAY_BATCH_MIN)]
     want = {key: f"@even{i}:example.org" for i, key in enumerate(crowd[::2])}
-    assert table.find(asked) == want
+    assert answered(table, asked) == want
     assert [table.get(key) for key in crowd[1::2]] == [None] * 20
     table.update([(key, "@odd:example.org") for key in crowd[1::2]])
-    assert table.find(crowd[1::2]) == dict.fromkeys(crowd[1::2], "@odd:example.org")
+    assert answered(table, crowd[1::2]) == dict.fromkeys(crowd[1::2], "@odd:example.org")
 
 
 @pytest.mark.parametrize("make", tables())
@@ -137,12 +151,12 @@ def test_strings_that_are_not_hashes_never_match(make: MakeTable) -> None:
            # another alphabet's characters, and a last character no digest ends with
            h(7)[:10] + "+" + h(7)[11:], h(8)[:10] + "=" + h(8)[11:],
            *(good[9][:42] + c for i, c in enumerate(B64URL) if i % 4)]
-    assert table.find(odd) == {}
-    assert table.find(odd * 30) == {}
-    assert table.find(odd + good) == dict.fromkeys(good, "@alice:example.org")
-    assert table.find(odd * 30 + good) == dict.fromkeys(good, "@alice:example.org")
+    assert answered(table, odd) == {}
+    assert answered(table, odd * 30) == {}
+    assert answered(table, odd + good) == dict.fromkeys(good, "@alice:example.org")
+    assert answered(table, odd * 30 + good) == dict.fromkeys(good, "@alice:example.org")
     # lengths that add up to whole hashes must not shift the others
-    assert table.find([h(5)[:42], h(5)[42] + h(6)] * 200 + good[:1]) == {
+    assert answered(table, [h(5)[:42], h(5)[42] + h(6)] * 200 + good[:1]) == {
         good[0]: "@alice:example.org"}
     assert len(table) == 20
 
@@ -154,11 +168,11 @@ def test_unbind_and_bind_again_with_a_longer_mxid(make: MakeTable) -> None:
     table.update((x, "@a:example.org") for x in keys)
     table.update((x, None) for x in keys[:50])
     assert len(table) == 50
-    assert table.find(keys) == dict.fromkeys(keys[50:], "@a:example.org")
+    assert answered(table, keys) == dict.fromkeys(keys[50:], "@a:example.org")
     long_mxid = "@" + "x" * 200 + ":example.org"
     table.set(keys[0], long_mxid)
     assert table.get(keys[0]) == long_mxid
-    assert table.find(keys[:20]) == {keys[0]: long_mxid}
+    assert answered(table, keys[:20]) == {keys[0]: long_mxid}
     assert table.get(keys[99]) == "@a:example.org"
     assert len(table) == 51
 
@@ -172,7 +186,7 @@ def test_grows_far_past_its_first_size(make: MakeTable) -> None:
     for x in keys[10_000:10_500]:  # one by one, as binds arrive
         table.set(x, f"@{x[:8]}:example.org")
     assert len(table) == 10_500
-    found = table.find(keys)
+    found = answered(table, keys)
     assert len(found) == 10_500
     assert all(found[x] == f"@{x[:8]}:example.org" for x in keys[:10_500])
 
@@ -194,9 +208,9 @@ def test_many_rebinds_keep_every_answer(make: MakeTable) -> None:
             table.set(keys[i], mxid)
             model[keys[i]] = mxid
         assert len(table) == len(model)
-    assert table.find(keys) == model
+    assert answered(table, keys) == model
     assert all(table.get(x) == model.get(x) for x in keys[::7])
-    assert table.find(keys[:10]) == expected(model, keys[:10])
+    assert answered(table, keys[:10]) == expected(model, keys[:10])
 
 
 def test_a_table_reserved_past_its_dict_answers_the_same() -> None:
@@ -206,20 +220,22 @@ def test_a_table_reserved_past_its_dict_answers_the_same() -> None:
     table.reserve(200)
     table.update((x, "@b:example.org") for x in keys[100:])
     assert len(table) == 300
-    assert table.find(keys) == {**dict.fromkeys(keys[:100], "@a:example.org"),
+    assert answered(table, keys) == {**dict.fromkeys(keys[:100], "@a:example.org"),
                                 **dict.fromkeys(keys[100:], "@b:example.org")}
 
 
 @pytest.mark.parametrize("make", tables())
 def test_mxids_of_every_length_and_with_nul_bytes_come_back_whole(make: MakeTable) -> None:
     """A batch reads short mxids as fixed windows; longer ones, and bytes a Matrix ID
-    never holds (synced or replicated in, not checked), come back exactly too."""
+    never holds (synced or replicated in, not checked), come back exactly too, and as
+    JSON escapes them."""
     table = make()
     keys = [h(i) for i in range(300)]
     mxids = {k: "@" + "x" * (i % 120) + f":{i}.org" + "\0" * (i % 3) for i, k in enumerate(keys)}
     mxids[keys[7]] = "@é\0ü:example.org\0"
+    mxids[keys[8]] = '@a"b\\c\x1f\x7f\t:example.org'  # what JSON must escape, and DEL
     table.update(mxids.items())
-    assert table.find(keys) == mxids
+    assert answered(table, keys) == mxids
     assert all(table.get(k) == m for k, m in mxids.items())
 
 
@@ -232,8 +248,8 @@ def test_an_mxid_far_longer_than_a_matrix_id_is_kept_whole(make: MakeTable) -> N
     huge = "@" + "x" * 70_000 + ":example.org"
     table.update([(k, huge if i == 3 else f"@u{i}:example.org") for i, k in enumerate(keys)])
     assert table.get(keys[3]) == huge
-    assert table.find(keys)[keys[3]] == huge
-    assert len(table.find(keys)) == 40
+    assert answered(table, keys)[keys[3]] == huge
+    assert len(answered(table, keys)) == 40
 
 
 def packed(entries: list[tuple[str, str]]) -> tuple[str, str, int]:
@@ -255,7 +271,7 @@ def test_packed_updates_match_a_dict(make: MakeTable) -> None:
         assert table.update_packed(*packed(entries))
         model.update(entries)
     asked = [h(i) for i in range(3200)]
-    assert table.find(asked) == expected(model, asked)
+    assert answered(table, asked) == expected(model, asked)
     assert all(table.get(x) == model.get(x) for x in asked[:500])
     assert len(table) == len(model)
 
@@ -272,7 +288,7 @@ def test_packed_updates_that_cannot_be_unpacked_change_nothing(
     table = LookupTable(arrays_from=arrays_from)  # (it checks the shape for the arrays)
     table.set(h(3), "@c:x")
     assert not table.update_packed(*packed(entries))
-    assert table.find([h(1), h(2), h(3)]) == {h(3): "@c:x"}
+    assert answered(table, [h(1), h(2), h(3)]) == {h(3): "@c:x"}
 
 
 @pytest.mark.parametrize("make", tables())
@@ -283,7 +299,7 @@ def test_a_packed_update_naming_a_hash_twice_changes_nothing(make: MakeTable) ->
     if isinstance(table, LookupTable) and table._arrays is None:
         # A dict takes the last; only the arrays cannot hold a hash twice.
         assert table.update_packed(*packed(entries))
-        assert table.find([h(1), h(3), h(10)]) == {h(1): "@a:x", h(3): "@c:x", h(10): "@10:x"}
+        assert answered(table, [h(1), h(3), h(10)]) == {h(1): "@a:x", h(3): "@c:x", h(10): "@10:x"}
         return
     assert not table.update_packed(*packed(entries))
-    assert table.find([h(1), h(3), h(10)]) == {h(3): "@c:x"}
+    assert answered(table, [h(1), h(3), h(10)]) == {h(3): "@c:x"}

@@ -54,7 +54,12 @@ _JSON_HEADERS = {"Content-Type": "application/json", **CORS_HEADERS}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encode(body), status=status, headers=_JSON_HEADERS)
+    return encoded_json_response(_encode(body), status)
+
+
+def encoded_json_response(body: bytes, status: int = 200) -> web.Response:
+    """An answer whose JSON body is already encoded (UTF-8)."""
+    return web.Response(body=body, status=status, headers=_JSON_HEADERS)
 
 
 def error_response(error: MatrixError) -> web.Response:

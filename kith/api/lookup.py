@@ -5,7 +5,14 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from kith.api.http import authenticated, json_body, json_response, requester, services_of
+from kith.api.http import (
+    authenticated,
+    encoded_json_response,
+    json_body,
+    json_response,
+    requester,
+    services_of,
+)
 from kith.errors import missing_params
 from kith.threepid import plain_query
 
@@ -24,9 +31,9 @@ async def hash_details(request: web.Request) -> web.Response:
 async def lookup(request: web.Request) -> web.Response:
     account = await authenticated(request)
     body = await json_body(request, LookupRequest)
-    mappings = await services_of(request).lookup.lookup(
+    mappings = await services_of(request).lookup.lookup_json(
         body.algorithm, body.pepper, body.addresses, requester(request, account))
-    return json_response({"mappings": mappings})
+    return encoded_json_response(b'{"mappings":' + mappings + b"}")
 
 
 class BulkLookupRequest(msgspec.Struct):

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Any, TypeVar, cast
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -77,6 +78,8 @@ _NEWLINE = np.uint8(ord("\n"))
 
 if sys.byteorder != "little":  # slots and hashes are read by their 32-bit halves
     raise ImportError("kith's lookup index needs a little-endian machine")
+
+_encode = msgspec.json.Encoder().encode
 
 IntArray = npt.NDArray[np.intp]
 BoolArray = npt.NDArray[np.bool_]
@@ -160,6 +163,13 @@ class LookupTable:
             return self._arrays.find(hashes)
         get = self._mxids.get
         return {h: mxid for h in hashes if (mxid := get(h)) is not None}
+
+    def find_json(self, hashes: Sequence[str]) -> tuple[bytes, int]:
+        """`find`'s answer as a JSON object (UTF-8), and how many hashes it maps."""
+        if self._arrays is not None:
+            return self._arrays.find_json(hashes)
+        found = self.find(hashes)
+        return _encode(found), len(found)
 
     def _move_when_big(self) -> None:
         if self._mxids is not None and len(self._mxids) > self._arrays_from:
@@ -277,6 +287,16 @@ class HashArrays:
         if len(mxids) == 1:
             return {hashes[int(positions[0])]: mxids[0]}
         return dict(zip(itemgetter(*positions.tolist())(hashes), mxids, strict=True))
+
+    def find_json(self, hashes: Sequence[str]) -> tuple[bytes, int]:
+        """`find`'s answer as a JSON object (UTF-8), and how many hashes it maps: the
+        compiled probe writes it straight from the arrays, with no str made for each
+        mxid found nor a dict to hold them."""
+        if self._compiled:
+            return _probe.find_json(hashes, self._table, self._keys, self._refs, self._text,
+                                    self._k1, self._k2, self._shift)
+        found = self.find(hashes)
+        return _encode(found), len(found)
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries at once (the last entry of a hash wins).  The entries
