@@ -3,6 +3,7 @@ share of kith's own rate at 2k, robust to a machine whose speed drifts between r
 
     .venv/bin/python -m bench.scale_pair --big-keep DIR [--big-db URL] [--small-keep DIR]
         [--big 10000000] [--small 2000] [--rounds 6] [--duration 3] [--pin]
+        [--big-tree TREE] [--small-tree TREE]
 
 Both stores are seeded as `bench.scale` seeds them (and reused when kept), and both
 kith processes (`python -m kith`, one worker each) run for the whole sitting.  Each
@@ -68,9 +69,14 @@ class Side:
 
 
 def start_side(name: str, count: int, directory: Path, db_url: str | None,
-               hs_name: str) -> Side:
+               hs_name: str, tree: Path | None = None) -> Side:
     pepper = seeded(directory, count, db_url)
+    # kith from `tree` (this checkout by default): `python -m kith` with it first on the path
+    os.environ.pop("PYTHONPATH", None)
+    if tree is not None:
+        os.environ["PYTHONPATH"] = str(tree.resolve())
     kith, _, base, started = start_kith(directory, 1, db_url)
+    os.environ.pop("PYTHONPATH", None)
     try:
         seconds = asyncio.run(first_answer(base, pepper, hs_name, started, count))
         print(f"{name}: {count} bindings, first right answer {seconds:.1f} s after the start, "
@@ -92,6 +98,10 @@ def main() -> None:
     parser.add_argument("--big-db", help="a PostgreSQL URL for the big store")
     parser.add_argument("--small-keep", type=Path,
                         help="the small store's directory (default: a temporary one)")
+    parser.add_argument("--big-tree", type=Path,
+                        help="run the big side's kith from this source tree (default: this "
+                             "checkout's); with --small as big as --big, an A B of two trees")
+    parser.add_argument("--small-tree", type=Path, help="the same for the small side")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", default="3")
     parser.add_argument("--pin", action="store_true",
@@ -110,8 +120,10 @@ def main() -> None:
     hs_name = isbench.start_fake_homeserver(0)
     sides: list[Side] = []
     try:
-        sides.append(start_side("big", args.big, args.big_keep, args.big_db, hs_name))
-        sides.append(start_side("small", args.small, small_dir, None, hs_name))
+        sides.append(start_side("big", args.big, args.big_keep, args.big_db, hs_name,
+                                args.big_tree))
+        sides.append(start_side("small", args.small, small_dir, None, hs_name,
+                                args.small_tree))
         if server_cpu is not None:
             for side in sides:  # every thread of each server (-a)
                 subprocess.run(  # noqa: S603
@@ -145,6 +157,7 @@ def report(args: argparse.Namespace, sides: list[Side], runs: list[dict[str, Any
         "big": args.big, "small": args.small,
         "big_db": "postgresql" if args.big_db else "sqlite", "rounds": args.rounds,
         "duration_s": float(args.duration), "pinned": args.pin, "commit": commit(),
+        "trees": {"big": str(args.big_tree or ""), "small": str(args.small_tree or "")},
         "first_answer_s": {side.name: round(side.first_answer_s, 1) for side in sides},
         "errors": sum(run["errors"] for run in runs), "batches": {}}
     for batch in BATCHES:
