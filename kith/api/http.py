@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
 from prometheus_client import Counter, Histogram
 
 from kith.errors import (
@@ -74,8 +74,16 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes")
     timeout_s = request.app[BODY_TIMEOUT_S]
+    content = request.content
+    if content.is_eof() and hdrs.CONTENT_ENCODING not in request.headers:
+        # All of it arrived with the head, as it was sent: take it as it lies in the
+        # buffer (request.read() would copy it twice, chunk by chunk).
+        body = content.read_nowait()
+        if len(body) > limit:  # chunked: no length said beforehand
+            raise MatrixError(413, M_TOO_LARGE, f"Request body larger than {limit} bytes")
+        return body
     try:
-        if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+        if content.is_eof():  # nothing to wait for
             return await request.read()
         async with asyncio.timeout(timeout_s):
             return await request.read()
