@@ -6,9 +6,10 @@ caches several times over (the table, the entry, the key object, the value objec
 `HashArrays` keeps the map in a few flat arrays instead: a bucketed hash table of packed
 (fingerprint, row) slots, each hash's 43 characters by row, and the mxids as UTF-8
 in one byte buffer with an offset and a length by row; about 120 bytes a binding.  A
-batch of addresses is found by the compiled probe (kith/_probe.c) in one pass, or,
-where it was not built, by a few dozen array operations whose memory accesses overlap
-and one address by a few probes in Python (docs/decisions.md has the figures).
+batch of addresses is found by the compiled probe (kith/_probe.c) in one pass, which
+can also write the answer as JSON straight from the arrays (`find_json`), or, where it
+was not built, by a few dozen array operations whose memory accesses overlap and one
+address by a few probes in Python (docs/decisions.md has the figures).
 
 Lookup hashes are the 43 characters of unpadded URL-safe base64 of a sha256 digest;
 anything else (another length, another alphabet, a last character that no digest
@@ -168,8 +169,7 @@ class LookupTable:
         """`find`'s answer as a JSON object (UTF-8), and how many hashes it maps."""
         if self._arrays is not None:
             return self._arrays.find_json(hashes)
-        found = self.find(hashes)
-        return _encode(found), len(found)
+        return _as_json(self.find(hashes))
 
     def _move_when_big(self) -> None:
         if self._mxids is not None and len(self._mxids) > self._arrays_from:
@@ -295,8 +295,7 @@ class HashArrays:
         if self._compiled:
             return _probe.find_json(hashes, self._table, self._keys, self._refs, self._text,
                                     self._k1, self._k2, self._shift)
-        found = self.find(hashes)
-        return _encode(found), len(found)
+        return _as_json(self.find(hashes))
 
     def update(self, entries: Iterable[tuple[str, str | None]]) -> None:
         """`set` for many entries at once (the last entry of a hash wins).  The entries
@@ -562,6 +561,10 @@ class HashArrays:
         # is then copied whole rather than byte by byte.
         self._windows = np.ndarray((len(self._text) - _WINDOW + 1,), f"S{_WINDOW}",
                                    buffer=self._text, strides=(1,))
+
+
+def _as_json(found: dict[str, str]) -> tuple[bytes, int]:
+    return _encode(found), len(found)
 
 
 def key_of(lookup_hash: str) -> bytes | None:
