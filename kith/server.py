@@ -203,7 +203,7 @@ def client_app(config: KithConfig, services: Services) -> web.Application:
     account.add_routes(app.router)
     terms.add_routes(app.router)
     pubkey.add_routes(app.router, "/_matrix/identity/v2")
-    lookup.add_routes(app.router)
+    lookup.add_routes(app)
     validate.add_routes(app.router)
     threepid.add_routes(app.router)
     invites.add_routes(app.router)
@@ -227,7 +227,7 @@ def add_v1_routes(router: web.UrlDispatcher, config: KithConfig) -> None:
 def internal_app(config: KithConfig, services: Services) -> web.Application:
     app = new_app(config.http.max_body_bytes, body_timeout_s=config.http.body_timeout_s)
     app[SERVICES] = services
-    internal.add_routes(app.router)
+    internal.add_routes(app)
     return app
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import msgspec
@@ -48,13 +48,13 @@ ALLOW_QUERY_TOKEN = web.AppKey("allow_query_access_token", bool)
 # Sydent's [http] obey_x_forwarded_for: kith runs behind a reverse proxy.
 OBEY_X_FORWARDED_FOR = web.AppKey("obey_x_forwarded_for", bool)
 
-_encode = msgspec.json.Encoder().encode
+encode_json = msgspec.json.Encoder().encode
 _MISSING_FIELD = re.compile(r"Object missing required field `([^`]*)`")
 _JSON_HEADERS = {"Content-Type": "application/json", **CORS_HEADERS}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
-    return encoded_json_response(_encode(body), status)
+    return encoded_json_response(encode_json(body), status)
 
 
 def encoded_json_response(body: bytes, status: int = 200) -> web.Response:
@@ -120,11 +120,16 @@ async def json_body(request: web.Request, type_: type[T]) -> T:
 def access_token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization")
     if header is not None:
-        scheme, _, token = header.partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else None
+        return bearer_token(header)
     if request.app[ALLOW_QUERY_TOKEN]:
         return request.query.get("access_token")
     return None
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The access token of an Authorization header's value (None: not a bearer token)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 _STATUS_ERRORS = {
@@ -142,11 +147,16 @@ _duration_histograms: dict[str, Histogram] = {}
 
 
 def _count_request(request: web.Request, status: int, start: float) -> None:
-    """Count and time a request by its route's template and the status answered."""
-    seconds = time.perf_counter() - start
     resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
-    method = request.method if request.method in _KNOWN_METHODS else "other"
+    count_request(request.method, resource.canonical if resource is not None else UNMATCHED_ROUTE,
+                  status, start)
+
+
+def count_request(method: str, route: str, status: int, start: float) -> None:
+    """Count and time a request by its route's template and the status answered
+    (`start`: its `time.perf_counter()` when it arrived)."""
+    seconds = time.perf_counter() - start
+    method = method if method in _KNOWN_METHODS else "other"
     key = (method, route, status)
     counter = _request_counters.get(key)
     if counter is None:
@@ -161,28 +171,32 @@ def _count_request(request: web.Request, status: int, start: float) -> None:
 def _error_response(request: web.Request, exc: Exception) -> web.Response:
     """The Matrix error body for what a handler raised (an HTTPException of 400 or more,
     or anything else)."""
-    if isinstance(exc, MatrixError):
-        return error_response(exc)
     if isinstance(exc, web.HTTPException):
         errcode, message = _STATUS_ERRORS.get(exc.status, (M_UNKNOWN, exc.reason))
         response = error_response(MatrixError(exc.status, errcode, message))
         if exc.status == 405 and "Allow" in exc.headers:
             response.headers["Allow"] = exc.headers["Allow"]
         return response
+    return error_response(matrix_error_of(exc, request.method, request.path))
+
+
+def matrix_error_of(exc: Exception, method: str, path: str) -> MatrixError:
+    """The Matrix error to answer for what a handler raised (logged unless the caller
+    is the one at fault)."""
+    if isinstance(exc, MatrixError):
+        return exc
     if is_storage_full(exc):
         # Reads go on; writes work again once there is room.
         log.error("cannot store anything, the database's disk is full: %s %s refused",
-                  request.method, request.path)
-        return error_response(MatrixError(
-            503, M_UNKNOWN, "The server cannot store anything now: its storage is "
-            "full. Try again later."))
+                  method, path)
+        return MatrixError(503, M_UNKNOWN, "The server cannot store anything now: its "
+                           "storage is full. Try again later.")
     if is_unreachable(exc):
         # Nothing was acknowledged; the pool connects again once the database answers.
-        log.warning("cannot reach the database: %s %s refused: %s",
-                    request.method, request.path, exc)
-        return error_response(database_unreachable())
-    log.exception("unhandled error serving %s %s", request.method, request.path)
-    return error_response(MatrixError(500, M_UNKNOWN, "Internal server error"))
+        log.warning("cannot reach the database: %s %s refused: %s", method, path, exc)
+        return database_unreachable()
+    log.exception("unhandled error serving %s %s", method, path)
+    return MatrixError(500, M_UNKNOWN, "Internal server error")
 
 
 @web.middleware
@@ -237,8 +251,13 @@ def services_of(request: web.Request) -> Services:
 
 async def authenticated(request: web.Request, *, consent: bool = True) -> Account:
     """The caller's account (401 without a valid token; 403 until the terms are accepted)."""
-    accounts = request.app[SERVICES].accounts
-    account = await accounts.authenticate(access_token(request))
+    return await authenticate(request.app[SERVICES], access_token(request), consent=consent)
+
+
+async def authenticate(services: Services, token: str | None, *,
+                       consent: bool = True) -> Account:
+    accounts = services.accounts
+    account = await accounts.authenticate(token)
     if consent:
         accounts.require_consent(account)
     return account
@@ -271,14 +290,85 @@ def client_ip(request: web.Request) -> str | None:
     if request.app.get(OBEY_X_FORWARDED_FOR, False):
         forwarded = request.headers.getall("X-Forwarded-For", [])
         if forwarded:
-            last = forwarded[-1].rpartition(",")[2].strip()
-            if last:
-                return last
+            return forwarded_ip(forwarded[-1]) or request.remote
     return request.remote
+
+
+def forwarded_ip(last_header: str) -> str | None:
+    """The address a reverse proxy added to the last X-Forwarded-For header (None if it
+    is empty)."""
+    return last_header.rpartition(",")[2].strip() or None
 
 
 def requester(request: web.Request, account: Account | None = None) -> Requester:
     """Who asks, as the rate limits count it: the client address and the account."""
-    ip = client_ip(request)
+    return requester_of(client_ip(request), account)
+
+
+def requester_of(ip: str | None, account: Account | None) -> Requester:
     return Requester(ip=None if ip is None else ip_key(ip),
                      user_id=None if account is None else account.user_id)
+
+
+class Call:
+    """What a plain handler is given of a request, whichever way it reached kith (as an
+    aiohttp request, or by the edge's express lane, kith.api.edge)."""
+
+    __slots__ = ("body", "ip", "services", "token")
+
+    def __init__(self, services: Services, token: str | None, ip: str | None,
+                 body: bytes) -> None:
+        self.services = services
+        self.token = token  # the access token it carries, if any
+        self.ip = ip  # the client's address (client_ip)
+        self.body = body
+
+    def requester(self, account: Account | None = None) -> Requester:
+        return requester_of(self.ip, account)
+
+
+# A plain handler: a POST whose answer depends only on its access token, the client's
+# address and its JSON body; it returns its 200 answer's JSON body (UTF-8) or raises.
+PlainHandler = Callable[[Call], Coroutine[Any, Any, bytes]]
+
+
+class Express:
+    """The plain POST routes of one app, by path, and what the edge's express lane needs
+    to serve them without aiohttp's request machinery (kith.api.edge)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.routes: dict[bytes, tuple[str, PlainHandler]] = {}
+        self.app = app
+
+    @property
+    def services(self) -> Services:
+        return self.app[SERVICES]
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.app[MAX_BODY_BYTES]
+
+    @property
+    def body_timeout_s(self) -> float:
+        return self.app[BODY_TIMEOUT_S]
+
+    @property
+    def obey_x_forwarded_for(self) -> bool:
+        return self.app.get(OBEY_X_FORWARDED_FOR, False)
+
+
+EXPRESS = web.AppKey("express", Express)
+
+
+def add_plain_post(app: web.Application, path: str, handler: PlainHandler) -> None:
+    """Route POST `path` to a plain handler: through aiohttp, and by the express lane."""
+
+    async def from_request(request: web.Request) -> web.Response:
+        body = await read_body(request)
+        call = Call(request.app[SERVICES], access_token(request), client_ip(request), body)
+        return encoded_json_response(await handler(call))
+
+    app.router.add_post(path, from_request)
+    if EXPRESS not in app:
+        app[EXPRESS] = Express(app)
+    app[EXPRESS].routes[path.encode()] = (path, handler)

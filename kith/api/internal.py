@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from kith.api.http import json_body, json_response, services_of
+from kith.api.http import Call, add_plain_post, decode_json, encode_json
 
 
 class InternalThreepid(msgspec.Struct):
@@ -14,18 +14,17 @@ class InternalThreepid(msgspec.Struct):
     mxid: str
 
 
-async def bind(request: web.Request) -> web.Response:
-    body = await json_body(request, InternalThreepid)
-    signed = await services_of(request).bindings.bind(body.medium, body.address, body.mxid)
-    return json_response(signed)
+async def bind(call: Call) -> bytes:
+    body = decode_json(call.body, InternalThreepid)
+    return encode_json(await call.services.bindings.bind(body.medium, body.address, body.mxid))
 
 
-async def unbind(request: web.Request) -> web.Response:
-    body = await json_body(request, InternalThreepid)
-    await services_of(request).bindings.unbind(body.medium, body.address, body.mxid)
-    return json_response({})
+async def unbind(call: Call) -> bytes:
+    body = decode_json(call.body, InternalThreepid)
+    await call.services.bindings.unbind(body.medium, body.address, body.mxid)
+    return b"{}"
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_post("/_matrix/identity/internal/bind", bind)
-    router.add_post("/_matrix/identity/internal/unbind", unbind)
+def add_routes(app: web.Application) -> None:
+    add_plain_post(app, "/_matrix/identity/internal/bind", bind)
+    add_plain_post(app, "/_matrix/identity/internal/unbind", unbind)

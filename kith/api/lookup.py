@@ -6,8 +6,11 @@ import msgspec
 from aiohttp import web
 
 from kith.api.http import (
+    Call,
+    add_plain_post,
+    authenticate,
     authenticated,
-    encoded_json_response,
+    decode_json,
     json_body,
     json_response,
     requester,
@@ -28,12 +31,12 @@ async def hash_details(request: web.Request) -> web.Response:
     return json_response(services_of(request).lookup.hash_details())
 
 
-async def lookup(request: web.Request) -> web.Response:
-    account = await authenticated(request)
-    body = await json_body(request, LookupRequest)
-    mappings = await services_of(request).lookup.lookup_json(
-        body.algorithm, body.pepper, body.addresses, requester(request, account))
-    return encoded_json_response(b'{"mappings":' + mappings + b"}")
+async def lookup(call: Call) -> bytes:
+    account = await authenticate(call.services, call.token)
+    body = decode_json(call.body, LookupRequest)
+    mappings = await call.services.lookup.lookup_json(
+        body.algorithm, body.pepper, body.addresses, call.requester(account))
+    return b'{"mappings":' + mappings + b"}"
 
 
 class BulkLookupRequest(msgspec.Struct):
@@ -74,6 +77,6 @@ def add_v1_routes(router: web.UrlDispatcher, prefix: str) -> None:
     router.add_post(f"{prefix}/bulk_lookup", bulk_lookup_v1)
 
 
-def add_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/_matrix/identity/v2/hash_details", hash_details, allow_head=False)
-    router.add_post("/_matrix/identity/v2/lookup", lookup)
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/_matrix/identity/v2/hash_details", hash_details, allow_head=False)
+    add_plain_post(app, "/_matrix/identity/v2/lookup", lookup)
