@@ -13,7 +13,7 @@ that are not HTTP) is answered here too, as a Matrix JSON error with one log lin
 traceback; aiohttp would answer plain text and log the error with a traceback, and the
 exception's message quotes the request itself (an access token in the URL, say).
 
-The express lane: a POST to one of an app's plain routes (kith.api.http.Express: the
+The express lane: a POST to one of an app's plain routes (kith.api.http.add_plain_post: the
 lookup, the internal bind) whose request is plain HTTP/1.1 (see `simple_request`) is
 answered here, straight from the bytes read, without aiohttp's parser objects, request,
 routing, middleware and response; that machinery was about half of what a single lookup
@@ -47,10 +47,13 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.web_protocol import RequestHandler
 
 from kith.api.http import (
+    BODY_TIMEOUT_S,
     CORS_HEADERS,
-    EXPRESS,
+    MAX_BODY_BYTES,
+    OBEY_X_FORWARDED_FOR,
+    PLAIN_ROUTES,
+    SERVICES,
     Call,
-    Express,
     PlainHandler,
     bearer_token,
     count_request,
@@ -470,23 +473,23 @@ class EdgeAppRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        express = self._app.get(EXPRESS)
+        app = self._app
         return EdgeServer(server.request_handler, request_factory=server.request_factory,
                           handler_cancellation=server.handler_cancellation,
                           header_timeout_s=self._header_timeout_s,
-                          express=None if express is None else ExpressLane(express),
+                          express=ExpressLane(app) if PLAIN_ROUTES in app else None,
                           **server._kwargs)
 
 
 class ExpressLane:
-    """An app's plain routes and settings, read once for the edge's express lane."""
+    """An app's plain routes (kith.api.http.add_plain_post) and settings, read once for
+    the edge's express lane."""
 
-    def __init__(self, express: Express) -> None:
-        self.routes = {path: (route, handler)
-                       for path, (route, handler) in express.routes.items()}
-        self.services = express.services
-        self.max_body_bytes = express.max_body_bytes
-        self.body_timeout_s = express.body_timeout_s
-        self.obey_x_forwarded_for = express.obey_x_forwarded_for
+    def __init__(self, app: web.Application) -> None:
+        self.routes = app[PLAIN_ROUTES].copy()
+        self.services = app[SERVICES]
+        self.max_body_bytes = app[MAX_BODY_BYTES]
+        self.body_timeout_s = app[BODY_TIMEOUT_S]
+        self.obey_x_forwarded_for = app.get(OBEY_X_FORWARDED_FOR, False)
         self.taken = 0  # requests the lane has taken
 

@@ -332,32 +332,8 @@ class Call:
 PlainHandler = Callable[[Call], Coroutine[Any, Any, bytes]]
 
 
-class Express:
-    """The plain POST routes of one app, by path, and what the edge's express lane needs
-    to serve them without aiohttp's request machinery (kith.api.edge)."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.routes: dict[bytes, tuple[str, PlainHandler]] = {}
-        self.app = app
-
-    @property
-    def services(self) -> Services:
-        return self.app[SERVICES]
-
-    @property
-    def max_body_bytes(self) -> int:
-        return self.app[MAX_BODY_BYTES]
-
-    @property
-    def body_timeout_s(self) -> float:
-        return self.app[BODY_TIMEOUT_S]
-
-    @property
-    def obey_x_forwarded_for(self) -> bool:
-        return self.app.get(OBEY_X_FORWARDED_FOR, False)
-
-
-EXPRESS = web.AppKey("express", Express)
+# An app's plain routes, by the bytes of their path: (path, handler).
+PLAIN_ROUTES = web.AppKey("plain_routes", dict[bytes, tuple[str, PlainHandler]])
 
 
 def add_plain_post(app: web.Application, path: str, handler: PlainHandler) -> None:
@@ -369,6 +345,4 @@ def add_plain_post(app: web.Application, path: str, handler: PlainHandler) -> No
         return encoded_json_response(await handler(call))
 
     app.router.add_post(path, from_request)
-    if EXPRESS not in app:
-        app[EXPRESS] = Express(app)
-    app[EXPRESS].routes[path.encode()] = (path, handler)
+    app.setdefault(PLAIN_ROUTES, {})[path.encode()] = (path, handler)
