@@ -168,7 +168,7 @@ class EdgeRequestHandler(RequestHandler):
 
     __slots__ = ("_header_timeout_s", "_head_since", "_first_line_bytes",
                  "_first_line_done", "_express", "_remote", "_owed", "_held",
-                 "_body_since", "_busy", "_held_limit", "_answered")
+                 "_held_total", "_body_since", "_busy", "_held_limit", "_answered")
 
     def __init__(self, manager: web.Server, *, header_timeout_s: float,
                  express: ExpressLane | None = None, **kwargs: Any) -> None:
@@ -187,8 +187,10 @@ class EdgeRequestHandler(RequestHandler):
         # has been given whole requests only; -1: unknown (the lane is off for good).
         self._owed = 0 if express is not None else -1
         # What the lane holds of a request not all arrived, or of what came while it
-        # answered one.
-        self._held = b""
+        # answered one (appended to: a body trickled in is not copied again and again);
+        # the whole request's length, once its head is read (else 0).
+        self._held = bytearray()
+        self._held_total = 0
         # When the lane began waiting for the rest of a body it holds (None: it is not).
         self._body_since: float | None = None
         self._busy = False  # the lane's answer to a request is being worked out
@@ -206,7 +208,8 @@ class EdgeRequestHandler(RequestHandler):
         self._start_head()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_since is None and data and self._waiting_for_request():
+        if self._head_since is None and data and not self._busy \
+                and self._waiting_for_request():
             self._start_head()  # the first bytes of the next request on this connection
         if self._owed >= 0:
             passed = self._express_or_pass(data)
@@ -224,7 +227,8 @@ class EdgeRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._head_since = self._body_since = None
-        self._held = b""
+        self._held.clear()
+        self._held_total = 0
         super().connection_lost(exc)
 
     def close_if_head_overdue(self, now: float) -> None:
@@ -234,7 +238,8 @@ class EdgeRequestHandler(RequestHandler):
         if self._body_since is not None and self._express is not None:
             if now - self._body_since >= self._express.body_timeout_s:
                 self._body_since = None
-                self._held = b""
+                self._held.clear()
+                self._held_total = 0
                 self._express_answer(self._express_error(MatrixError(
                     408, M_UNKNOWN, "The request body did not arrive within "
                     f"{self._express.body_timeout_s:g} s")), close=True)
@@ -274,13 +279,17 @@ class EdgeRequestHandler(RequestHandler):
             self._owed = self._owed - len(data) if len(data) <= self._owed else -1
             return data
         if self._held:
-            data, self._held = self._held + data, b""
+            self._held += data
+            if len(self._held) < self._held_total:  # more of the body is to come
+                return None
+            data, self._held_total = bytes(self._held), 0
+            self._held.clear()
         request = simple_request(data)
         idle = (self._answered == self._request_count
                 and not (self._force_close or self._close))
         if request is INCOMPLETE:
             if idle:
-                self._held = data
+                self._held += data
                 return None
             self._owed = -1
             return data
@@ -294,7 +303,8 @@ class EdgeRequestHandler(RequestHandler):
             self._owed = request.total - len(data)
             return data
         if request.total > len(data):  # the rest of the body is to come
-            self._held = data
+            self._held += data
+            self._held_total = request.total
             if self._body_since is None:
                 self._body_since = self._loop.time()
                 self._head_since = None
@@ -339,7 +349,8 @@ class EdgeRequestHandler(RequestHandler):
             if self._handler_waiter is not None and not self._handler_waiter.done():
                 self._handler_waiter.set_result(None)
         if self._held and self.transport is not None and not self.transport.is_closing():
-            held, self._held = self._held, b""
+            held = bytes(self._held)
+            self._held.clear()
             if len(held) > self._held_limit:
                 self.transport.resume_reading()
             self.data_received(held)

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from kith.api.edge import INCOMPLETE, EdgeServer, ExpressLane, SimpleRequest, simple_request
+from kith.api.edge import (
+    INCOMPLETE,
+    EdgeRequestHandler,
+    EdgeServer,
+    ExpressLane,
+    SimpleRequest,
+    simple_request,
+)
 from kith.metrics import HTTP_REQUESTS
 from kith.threepid import lookup_hash
 from tests.api.test_edge import MARGIN_S, wait_closed
@@ -27,17 +34,23 @@ TO_AIOHTTP = b"X-Twice: 1\r\nX-Twice: 2\r\n"
 async def kith(kith_factory: KithFactory) -> RunningKith:
     return await kith_factory(  # type: ignore[no-any-return]
         {"http": {"client.header_timeout": 1, "client.keepalive_timeout": 3,
-                  "client.body_timeout": 1, "max_body_bytes": 4096}})
+                  "client.body_timeout": 1, "client.max_body_bytes": 4096}})
 
 
-def lane(kith: RunningKith, path: str = LOOKUP) -> ExpressLane:
-    """The express lane of the listener that serves `path`."""
+def edge(kith: RunningKith, path: str = LOOKUP) -> EdgeServer:
+    """The listener whose express lane serves `path`."""
     for runner in kith.server.runners:
         server = runner.server
         if isinstance(server, EdgeServer) and server.express is not None \
                 and path.encode() in server.express.routes:
-            return server.express
+            return server
     raise AssertionError(f"no express lane serves {path}")
+
+
+def lane(kith: RunningKith, path: str = LOOKUP) -> ExpressLane:
+    lane = edge(kith, path).express
+    assert lane is not None
+    return lane
 
 
 def post(path: str, body: bytes, *, token: str | None = None, extra: bytes = b"") -> bytes:
@@ -125,6 +138,14 @@ async def test_lookups_are_answered_as_aiohttp_answers_them(kith: RunningKith) -
     answer = json.loads((await both_lanes(kith, kith.config.http.client_port, LOOKUP,
                                           lookup(addresses=[found]), token))[0][2])
     assert answer == {"mappings": {found: "@alice:hs.test"}}
+    # a body over the limit is aiohttp's to refuse, before it is read
+    served = lane(kith)
+    before = served.taken
+    (too_large,) = await exchange(kith.config.http.client_port,
+                                  post(LOOKUP, lookup(addresses=["x" * 43] * 100), token=token))
+    assert too_large[0] == b"HTTP/1.1 413 Request Entity Too Large"
+    assert json.loads(too_large[2])["errcode"] == "M_TOO_LARGE"
+    assert served.taken == before
 
 
 async def test_internal_binds_are_answered_as_aiohttp_answers_them(kith: RunningKith) -> None:
@@ -164,6 +185,27 @@ async def test_a_request_in_pieces_is_taken_when_whole(kith: RunningKith) -> Non
                              pause_s=0.1)
     assert answers[0][0] == b"HTTP/1.1 200 OK"
     assert json.loads(answers[0][2]) == {"mappings": {}}
+    assert served.taken == before + 1
+
+
+async def test_a_body_trickled_in_byte_by_byte_is_taken_whole(kith: RunningKith) -> None:
+    token = await kith.register()
+    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
+    request = post(LOOKUP, json.dumps({"algorithm": "sha256", "pepper": pepper,
+                                       "addresses": ["b" * 43] * 20}).encode(), token=token)
+    head_end = request.index(b"\r\n\r\n") + 4
+    served = lane(kith)
+    before = served.taken
+    reader, writer = await asyncio.open_connection("127.0.0.1", kith.config.http.client_port)
+    try:
+        writer.write(request[:head_end])
+        for i in range(head_end, len(request)):
+            writer.write(request[i:i + 1])
+            await writer.drain()
+        (status, _, body) = await read_raw(reader)
+    finally:
+        writer.close()
+    assert (status, json.loads(body)) == (b"HTTP/1.1 200 OK", {"mappings": {}})
     assert served.taken == before + 1
 
 
@@ -265,6 +307,51 @@ async def test_a_lookup_that_waits_is_finished_and_what_follows_it_too(
         assert [(answer[0], json.loads(answer[2])) for answer in answers] == \
             [(b"HTTP/1.1 200 OK", {"mappings": {}})] * 2
         assert served.taken >= before + 1
+
+
+async def test_what_is_sent_during_a_waiting_lookup_is_read_after_it(
+        kith: RunningKith, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = await kith.register()
+    accounts = kith.server.services.accounts  # type: ignore[union-attr]
+    pepper = kith.server.services.lookup.pepper  # type: ignore[union-attr]
+    lookup = post(LOOKUP, json.dumps({"algorithm": "sha256", "pepper": pepper,
+                                      "addresses": []}).encode(), token=token)
+    # The token is read from the store, which answers only when the test says so.
+    accounts._tokens.clear()
+    release = asyncio.Event()
+    store = accounts._store.accounts
+    by_token_hash = store.by_token_hash
+
+    async def held_back(token_hash: str) -> Any:
+        await release.wait()
+        return await by_token_hash(token_hash)
+
+    monkeypatch.setattr(store, "by_token_hash", held_back)
+    served = lane(kith)
+    before = served.taken
+    reader, writer = await asyncio.open_connection("127.0.0.1", kith.config.http.client_port)
+    try:
+        writer.write(lookup)
+        await writer.drain()
+        deadline = time.monotonic() + 5
+        while served.taken == before:
+            assert time.monotonic() < deadline, "the lane did not take the lookup"
+            await asyncio.sleep(0.01)
+        writer.write(b"junk " * 20_000)  # more than the lane holds: it stops reading
+        (handler,) = [handler for handler in edge(kith)._connections
+                      if isinstance(handler, EdgeRequestHandler) and handler._busy]
+        while not (handler.transport is not None and not handler.transport.is_reading()):
+            assert time.monotonic() < deadline, "reading did not stop"
+            await asyncio.sleep(0.01)
+        assert len(handler._held) > handler._held_limit
+        release.set()
+        status, _, body = await read_raw(reader)
+        assert (status, json.loads(body)) == (b"HTTP/1.1 200 OK", {"mappings": {}})
+        status, _, body = await read_raw(reader)  # then aiohttp refuses the junk
+        assert (status, json.loads(body)["error"]) == (b"HTTP/1.0 400 Bad Request",
+                                                       "Malformed HTTP request")
+    finally:
+        writer.close()
 
 
 async def test_an_unexpected_failure_is_a_matrix_500(kith: RunningKith,
