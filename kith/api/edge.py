@@ -235,14 +235,20 @@ class EdgeRequestHandler(RequestHandler):
         """Close the connection if the request head it is reading began `header_timeout_s`
         or more before `now` (the loop's clock), or if the body the express lane waits
         for has not all come within the body timeout."""
-        if self._body_since is not None and self._express is not None:
-            if now - self._body_since >= self._express.body_timeout_s:
+        lane = self._express
+        if self._body_since is not None and lane is not None:
+            waited_s = now - self._body_since
+            if waited_s >= lane.body_timeout_s:
+                request = simple_request(bytes(self._held))
+                assert isinstance(request, SimpleRequest)
                 self._body_since = None
                 self._held.clear()
                 self._held_total = 0
                 self._express_answer(self._express_error(MatrixError(
                     408, M_UNKNOWN, "The request body did not arrive within "
-                    f"{self._express.body_timeout_s:g} s")), close=True)
+                    f"{lane.body_timeout_s:g} s")), close=True)
+                count_request("POST", lane.routes[request.path][0], 408,
+                              time.perf_counter() - waited_s)
             return
         since = self._head_since
         if since is None or now - since < self._header_timeout_s:

@@ -212,6 +212,8 @@ async def test_a_body_trickled_in_byte_by_byte_is_taken_whole(kith: RunningKith)
 async def test_a_body_the_lane_waits_for_in_vain_gets_408(kith: RunningKith) -> None:
     request = post(LOOKUP, b'{"algorithm": "sha256", "pepper": "p", "addresses": []}',
                    token="t")
+    timed_out = HTTP_REQUESTS.labels("POST", LOOKUP, "408")
+    counted = timed_out._value.get()
     reader, writer = await asyncio.open_connection("127.0.0.1", kith.config.http.client_port)
     try:
         writer.write(request[:-10])
@@ -224,6 +226,7 @@ async def test_a_body_the_lane_waits_for_in_vain_gets_408(kith: RunningKith) -> 
         assert await wait_closed(reader, MARGIN_S) < MARGIN_S
     finally:
         writer.close()
+    assert timed_out._value.get() == counted + 1
 
 
 async def test_a_head_the_lane_waits_for_in_vain_is_cut_off(kith: RunningKith) -> None:
