@@ -71,14 +71,15 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 8190
 MAX_HEADERS = 128
 
-# A request the express lane may take: HTTP/1.1, a request target and header fields of
-# printable ASCII, each field on one line.
+# A request the express lane may take: HTTP/1.1, a method kith serves, a request target
+# and header fields of printable ASCII, each field on one line.
+_METHODS = rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH)"
 _SIMPLE_HEAD = re.compile(
-    rb"([A-Z]{1,16}) (/[!-~]*) HTTP/1\.1\r\n"
+    _METHODS + rb" (/[!-~]*) HTTP/1\.1\r\n"
     rb"((?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*)\r\n")
 # The beginning of such a head, its request line whole.
 _SIMPLE_HEAD_BEGUN = re.compile(
-    rb"[A-Z]{1,16} /[!-~]* HTTP/1\.1\r\n(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*"
+    _METHODS + rb" /[!-~]* HTTP/1\.1\r\n(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[\t -~]*\r\n)*"
     rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[\t -~]*\r?)?|\r)?")
 # Fields that ask for more than a body read whole by its length: left to aiohttp.
 _NOT_SIMPLE = frozenset((b"transfer-encoding", b"content-encoding", b"expect", b"upgrade",
@@ -106,8 +107,9 @@ INCOMPLETE = "incomplete"
 
 def simple_request(data: bytes) -> SimpleRequest | str | None:
     """The head of the request `data` begins with, if it is one the express lane can
-    read exactly as aiohttp would: HTTP/1.1, printable ASCII, no field twice, its body's
-    length given (or none), and nothing asking for more (chunked or compressed bodies,
+    read exactly as aiohttp would (tests/api/test_express_parsing.py): HTTP/1.1, a
+    method kith serves, printable ASCII, a Host field, no field twice, its body's length
+    given (or none), and nothing asking for more (chunked or compressed bodies,
     `Expect`, `Upgrade`, `Connection` other than keep-alive).  INCOMPLETE: the beginning
     of such a head, its request line whole; None: anything else."""
     end = data.find(b"\r\n\r\n", 0, MAX_SIMPLE_HEAD_BYTES)
@@ -126,7 +128,7 @@ def simple_request(data: bytes) -> SimpleRequest | str | None:
     for line in lines:
         name, _, value = line.partition(b":")
         fields[name.lower()] = value.strip(b" \t")
-    if len(fields) != len(lines):
+    if len(fields) != len(lines) or b"host" not in fields:  # aiohttp refuses no Host
         return None
     if not _NOT_SIMPLE.isdisjoint(fields) and (
             len(_NOT_SIMPLE.intersection(fields)) > 1
