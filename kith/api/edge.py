@@ -13,15 +13,14 @@ that are not HTTP) is answered here too, as a Matrix JSON error with one log lin
 traceback; aiohttp would answer plain text and log the error with a traceback, and the
 exception's message quotes the request itself (an access token in the URL, say).
 
-The express lane: a POST to one of an app's plain routes (kith.api.http.add_plain_post: the
-lookup, the internal bind) whose request is plain HTTP/1.1 (see `simple_request`) is
-answered here, straight from the bytes read, without aiohttp's parser objects, request,
-routing, middleware and response; that machinery was about half of what a single lookup
-cost.  Every other
-request, and every request on a connection whose bytes the lane has lost track of
-(`_owed`), goes to aiohttp as before.  The lane answers what aiohttp would: the same
-handler, errors, CORS headers, metrics and deadlines (docs/decisions.md, "The express
-lane").
+The express lane: a request to one of an app's plain routes (kith.api.http.add_plain_route:
+the lookup and its hash details, the internal bind and unbind) whose request is plain
+HTTP/1.1 (see `simple_request`) is answered here, straight from the bytes read, without
+aiohttp's parser objects, request, routing, middleware and response; that machinery was
+about half of what a single lookup cost.  Every other request, and every request on a
+connection whose bytes the lane has lost track of (`_owed`), goes to aiohttp as before.
+The lane answers what aiohttp would: the same handler, errors, CORS headers, metrics and
+deadlines (docs/decisions.md, "The express lane").
 
 The hook is a RequestHandler subclass, made by a Server subclass that `EdgeAppRunner`
 builds in place of aiohttp's; it relies on aiohttp 3.14's RequestHandler internals
@@ -54,7 +53,7 @@ from kith.api.http import (
     PLAIN_ROUTES,
     SERVICES,
     Call,
-    PlainHandler,
+    PlainRoute,
     bearer_token,
     count_request,
     encode_json,
@@ -249,8 +248,8 @@ class EdgeRequestHandler(RequestHandler):
                 self._express_answer(self._express_error(MatrixError(
                     408, M_UNKNOWN, "The request body did not arrive within "
                     f"{lane.body_timeout_s:g} s")), close=True)
-                count_request("POST", lane.routes[request.path][0], 408,
-                              time.perf_counter() - waited_s)
+                route = lane.routes[request.method, request.path]
+                count_request(route.method, route.path, 408, time.perf_counter() - waited_s)
             return
         since = self._head_since
         if since is None or now - since < self._header_timeout_s:
@@ -306,7 +305,7 @@ class EdgeRequestHandler(RequestHandler):
             return data
         lane = self._express
         assert lane is not None
-        route = lane.routes.get(request.path) if request.method == b"POST" else None
+        route = lane.routes.get((request.method, request.path))
         if route is None or not idle or request.total - request.body_at > lane.max_body_bytes:
             self._owed = request.total - len(data)
             return data
@@ -322,8 +321,7 @@ class EdgeRequestHandler(RequestHandler):
         self._express_take(route, request, data)
         return None
 
-    def _express_take(self, route: tuple[str, PlainHandler], request: SimpleRequest,
-                      data: bytes) -> None:
+    def _express_take(self, route: PlainRoute, request: SimpleRequest, data: bytes) -> None:
         start = time.perf_counter()
         lane = self._express
         assert lane is not None
@@ -337,21 +335,19 @@ class EdgeRequestHandler(RequestHandler):
         call = Call(lane.services,
                     None if authorization is None else bearer_token(authorization.decode("ascii")),
                     ip, data[request.body_at:])
-        path, handler = route
         lane.taken += 1
         self._busy = self._request_in_progress = True
-        self._loop.create_task(self._express_run(path, handler, call, start))
+        self._loop.create_task(self._express_run(route, call, start))
 
-    async def _express_run(self, path: str, handler: PlainHandler, call: Call,
-                           start: float) -> None:
+    async def _express_run(self, route: PlainRoute, call: Call, start: float) -> None:
         try:
             try:
-                answer, status = _answer(200, await handler(call)), 200
+                answer, status = _answer(200, await route.handler(call)), 200
             except Exception as exc:  # noqa: BLE001 - answered as the middleware would
-                error = matrix_error_of(exc, "POST", path)
+                error = matrix_error_of(exc, route.method, route.path)
                 answer, status = self._express_error(error), error.status
             self._express_answer(answer)
-            count_request("POST", path, status, start)
+            count_request(route.method, route.path, status, start)
         finally:
             self._busy = self._request_in_progress = False
             if self._handler_waiter is not None and not self._handler_waiter.done():
@@ -501,7 +497,7 @@ class EdgeAppRunner(web.AppRunner):
 
 
 class ExpressLane:
-    """An app's plain routes (kith.api.http.add_plain_post) and settings, read once for
+    """An app's plain routes (kith.api.http.add_plain_route) and settings, read once for
     the edge's express lane."""
 
     def __init__(self, app: web.Application) -> None:

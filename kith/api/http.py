@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 from aiohttp import hdrs, web
@@ -327,22 +327,32 @@ class Call:
         return requester_of(self.ip, account)
 
 
-# A plain handler: a POST whose answer depends only on its access token, the client's
-# address and its JSON body; it returns its 200 answer's JSON body (UTF-8) or raises.
+# A plain handler: a route whose answer depends only on the access token, the client's
+# address and the JSON body of the request; it returns its 200 answer's JSON body
+# (UTF-8) or raises.
 PlainHandler = Callable[[Call], Coroutine[Any, Any, bytes]]
 
 
-# An app's plain routes, by the bytes of their path: (path, handler).
-PLAIN_ROUTES = web.AppKey("plain_routes", dict[bytes, tuple[str, PlainHandler]])
+class PlainRoute(NamedTuple):
+    method: str
+    path: str
+    handler: PlainHandler
 
 
-def add_plain_post(app: web.Application, path: str, handler: PlainHandler) -> None:
-    """Route POST `path` to a plain handler: through aiohttp, and by the express lane."""
+# An app's plain routes, by the bytes of their method and path.
+PLAIN_ROUTES = web.AppKey("plain_routes", dict[tuple[bytes, bytes], PlainRoute])
+
+
+def add_plain_route(app: web.Application, method: str, path: str,
+                    handler: PlainHandler) -> None:
+    """Route `method` `path` to a plain handler: through aiohttp, and by the express
+    lane (kith.api.edge)."""
 
     async def from_request(request: web.Request) -> web.Response:
         body = await read_body(request)
         call = Call(request.app[SERVICES], access_token(request), client_ip(request), body)
         return encoded_json_response(await handler(call))
 
-    app.router.add_post(path, from_request)
-    app.setdefault(PLAIN_ROUTES, {})[path.encode()] = (path, handler)
+    app.router.add_route(method, path, from_request)
+    app.setdefault(PLAIN_ROUTES, {})[method.encode(), path.encode()] = PlainRoute(
+        method, path, handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from kith.api.http import Call, add_plain_post, decode_json, encode_json
+from kith.api.http import Call, add_plain_route, decode_json, encode_json
 
 
 class InternalThreepid(msgspec.Struct):
@@ -26,5 +26,5 @@ async def unbind(call: Call) -> bytes:
 
 
 def add_routes(app: web.Application) -> None:
-    add_plain_post(app, "/_matrix/identity/internal/bind", bind)
-    add_plain_post(app, "/_matrix/identity/internal/unbind", unbind)
+    add_plain_route(app, "POST", "/_matrix/identity/internal/bind", bind)
+    add_plain_route(app, "POST", "/_matrix/identity/internal/unbind", unbind)

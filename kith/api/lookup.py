@@ -7,10 +7,10 @@ from aiohttp import web
 
 from kith.api.http import (
     Call,
-    add_plain_post,
+    add_plain_route,
     authenticate,
-    authenticated,
     decode_json,
+    encode_json,
     json_body,
     json_response,
     requester,
@@ -26,9 +26,9 @@ class LookupRequest(msgspec.Struct):
     addresses: list[str]
 
 
-async def hash_details(request: web.Request) -> web.Response:
-    await authenticated(request)
-    return json_response(services_of(request).lookup.hash_details())
+async def hash_details(call: Call) -> bytes:
+    await authenticate(call.services, call.token)
+    return encode_json(call.services.lookup.hash_details())
 
 
 async def lookup(call: Call) -> bytes:
@@ -78,5 +78,5 @@ def add_v1_routes(router: web.UrlDispatcher, prefix: str) -> None:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/_matrix/identity/v2/hash_details", hash_details, allow_head=False)
-    add_plain_post(app, "/_matrix/identity/v2/lookup", lookup)
+    add_plain_route(app, "GET", "/_matrix/identity/v2/hash_details", hash_details)
+    add_plain_route(app, "POST", "/_matrix/identity/v2/lookup", lookup)

@@ -37,24 +37,25 @@ async def kith(kith_factory: KithFactory) -> RunningKith:
                   "client.body_timeout": 1, "client.max_body_bytes": 4096}})
 
 
-def edge(kith: RunningKith, path: str = LOOKUP) -> EdgeServer:
-    """The listener whose express lane serves `path`."""
+def edge(kith: RunningKith, path: str = LOOKUP, method: str = "POST") -> EdgeServer:
+    """The listener whose express lane serves `method` `path`."""
     for runner in kith.server.runners:
         server = runner.server
         if isinstance(server, EdgeServer) and server.express is not None \
-                and path.encode() in server.express.routes:
+                and (method.encode(), path.encode()) in server.express.routes:
             return server
-    raise AssertionError(f"no express lane serves {path}")
+    raise AssertionError(f"no express lane serves {method} {path}")
 
 
-def lane(kith: RunningKith, path: str = LOOKUP) -> ExpressLane:
-    lane = edge(kith, path).express
+def lane(kith: RunningKith, path: str = LOOKUP, method: str = "POST") -> ExpressLane:
+    lane = edge(kith, path, method).express
     assert lane is not None
     return lane
 
 
-def post(path: str, body: bytes, *, token: str | None = None, extra: bytes = b"") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: kith.test\r\nContent-Type: application/json\r\n"
+def post(path: str, body: bytes, *, token: str | None = None, extra: bytes = b"",
+         method: str = "POST") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nHost: kith.test\r\nContent-Type: application/json\r\n"
             .encode()
             + (b"" if token is None else f"Authorization: Bearer {token}\r\n".encode())
             + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -89,13 +90,14 @@ async def exchange(port: int, *parts: bytes, answers: int = 1,
 
 
 async def both_lanes(kith: RunningKith, port: int, path: str, body: bytes,
-                     token: str | None) -> tuple[Any, Any]:
+                     token: str | None, method: str = "POST") -> tuple[Any, Any]:
     """The answer to one request by the express lane, and by aiohttp (checked to be)."""
-    served = lane(kith, path)
+    served = lane(kith, path, method)
     before = served.taken
-    (express,) = await exchange(port, post(path, body, token=token))
+    (express,) = await exchange(port, post(path, body, token=token, method=method))
     assert served.taken == before + 1
-    (aiohttp,) = await exchange(port, post(path, body, token=token, extra=TO_AIOHTTP))
+    (aiohttp,) = await exchange(port, post(path, body, token=token, extra=TO_AIOHTTP,
+                                           method=method))
     assert served.taken == before + 1
     for answer in (express, aiohttp):
         del answer[1]["date"]
@@ -145,6 +147,32 @@ async def test_lookups_are_answered_as_aiohttp_answers_them(kith: RunningKith) -
                                   post(LOOKUP, lookup(addresses=["x" * 43] * 100), token=token))
     assert too_large[0] == b"HTTP/1.1 413 Request Entity Too Large"
     assert json.loads(too_large[2])["errcode"] == "M_TOO_LARGE"
+    assert served.taken == before
+
+
+async def test_hash_details_are_answered_as_aiohttp_answers_them(kith: RunningKith) -> None:
+    token = await kith.register()
+    port = kith.config.http.client_port
+    details = "/_matrix/identity/v2/hash_details"
+    for with_token, status in ((token, 200), (None, 401), ("not-a-token", 401)):
+        express, aiohttp = await both_lanes(kith, port, details, b"", with_token, "GET")
+        assert express == aiohttp
+        assert express[0].startswith(b"HTTP/1.1 %d " % status)
+    assert json.loads(express[2])["errcode"] == "M_UNAUTHORIZED"
+    (answer,) = await exchange(port, post(details, b"", token=token, method="GET"))
+    assert json.loads(answer[2]) == {
+        "algorithms": ["sha256", "none"],
+        "lookup_pepper": kith.server.services.lookup.pepper}  # type: ignore[union-attr]
+    # HEAD is not served there, whichever way it comes (aiohttp answers it)
+    served = lane(kith, details, "GET")
+    before = served.taken
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(post(details, b"", token=token, method="HEAD"))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
     assert served.taken == before
 
 
