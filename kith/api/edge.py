@@ -47,7 +47,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from kith.api.http import (
     BODY_TIMEOUT_S,
-    CORS_HEADERS,
+    JSON_HEADERS,
     MAX_BODY_BYTES,
     OBEY_X_FORWARDED_FOR,
     PLAIN_ROUTES,
@@ -142,7 +142,7 @@ def simple_request(data: bytes) -> SimpleRequest | str | None:
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 _ANSWER_HEADERS = b"".join(
     b"%s: %s\r\n" % (name.encode(), value.encode())
-    for name, value in {"Content-Type": "application/json", **CORS_HEADERS}.items())
+    for name, value in JSON_HEADERS.items())
 _SERVER = SERVER_SOFTWARE.encode()
 _date: tuple[int, bytes] = (0, b"")
 

@@ -50,7 +50,8 @@ OBEY_X_FORWARDED_FOR = web.AppKey("obey_x_forwarded_for", bool)
 
 encode_json = msgspec.json.Encoder().encode
 _MISSING_FIELD = re.compile(r"Object missing required field `([^`]*)`")
-_JSON_HEADERS = {"Content-Type": "application/json", **CORS_HEADERS}
+# The header fields of every JSON answer (the express lane writes the same).
+JSON_HEADERS = {"Content-Type": "application/json", **CORS_HEADERS}
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:
@@ -59,7 +60,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def encoded_json_response(body: bytes, status: int = 200) -> web.Response:
     """An answer whose JSON body is already encoded (UTF-8)."""
-    return web.Response(body=body, status=status, headers=_JSON_HEADERS)
+    return web.Response(body=body, status=status, headers=JSON_HEADERS)
 
 
 def error_response(error: MatrixError) -> web.Response:
